@@ -1,0 +1,216 @@
+"""Stable Diffusion latent backbone: frozen VAE + UNet, LoRA adapters through peft.
+
+One frozen base UNet carries several named LoRA adapters — the trainable `student`, and frozen
+copies for the stage-2 `teacher` and EMA `target` — switched per forward. The discriminator's
+features come from the same base with adapters disabled. Only the student's LoRA is trainable,
+so DDP sees a fixed set of parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..weights import MissingWeightsError, hub_hint, missing
+from .common import unet_encoder_features
+
+STUDENT = "student"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def lora_config(cfg: ModelConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                      target_modules=list(cfg.lora_targets))
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts) -> torch.Tensor:
+    """CLIP text hidden states (B, 77, D) as SD conditions on them."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+class AdapterView:
+    """A velocity model that runs the shared UNet with one named adapter (teacher / target)."""
+
+    def __init__(self, backbone: "SDLatentBackbone", adapter: str):
+        self.backbone, self.adapter = backbone, adapter
+
+    def velocity(self, x_t, t, cond=None):
+        with self.backbone.using_adapter(self.adapter):
+            return self.backbone.velocity(x_t, t, cond)
+
+    def parameters(self):
+        return self.backbone.adapter_parameters(self.adapter)
+
+    def save(self, directory: str) -> None:
+        self.backbone.save_trainable(directory, adapter=self.adapter)
+
+    def load(self, directory: str) -> None:
+        self.backbone.load_trainable(directory, adapter=self.adapter)
+
+
+class SDLatentBackbone(nn.Module):
+    """SD 2.1-base as an SR-flow velocity model in VAE latent space (DESIGN.md, "Latent space")."""
+
+    def __init__(self, vae, unet, noise_scheduler, empty_embedding, cfg: ModelConfig,
+                 tokenizer=None, text_encoder=None):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = vae.requires_grad_(False).eval()
+        self.unet = unet.requires_grad_(False)
+        self.noise_scheduler = noise_scheduler
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.register_buffer("empty_embedding", empty_embedding, persistent=False)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.student_forward = None  # a DDP wrapper of `unet`, set by the trainer
+
+    # ---- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, cfg: ModelConfig, *, device=None, with_lora: bool = True) -> "SDLatentBackbone":
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        source = cfg.pretrained
+        hint = hub_hint("stabilityai/stable-diffusion-2-1-base", "model.pretrained")
+        if not source:
+            raise MissingWeightsError(f"model.pretrained is empty: the SD backbone needs a diffusers "
+                                      f"Stable Diffusion directory or hub id. {hint}")
+        kw = {"local_files_only": True} if os.path.isdir(source) else {}
+        try:
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
+            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise missing("Stable Diffusion (vae, unet, tokenizer, text_encoder, scheduler)", source, hint, err) from err
+        empty = encode_prompts(tokenizer, text_encoder.eval(), [""])
+        keep_text = cfg.caption_conditioning
+        backbone = cls(vae, unet, scheduler, empty, cfg,
+                       tokenizer if keep_text else None,
+                       text_encoder.requires_grad_(False) if keep_text else None)
+        if cfg.gradient_checkpointing:
+            backbone.unet.enable_gradient_checkpointing()
+        if with_lora:
+            backbone.unet.add_adapter(lora_config(cfg), adapter_name=STUDENT)
+            backbone.unet.set_adapter(STUDENT)
+            backbone._freeze_all_but(STUDENT)
+        return backbone.to(device) if device is not None else backbone
+
+    # ---- the velocity contract --------------------------------------------------------------
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """v(x_t, t) with the active adapter; `cond` = text hidden states or None (empty prompt)."""
+        ehs = cond if cond is not None else self.empty_embedding.expand(x_t.shape[0], -1, -1)
+        timesteps = t.to(x_t.dtype) * self.cfg.timestep_scale
+        forward = self.student_forward if (self.student_forward is not None and self._active() == STUDENT) else self.unet
+        return forward(x_t, timesteps, encoder_hidden_states=ehs.to(x_t.dtype)).sample
+
+    def text_condition(self, captions):
+        """Hidden states of `captions` (caption conditioning), or None when it is off."""
+        if self.text_encoder is None:
+            return None
+        return encode_prompts(self.tokenizer, self.text_encoder, captions)
+
+    # ---- image <-> latent ----------------------------------------------------------------------
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8); the posterior mode."""
+        return self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode() * self.scaling_factor
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in about [-1, 1] (not clamped: losses see the raw output)."""
+        return self.vae.decode(z.to(self.vae.dtype) / self.scaling_factor).sample
+
+    # ---- adapters: student, teacher, target ----------------------------------------------
+    def _active(self) -> str:
+        return self.unet.active_adapters()[0] if self.unet._hf_peft_config_loaded else ""
+
+    def _freeze_all_but(self, name: str) -> None:
+        for pname, p in self.unet.named_parameters():
+            p.requires_grad_(f".{name}." in pname)
+
+    @contextlib.contextmanager
+    def using_adapter(self, name: str):
+        """Run the UNet with adapter `name`; restores the student and every requires_grad flag."""
+        flags = [(p, p.requires_grad) for p in self.unet.parameters()]
+        self.unet.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.unet.set_adapter(STUDENT)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        flags = [(p, p.requires_grad) for p in self.unet.parameters()]
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def adapter_parameters(self, name: str):
+        """The LoRA parameters of adapter `name`, in module order (matching across adapters)."""
+        return [p for n, p in self.unet.named_parameters() if f".{name}." in n]
+
+    def trainable_parameters(self):
+        return self.adapter_parameters(STUDENT)
+
+    def frozen_copy(self, name: str) -> AdapterView:
+        """A frozen adapter `name` initialised from the student (teacher, EMA target)."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+        if name in getattr(self.unet, "peft_config", {}):
+            raise ValueError(f"adapter {name!r} exists already")
+        state = get_peft_model_state_dict(self.unet, adapter_name=STUDENT)
+        self.unet.add_adapter(lora_config(self.cfg), adapter_name=name)
+        set_peft_model_state_dict(self.unet, state, adapter_name=name)
+        self.unet.set_adapter(STUDENT)
+        self._freeze_all_but(STUDENT)
+        view = AdapterView(self, name)
+        for p in view.parameters():
+            p.data = p.data.to(self.trainable_parameters()[0].device)
+        return view
+
+    # ---- discriminator features ----------------------------------------------------------
+    def discriminator_features(self, z_noisy: torch.Tensor, timesteps: torch.Tensor):
+        """Down- and mid-block features of the frozen base UNet (adapters off)."""
+        ehs = self.empty_embedding.expand(z_noisy.shape[0], -1, -1).to(z_noisy.dtype)
+        with self.adapters_disabled():
+            return unet_encoder_features(self.unet, z_noisy, timesteps, ehs)
+
+    def feature_channels(self):
+        ch = list(self.unet.config.block_out_channels)
+        return ch + [ch[-1]]
+
+    # ---- checkpoints: LoRA in peft / diffusers format --------------------------------------
+    def save_trainable(self, directory: str, adapter: str = STUDENT) -> None:
+        """Write `pytorch_lora_weights.safetensors` that a stock diffusers UNet (or an SD pipeline's
+        `load_lora_weights`) loads."""
+        self.unet.save_lora_adapter(directory, adapter_name=adapter, weight_name=LORA_WEIGHT_NAME)
+
+    def load_trainable(self, directory: str, adapter: str = STUDENT) -> None:
+        """Load LoRA weights saved by `save_trainable` into adapter `adapter`."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, LORA_WEIGHT_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no LoRA weights at {path}")
+        state = load_file(path)
+        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        result = set_peft_model_state_dict(self.unet, state, adapter_name=adapter)
+        bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+        if bad:
+            raise ValueError(f"LoRA weights in {path} do not fit this UNet: {bad[:3]} ...")
+        self._freeze_all_but(STUDENT)

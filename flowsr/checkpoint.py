@@ -1,0 +1,84 @@
+"""Checkpoint directories: trainable weights in safetensors (LoRA in peft/diffusers format),
+EMA target, discriminator heads, optimiser and RNG state, and the resolved config.
+
+Layout:  config.json  meta.json  student/  target/  disc_heads.safetensors  train_state.pt
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from .backbones import build_backbone
+from .config import FlowSRConfig
+
+CONFIG_NAME = "config.json"
+META_NAME = "meta.json"
+STATE_NAME = "train_state.pt"
+DISC_NAME = "disc_heads.safetensors"
+
+
+def save_checkpoint(directory: str, *, cfg: FlowSRConfig, stage: int, step: int, models, optimizers,
+                    generator: Optional[torch.Generator] = None, extra: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    from .backbones.common import unwrap
+
+    os.makedirs(directory, exist_ok=True)
+    cfg.save(os.path.join(directory, CONFIG_NAME))
+    models.student.save_trainable(os.path.join(directory, "student"))
+    if models.target is not None:
+        models.target.save(os.path.join(directory, "target"))
+    if models.disc is not None:
+        save_file({k: v.detach().contiguous() for k, v in unwrap(models.disc).state_dict().items()},
+                  os.path.join(directory, DISC_NAME))
+    state = {"optimizers": [o.state_dict() if o is not None else None for o in optimizers],
+             "generator": generator.get_state() if generator is not None else None}
+    torch.save(state, os.path.join(directory, STATE_NAME))
+    with open(os.path.join(directory, META_NAME), "w") as f:
+        json.dump({"stage": stage, "step": step, **(extra or {})}, f)
+
+
+def read_meta(directory: str) -> dict:
+    with open(os.path.join(directory, META_NAME)) as f:
+        return json.load(f)
+
+
+def load_checkpoint(directory: str, *, models, optimizers, generator: Optional[torch.Generator] = None) -> dict:
+    """Restore weights, optimisers and RNG in place; returns the meta dict (stage, step, ...)."""
+    from safetensors.torch import load_file
+
+    from .backbones.common import unwrap
+
+    models.student.load_trainable(os.path.join(directory, "student"))
+    if models.target is not None:
+        models.target.load(os.path.join(directory, "target"))
+    if models.disc is not None and os.path.exists(os.path.join(directory, DISC_NAME)):
+        unwrap(models.disc).load_state_dict(load_file(os.path.join(directory, DISC_NAME)))
+    state = torch.load(os.path.join(directory, STATE_NAME), map_location="cpu", weights_only=True)
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        if opt is not None and opt_state is not None:
+            opt.load_state_dict(opt_state)
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+    return read_meta(directory)
+
+
+def load_for_inference(directory: str, *, device=None, pretrained: Optional[str] = None,
+                       weights: str = "student"):
+    """A backbone with the trained weights of checkpoint `directory`, in eval mode.
+    `pretrained` overrides the base model location recorded in the config (SD backbone)."""
+    if weights not in ("student", "target"):
+        raise ValueError(f"unknown weights: {weights!r} (student | target)")
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} is not a FlowSR checkpoint (no {CONFIG_NAME})")
+    cfg = FlowSRConfig.load(path)
+    if pretrained:
+        cfg = replace(cfg, model=replace(cfg.model, pretrained=pretrained))
+    backbone = build_backbone(cfg.model, device=device)
+    backbone.load_trainable(os.path.join(directory, weights))
+    return backbone.eval().requires_grad_(False), cfg

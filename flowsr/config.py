@@ -1,0 +1,262 @@
+"""Configuration: frozen dataclasses, named presets, validation in one place.
+
+`FlowSRConfig` is the whole resolved config of a run; it round-trips through `to_dict` /
+`from_dict` (what a Ray Train worker receives) and JSON (what is written next to every
+checkpoint). Overrides are dotted `section.field=value` strings, parsed as JSON where possible.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "sd"  # "sd" (latent UNet + LoRA) | "pixel" (small pixel-space UNet)
+    pretrained: str = "stabilityai/stable-diffusion-2-1-base"  # hub id or local dir (sd)
+    lora_rank: int = 32
+    lora_alpha: int = 32
+    lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
+                                     "conv_shortcut", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+    timestep_scale: float = 999.0  # the UNet receives t * timestep_scale
+    caption_conditioning: bool = False  # off: empty-prompt embedding, computed once
+    gradient_checkpointing: bool = False
+    # pixel backbone (UNet2DModel trained from scratch)
+    pixel_channels: Tuple[int, ...] = (32, 64, 64)
+    pixel_layers_per_block: int = 1
+    pixel_attention: bool = False
+    # flow variant, for the Table-2 ablation: sr_flow | noise | noised_lr
+    flow_source: str = "sr_flow"
+    noised_lr_sigma: float = 0.5
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    lambda_lpips: float = 2.0  # lambda_p in Eq. 7
+    lambda_cd: float = 0.1
+    lambda_adv: float = 0.05
+    lambda_iqa: float = 0.1
+    lpips_net: str = "vgg"
+    lpips_pretrained: bool = True  # False builds LPIPS with a random backbone: tests only
+    consistency: str = "hrcl"  # hrcl (Eq. 6) | cd (Eq. 5) | hr (HR term only), Table 3
+    clip_arch: str = "ViT-L-14"
+    clip_pretrained: str = "openai"  # open_clip tag or path to a checkpoint file
+    iqa_temperature: float = 1.0  # 1.0 is Eq. 9 literally
+    disc_t_min: int = 0  # diffusion time range of the discriminator's noised latent
+    disc_t_max: int = 750
+    disc_head_channels: int = 64
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    sampler: str = "fast_slow"  # fast_slow | n_interval | slow_only
+    n_fast: int = 4
+    n_slow: int = 1000
+    n_intervals: int = 18
+    flow_fraction: float = 0.5  # share of each stage-2 batch that gets L_flow
+    ema_decay: float = 0.95
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-5
+    disc_lr: float = 2e-5
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 16  # global batch (all workers together)
+    grad_accum: int = 1
+    stage1_steps: int = 10_000
+    stage2_steps: int = 20_000
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    patch_size: int = 512  # HR crop fed to the model
+    scale: int = 4
+    hflip: bool = True
+    caption_source: str = "shards"  # shards | table (a joined caption table)
+    caption_table: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 1
+    use_gpu: bool = True
+    cpus_per_worker: int = 1
+    mixed_precision: str = "bf16"  # bf16 | no
+    checkpoint_every: int = 500
+    val_every: int = 1000
+    val_images: int = 8
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    max_failures: int = 2
+    fail_at_step: int = -1  # test switch: raise in worker 0 once at this step
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FlowSRConfig:
+    name: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    # ---- serialisation ----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FlowSRConfig":
+        sections = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in sections:
+                raise ValueError(f"unknown config section: {key!r}")
+            kwargs[key] = _build(_SECTIONS[key], value) if key in _SECTIONS else value
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "FlowSRConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "schedule": ScheduleConfig,
+             "optim": OptimConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _build(cls, d: dict):
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def validate(cfg: FlowSRConfig) -> None:
+    """Every check of a config, in one place."""
+    m, lo, s, o, d, t = cfg.model, cfg.loss, cfg.schedule, cfg.optim, cfg.data, cfg.train
+    _choice("model.backbone", m.backbone, ("sd", "pixel"))
+    _choice("model.flow_source", m.flow_source, ("sr_flow", "noise", "noised_lr"))
+    _choice("loss.consistency", lo.consistency, ("hrcl", "cd", "hr"))
+    _choice("schedule.sampler", s.sampler, ("fast_slow", "n_interval", "slow_only"))
+    _choice("train.mixed_precision", t.mixed_precision, ("bf16", "no"))
+    _choice("data.caption_source", d.caption_source, ("shards", "table"))
+    if m.lora_rank < 1:
+        raise ValueError(f"model.lora_rank must be >= 1, got {m.lora_rank}")
+    if not 1 <= s.n_fast <= s.n_slow:
+        raise ValueError(f"need 1 <= schedule.n_fast <= schedule.n_slow, got {s.n_fast}, {s.n_slow}")
+    if not 0.0 <= s.flow_fraction <= 1.0:
+        raise ValueError(f"schedule.flow_fraction must be in [0, 1], got {s.flow_fraction}")
+    if not 0.0 <= s.ema_decay < 1.0:
+        raise ValueError(f"schedule.ema_decay must be in [0, 1), got {s.ema_decay}")
+    if o.batch_size < 1 or o.grad_accum < 1:
+        raise ValueError("optim.batch_size and optim.grad_accum must be >= 1")
+    if o.batch_size % (t.num_workers * o.grad_accum):
+        raise ValueError(f"optim.batch_size={o.batch_size} must divide evenly over "
+                         f"train.num_workers={t.num_workers} x optim.grad_accum={o.grad_accum}")
+    if d.patch_size % (d.scale * 8 if m.backbone == "sd" else d.scale):
+        raise ValueError(f"data.patch_size={d.patch_size} must be a multiple of scale"
+                         f"{' x 8 (VAE)' if m.backbone == 'sd' else ''}")
+    if not 0 <= lo.disc_t_min <= lo.disc_t_max <= 999:
+        raise ValueError("need 0 <= loss.disc_t_min <= loss.disc_t_max <= 999")
+    for name in ("lambda_lpips", "lambda_cd", "lambda_adv", "lambda_iqa"):
+        if getattr(lo, name) < 0:
+            raise ValueError(f"loss.{name} must be >= 0")
+
+
+def _choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name}: {value!r} (choose from {', '.join(allowed)})")
+
+
+# ---- presets ---------------------------------------------------------------------------------
+def _paper() -> FlowSRConfig:
+    return FlowSRConfig(name="paper")
+
+
+def _tiny() -> FlowSRConfig:
+    """Tiny SD-shaped models built by `flowsr.tiny`, for tests and CPU benchmarks."""
+    return FlowSRConfig(
+        name="tiny",
+        model=ModelConfig(backbone="sd", pretrained="", lora_rank=4, lora_alpha=4),
+        loss=LossConfig(lpips_net="alex", lpips_pretrained=False, clip_arch="flowsr-tiny-clip",
+                        clip_pretrained="", disc_head_channels=16),
+        optim=OptimConfig(lr=1e-3, disc_lr=1e-3, batch_size=2, stage1_steps=4, stage2_steps=4),
+        data=DataConfig(patch_size=64),
+        train=TrainConfig(use_gpu=False, mixed_precision="no", checkpoint_every=2, val_every=2,
+                          val_images=2, log_every=1),
+    )
+
+
+def _pixel_small() -> FlowSRConfig:
+    """A small pixel-space UNet trained from scratch: the embedded demo and the ablations."""
+    return FlowSRConfig(
+        name="pixel-small",
+        model=ModelConfig(backbone="pixel", pretrained=""),
+        loss=LossConfig(lambda_lpips=0.0, lambda_adv=0.0, lambda_iqa=0.0, disc_head_channels=32),
+        schedule=ScheduleConfig(ema_decay=0.95),
+        optim=OptimConfig(lr=1e-3, disc_lr=1e-4, batch_size=8, stage1_steps=300, stage2_steps=150,
+                          max_grad_norm=1.0, warmup_steps=20),
+        data=DataConfig(patch_size=64),
+        train=TrainConfig(use_gpu=False, mixed_precision="no", checkpoint_every=100, val_every=100,
+                          val_images=4, log_every=10),
+    )
+
+
+PRESETS = {"paper": _paper, "tiny": _tiny, "pixel-small": _pixel_small}
+
+
+def preset(name: str) -> FlowSRConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset: {name!r} (choose from {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+def apply_overrides(cfg: FlowSRConfig, overrides) -> FlowSRConfig:
+    """Apply `section.field=value` strings; values parse as JSON, else stay strings."""
+    d = cfg.to_dict()
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"override must look like section.field=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = d
+        *path, leaf = key.split(".")
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config key: {key!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"unknown config key: {key!r}")
+        node[leaf] = value
+    return FlowSRConfig.from_dict(d)
+
+
+def resolve(name_or_path: str, overrides=()) -> FlowSRConfig:
+    """A preset name or a JSON file, then overrides."""
+    base = FlowSRConfig.load(name_or_path) if name_or_path.endswith(".json") else preset(name_or_path)
+    return apply_overrides(base, overrides)
+
+
+__all__ = ["FlowSRConfig", "ModelConfig", "LossConfig", "ScheduleConfig", "OptimConfig",
+           "DataConfig", "TrainConfig", "PRESETS", "preset", "apply_overrides", "resolve", "replace"]

@@ -1,0 +1,69 @@
+"""Frozen perceptual networks: LPIPS (Eq. 7 distance) and CLIP (Eq. 9), loaded from their real
+sources. A missing weight raises `MissingWeightsError`; random backbones only when asked for."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weights import MissingWeightsError, missing
+
+
+def load_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
+    """lpips.LPIPS with its shipped linear heads; the AlexNet/VGG backbone comes from torchvision's
+    ImageNet weights (torch hub cache). `pretrained_backbone=False` is for tests only."""
+    import lpips
+
+    try:
+        model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+    except Exception as err:  # torchvision raises URLError / RuntimeError / OSError when offline
+        hint = (f"LPIPS needs torchvision's ImageNet {net} weights in {torch.hub.get_dir()}/checkpoints "
+                f"(copy them there from a machine with internet), or set loss.lambda_lpips=0.")
+        raise missing(f"the LPIPS {net} backbone", f"torchvision://{net}", hint, err) from err
+    return model.eval().requires_grad_(False)
+
+
+class ClipIQA(nn.Module):
+    """CLIP image and text towers (open_clip) for the image-quality alignment loss."""
+
+    def __init__(self, model, tokenizer, image_size: int, mean, std):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, arch: str, pretrained: str = "", device=None) -> "ClipIQA":
+        import open_clip
+
+        hint = ("Pass loss.clip_pretrained=/path/to/open_clip_pytorch_model.bin (or loss.clip_arch="
+                "local-dir:/path/to/open_clip_dir) with weights downloaded on a machine with hub access.")
+        local_dir = arch.startswith("local-dir:")
+        if not local_dir and not pretrained:
+            raise MissingWeightsError(f"loss.clip_pretrained is empty for CLIP {arch!r}: refusing random weights. {hint}")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                arch, pretrained=None if local_dir else pretrained, device=device or "cpu")
+        except Exception as err:  # open_clip raises RuntimeError / OSError / HF hub errors offline
+            raise missing(f"CLIP {arch}", pretrained or arch, hint, err) from err
+        tokenizer = open_clip.get_tokenizer(arch)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        norm = next(t for t in preprocess.transforms if hasattr(t, "mean"))
+        return cls(model, tokenizer, int(size), norm.mean, norm.std)
+
+    def image_features(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> L2-normalised features (B, D); differentiable."""
+        x = F.interpolate((image.float() + 1) / 2, size=(self.image_size, self.image_size),
+                          mode="bicubic", align_corners=False)
+        x = (x - self.mean) / self.std
+        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts) -> torch.Tensor:
+        tokens = self.tokenizer(list(texts)).to(self.mean.device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)

@@ -1,0 +1,44 @@
+"""Glue shared by every job: connecting to Ray and resolving storage URIs."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import pyarrow.fs as pafs
+
+
+def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
+             object_store_memory: Optional[int] = None, runtime_env: Optional[dict] = None):
+    """Connect to `address` (or $RAY_ADDRESS); with neither, start a local Ray in-process.
+
+    Returns True when this call started Ray (the caller may then shut it down).
+    """
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
+                 runtime_env=runtime_env, include_dashboard=False)
+    return True
+
+
+def add_ray_args(parser) -> None:
+    """The flags every job takes to find its cluster."""
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+def resolve_fs(uri: str) -> Tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any pyarrow URI (s3://, gs://, file://)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")

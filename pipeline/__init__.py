@@ -1,0 +1,1 @@
+"""Ray Data stages of FlowSR: read -> crop -> degrade -> caption -> Parquet shards."""

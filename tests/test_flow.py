@@ -1,0 +1,114 @@
+"""Closed-form identities of the SR-flow math (Eq. 1-4) and the time samplers."""
+import pytest
+import torch
+
+from flowsr import flow
+from flowsr.schedules import FastSlowSampler, NIntervalSampler, fast_grid, make_pair_sampler, sample_slow, slow_grid
+
+
+@pytest.fixture
+def pair():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
+
+
+class ExactVelocity:
+    """The true velocity of the straight path: v = X_LR - X_HR everywhere on it."""
+
+    def __init__(self, x_hr, x_lr):
+        self.v = flow.target_velocity(x_hr, x_lr)
+
+    def velocity(self, x_t, t, cond=None):
+        return self.v
+
+
+def test_interpolate_endpoints_and_midpoint(pair):
+    hr, lr = pair
+    assert torch.equal(flow.interpolate(hr, lr, 0.0), hr)
+    assert torch.allclose(flow.interpolate(hr, lr, 1.0), lr)
+    assert torch.allclose(flow.interpolate(hr, lr, 0.5), (hr + lr) / 2)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    out = flow.interpolate(hr, lr, t)
+    assert torch.allclose(out[1], 0.75 * hr[1] + 0.25 * lr[1])
+
+
+def test_velocity_is_time_derivative(pair):
+    hr, lr = pair
+    dt = 1e-3
+    numeric = (flow.interpolate(hr, lr, 0.4 + dt) - flow.interpolate(hr, lr, 0.4)) / dt
+    assert torch.allclose(numeric, flow.target_velocity(hr, lr), atol=1e-3)
+
+
+def test_consistency_boundary_and_exact_origin(pair):
+    hr, lr = pair
+    v = torch.randn_like(hr)
+    assert torch.equal(flow.consistency(hr, 0.0, v), hr)  # f(x, 0) = x
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t = flow.interpolate(hr, lr, t)
+    assert torch.allclose(flow.consistency(x_t, t, flow.target_velocity(hr, lr)), hr, atol=1e-6)
+
+
+def test_euler_step_stays_on_the_straight_path(pair):
+    hr, lr = pair
+    x = flow.euler_step(flow.interpolate(hr, lr, 0.75), flow.target_velocity(hr, lr), 0.75, 0.25)
+    assert torch.allclose(x, flow.interpolate(hr, lr, 0.25), atol=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_sample_with_exact_velocity_returns_hr(pair, steps):
+    hr, lr = pair
+    out = flow.sample(ExactVelocity(hr, lr).velocity, lr, steps=steps)
+    assert (out - hr).abs().max() < 1e-5
+
+
+def test_bad_time_shape_and_steps_raise(pair):
+    hr, lr = pair
+    with pytest.raises(ValueError):
+        flow.interpolate(hr, lr, torch.zeros(2))
+    with pytest.raises(ValueError):
+        flow.sample(ExactVelocity(hr, lr).velocity, lr, steps=0)
+
+
+def test_grids():
+    assert torch.allclose(slow_grid(1000)[[0, -1]], torch.tensor([0.001, 1.0], dtype=torch.float64))
+    assert fast_grid(4).tolist() == [0.25, 0.5, 0.75, 1.0]
+    t = sample_slow(10_000, 1000, torch.Generator().manual_seed(0))
+    assert torch.allclose(t * 1000, (t * 1000).round(), atol=1e-3) and t.min() >= 0.001 and t.max() <= 1.0
+
+
+def _on_grid(x, n):
+    return torch.allclose(x.double() * n, (x.double() * n).round(), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_fast", [2, 4, 8])
+def test_fast_slow_sampler(n_fast):
+    pairs = FastSlowSampler(n_fast, 1000).draw(100_000, torch.Generator().manual_seed(1))
+    t, tp, fast = pairs.t, pairs.t_prime, pairs.fast_first
+    assert (t < tp).all()
+    assert abs(fast.double().mean().item() - 0.5) < 0.01
+    # fast first: t' on the fast grid, t on the slow grid within [t' - 1/n_fast, t')
+    assert _on_grid(tp[fast], n_fast) and _on_grid(t[fast], 1000)
+    assert (t[fast] >= tp[fast] - 1 / n_fast - 1e-6).all() and (t[fast] >= 0.001 - 1e-6).all()
+    # slow first: t' on the slow grid, t the largest fast-grid point below t' (or 0)
+    ts, tps = t[~fast].double(), tp[~fast].double()
+    assert _on_grid(tps, 1000) and _on_grid(ts, n_fast)
+    assert (ts < tps).all() and (ts + 1 / n_fast >= tps - 1e-6).all()
+    assert (ts[tps <= 1 / n_fast] == 0).all()
+
+
+def test_fast_slow_with_one_fast_step_is_t_prime_one():
+    t, tp = FastSlowSampler(1, 1000).sample(20_000, torch.Generator().manual_seed(2))
+    assert (tp == 1.0).all()
+    assert _on_grid(t, 1000) and t.min() >= 0.001 - 1e-6 and t.max() <= 0.999 + 1e-6
+    assert abs(t.mean().item() - 0.5) < 0.01  # uniform over the slow grid below 1
+
+
+def test_n_interval_and_slow_only():
+    t, tp = NIntervalSampler(18).sample(10_000, torch.Generator().manual_seed(3))
+    assert torch.allclose(tp - t, torch.full_like(t, 1 / 18), atol=1e-6) and _on_grid(t, 18)
+    t, tp = make_pair_sampler("slow_only").sample(100, torch.Generator().manual_seed(3))
+    assert torch.allclose(tp - t, torch.full_like(t, 1e-3), atol=1e-6)
+    with pytest.raises(ValueError):
+        make_pair_sampler("cosine")
+    with pytest.raises(ValueError):
+        FastSlowSampler(0, 1000)

@@ -104,3 +104,39 @@ def tiny_config(directory: str, extra=()) -> "object":
     from .config import resolve
 
     return resolve("tiny", [*tiny_overrides(directory), *extra])
+
+
+SD21_BASE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    use_linear_projection=True,
+)
+SD21_BASE_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+)
+
+
+def build_random_sd21(directory: str, seed: int = 0) -> str:
+    """A diffusers directory with SD 2.1-base shapes (UNet 865M, VAE 84M), random weights, for
+    GPU benchmarks only. The text encoder is a 1-layer stand-in of width 1024: it is run once,
+    for the empty-prompt embedding, so its depth does not affect any timing."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    root = Path(directory)
+    AutoencoderKL(**SD21_BASE_VAE).save_pretrained(root / "vae")
+    UNet2DConditionModel(**SD21_BASE_UNET).save_pretrained(root / "unet")
+    write_clip_tokenizer_files(str(root / "tokenizer"))
+    CLIPTokenizer(str(root / "tokenizer" / "vocab.json"), str(root / "tokenizer" / "merges.txt"),
+                  model_max_length=77).save_pretrained(root / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
+                                 num_attention_heads=16, max_position_embeddings=77, projection_dim=1024)
+                  ).save_pretrained(root / "text_encoder")
+    DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear").save_pretrained(root / "scheduler")
+    return str(root)

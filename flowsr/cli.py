@@ -1,0 +1,47 @@
+"""The `flowsr` command. Each subcommand is registered by a small function that adds its parser
+and sets `func` (called with the parsed args); add yours with `@command`.
+
+    flowsr upscale IN OUT --checkpoint CKPT [-s 4] [--steps 1] [-t 512]
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, List
+
+_REGISTRY: List[Callable] = []
+
+
+def command(register: Callable) -> Callable:
+    """Decorator: `register(subparsers)` adds one subcommand."""
+    _REGISTRY.append(register)
+    return register
+
+
+@command
+def _upscale(subparsers) -> None:
+    from jobs.upscale import add_upscale_options, run_from_args
+
+    p = subparsers.add_parser("upscale", help="upscale a folder, glob, file or Parquet list of images "
+                                              "(a local Ray, or --address)")
+    p.add_argument("input", help="folder, glob, file, URI or Parquet file with a path column")
+    p.add_argument("output", help="output folder (mirrors the input names)")
+    add_upscale_options(p)
+    p.set_defaults(func=run_from_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowsr", description="FlowSR on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in _REGISTRY:
+        register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    main()

@@ -115,6 +115,7 @@ def tiled_apply(fn: Callable[[torch.Tensor, Sequence[Box]], torch.Tensor], x: to
     gh, gw = H // unit_in, W // unit_in
     if not tile:
         tile = max(gh, gw)
+    overlap = min(overlap, tile - 1)  # tile sizes are rounded to whole cells: keep a positive stride
     size = (min(tile, gh), min(tile, gw))
     grid = [(y, c) for y in tile_starts(gh, tile, overlap) for c in tile_starts(gw, tile, overlap)]
     boxes = [(b, y, c) for b in range(B) for y, c in grid]
@@ -292,6 +293,17 @@ def tensor_to_array(x: torch.Tensor, dtype=np.uint8, channels: int = 3) -> np.nd
 
 
 # ---- the stateful batch upscaler (Ray batch-inference template) ---------------------------------
+def merge_adapters(module: torch.nn.Module) -> int:
+    """Fold the active LoRA (peft) adapters into their base weights, for inference only: the
+    forward then costs what the base model costs. Returns the number of merged layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -303,8 +315,9 @@ class Upscaler:
     Batch out: the same dict with "image" replaced by the SR arrays (same dtype and channel count)
     and "upscale_seconds" (per image; a group's time split evenly). Images are grouped by
     output size rounded up to `bucket` pixels; each group runs as one padded batch.
-    bf16 on GPU (`dtype`), channels_last, optional `torch.compile` (the inductor cache in
-    `compile_cache_dir`, shared by the actors of a node, is reused across runs).
+    LoRA adapters are merged into the base weights (in fp32, before the cast), then bf16 on GPU
+    (`dtype`), channels_last, optional `torch.compile` (the inductor cache in `compile_cache_dir`,
+    shared by the actors of a node, is reused across runs).
     """
 
     def __init__(self, checkpoint: str, *, scale: float = 4, steps: int = 1, tile: Optional[int] = 512,
@@ -321,7 +334,10 @@ class Upscaler:
         self.dtype = _DTYPES[dtype or ("bf16" if self.device.type == "cuda" else "fp32")]
         backbone, self.cfg = load_for_inference(checkpoint, device=self.device, pretrained=pretrained,
                                                 weights=weights)
-        self.backbone = backbone.to(dtype=self.dtype, memory_format=torch.channels_last)
+        merge_adapters(backbone)
+        if _model_dtype(backbone) != self.dtype:
+            backbone = backbone.to(self.dtype)
+        self.backbone = backbone.to(memory_format=torch.channels_last)
         if compile:
             self._compile(compile_cache_dir)
         self.options = dict(scale=scale, steps=steps, tile=tile, tile_overlap=tile_overlap,

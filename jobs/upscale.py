@@ -25,6 +25,7 @@ from jobs.common import add_ray_args, init_ray
 PROBE_BLOCK = 64  # rows per probe task
 IO_BATCH = 4  # rows per decode / write task call
 PROGRESS_EVERY_S = 10.0
+STEADY_MIN_FACTOR = 3  # report a steady rate only with this many times the first batch's rows
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,12 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     from pipeline import upscale_io as io
 
     start = time.perf_counter()
-    init_ray(cfg.address)
+    started_ray = init_ray(cfg.address)
     manifest = cfg.manifest or io.join_uri(cfg.output, io.MANIFEST_NAME)
     rows = io.plan_outputs(io.list_inputs(cfg.input, path_column=cfg.path_column), cfg.output, cfg.format,
                            cfg.suffix)
     io.clear_tmp(cfg.output)
-    done, results = [], []
+    done, results, steady = [], [], None
     try:
         if rows:
             probed = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / PROBE_BLOCK)))
@@ -124,20 +125,25 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
             todo = sorted((r for r in probed if r["status"] == io.PENDING), key=lambda r: _bucket_order(r, cfg.bucket))
             done = [r for r in probed if r["status"] != io.PENDING]
             if todo:
-                _run_pipeline(cfg, todo, results, len(rows), len(done))
+                steady = _run_pipeline(cfg, todo, results, len(rows), len(done))
     finally:
         io.write_manifest(done + results, manifest, io.tmp_root(cfg.output))
         io.clear_tmp(cfg.output)
+        if started_ray:
+            ray.shutdown()
     everything = done + results
     counts = {s: sum(r["status"] == s for r in everything) for s in (io.OK, io.SKIPPED, io.ERROR)}
     seconds = time.perf_counter() - start
     summary = {"total": len(rows), **counts, "seconds": round(seconds, 3),
-               "images_per_s": round(counts[io.OK] / seconds, 3) if seconds else 0.0, "manifest": manifest}
+               "images_per_s": round(counts[io.OK] / seconds, 3) if seconds else 0.0,
+               "steady_images_per_s": steady, "manifest": manifest}
     print(f"[upscale] {json.dumps(summary)}", file=sys.stderr, flush=True)
     return summary
 
 
-def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, already: int) -> None:
+def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, already: int) -> Optional[float]:
+    """Stream `todo` through decode -> upscale -> write, appending finished rows to `results`.
+    Returns the steady rate: rows/s from the first finished batch to the last (startup excluded)."""
     import ray
 
     from pipeline import upscale_io as io
@@ -147,20 +153,26 @@ def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, 
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch_size)))
     ds = ds.map_batches(_arrow(io.decode_batch), batch_format="pyarrow", batch_size=IO_BATCH)
-    ds = ds.map_batches(_make_upscale_stage(), fn_constructor_args=(cfg.checkpoint,),
-                        fn_constructor_kwargs={**cfg.upscaler_options(), "fail_after": cfg.fail_after}, batch_format="pyarrow",
-                        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.pool_size),
-                        num_gpus=num_gpus, num_cpus=cfg.cpus_per_actor)
+    stage_kwargs = {**cfg.upscaler_options(), "fail_after": cfg.fail_after}
+    ds = ds.map_batches(_make_upscale_stage(), fn_constructor_args=(cfg.checkpoint,), fn_constructor_kwargs=stage_kwargs,
+                        batch_format="pyarrow", batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.pool_size), num_gpus=num_gpus,
+                        num_cpus=cfg.cpus_per_actor)
     ds = ds.map_batches(_arrow(io.write_batch, output_root=cfg.output), batch_format="pyarrow", batch_size=IO_BATCH)
     start = last = time.perf_counter()
+    first = None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         results.extend(batch.to_pylist())
         now = time.perf_counter()
+        first = first or (now, len(results))
         if now - last > PROGRESS_EVERY_S or len(results) == len(todo):
             errors = sum(r["status"] == io.ERROR for r in results)
             print(f"[upscale] {already + len(results)}/{total} done ({errors} errors this run), "
                   f"{len(results) / (now - start):.2f} img/s", file=sys.stderr, flush=True)
             last = now
+    if first is None or len(results) < STEADY_MIN_FACTOR * first[1]:
+        return None  # too few batches after the first one to say
+    return round((len(results) - first[1]) / (time.perf_counter() - first[0]), 3)
 
 
 # ---- command line ---------------------------------------------------------------------------

@@ -142,7 +142,12 @@ def output_name(relative: str, fmt: str, suffix: str = "") -> str:
 def plan_outputs(inputs: Sequence[Tuple[str, str]], output_root: str, fmt: str,
                  suffix: str = "") -> List[Dict[str, str]]:
     """Rows {input, output} with one distinct output per input: names that several inputs would
-    share (a.png and a.jpg -> a.png) keep the input extension (a.png.png, a.jpg.png)."""
+    share (a.png and a.jpg -> a.png) keep the input extension (a.png.png, a.jpg.png). Inputs
+    inside the output folder (earlier outputs, when OUT lies under IN) are left out."""
+    inside = output_root.rstrip("/") + "/"
+    if "://" not in output_root:
+        inside = os.path.abspath(output_root) + os.sep
+    inputs = [(uri, rel) for uri, rel in inputs if not uri.startswith(inside)]
     names = [output_name(rel, fmt, suffix) for _, rel in inputs]
     counts: Dict[str, int] = {}
     for name in names:

@@ -29,6 +29,15 @@ def _upscale(subparsers) -> None:
     p.set_defaults(func=run_from_args)
 
 
+@command
+def _train(subparsers) -> None:
+    from jobs.train import add_train_options, run_from_args
+
+    p = subparsers.add_parser("train", help="two-stage FlowSR training on Ray Train (a local Ray, or --address)")
+    add_train_options(p)
+    p.set_defaults(func=run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowsr", description="FlowSR on Ray")
     sub = parser.add_subparsers(dest="command", required=True)

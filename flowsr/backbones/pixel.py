@@ -108,11 +108,17 @@ class PixelBackbone(nn.Module):
         return list(self.net.parameters())
 
     def frozen_copy(self, name: str) -> PixelView:
-        return PixelView(copy.deepcopy(self.net).requires_grad_(False).eval(), self.cfg)
+        view = PixelView(copy.deepcopy(self.net).requires_grad_(False).eval(), self.cfg)
+        if self._feature_net is None and name == "teacher":
+            # the teacher is the stage-1 model: share it as the discriminator's frozen features,
+            # so a stage-2 run resumed from a checkpoint sees the same features as a fresh one
+            self._feature_net = view.net
+        return view
 
     def discriminator_features(self, x_noisy: torch.Tensor, timesteps: torch.Tensor):
-        """Down/mid features of a frozen snapshot of the network, taken at the first call
-        (the stage-1 model when stage 2 starts) — the pixel analogue of the frozen SD UNet."""
+        """Down/mid features of a frozen snapshot of the network — the teacher's (the stage-1
+        model) once `frozen_copy("teacher")` ran, else taken at the first call — the pixel
+        analogue of the frozen SD UNet."""
         if self._feature_net is None:
             self._feature_net = copy.deepcopy(self.net).requires_grad_(False).eval()
         x = x_noisy if self.cfg.flow_source == "sr_flow" else torch.cat([x_noisy, x_noisy], dim=1)

@@ -70,7 +70,8 @@ def plain_loop(ckpt: str, paths: list, out_dir: str, device: torch.device, dtype
     if device.type == "cpu":
         torch.set_num_threads(1)  # the CPU budget of the job's one actor (Ray gives it 1 thread)
     backbone, _ = load_for_inference(ckpt, device=device)
-    backbone = backbone.to(dtype)
+    if dtype != torch.float32:
+        backbone = backbone.to(dtype)
     os.makedirs(out_dir, exist_ok=True)
 
     def one(path):

@@ -190,7 +190,10 @@ def header_size(f) -> Tuple[int, int, bool]:
 
     with (f if isinstance(f, Image.Image) else Image.open(f)) as im:
         w, h = im.size
-        orientation = im.getexif().get(EXIF_ORIENTATION, 1) if im.format in ("JPEG", "WEBP", "TIFF") else 1
+        # PNG keeps EXIF before IDAT (in `info` after the header) or after it, where reading it
+        # would decode the whole image: only the first kind counts here
+        has_exif = im.format != "PNG" or "exif" in im.info
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
         alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
     return (w, h, alpha) if orientation in (5, 6, 7, 8) else (h, w, alpha)
 

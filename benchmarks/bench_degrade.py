@@ -216,19 +216,22 @@ def write_sources(folder: Path, count: int) -> None:
                                                                  compress_level=1)
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds used so far by this process and all its children (a local Ray's included)."""
+def cpu_seconds_by_role() -> Dict[str, float]:
+    """CPU seconds used so far by this process ("driver") and its children: Ray task workers
+    ("workers") and Ray's own daemons (raylet, GCS, agents, monitors: "daemons")."""
     import psutil
 
-    total = 0.0
     me = psutil.Process()
-    for proc in [me, *me.children(recursive=True)]:
+    times = me.cpu_times()
+    used = {"driver": times.user + times.system, "workers": 0.0, "daemons": 0.0}
+    for proc in me.children(recursive=True):
         try:
-            times = proc.cpu_times()
-            total += times.user + times.system
+            name, times = proc.name(), proc.cpu_times()
         except psutil.Error:  # exited meanwhile
-            pass
-    return total
+            continue
+        role = "workers" if name.startswith("ray::") and not name.endswith("Agent") else "daemons"
+        used[role] += times.user + times.system
+    return used
 
 
 def bare_loop(cfg) -> int:
@@ -251,10 +254,12 @@ def bare_loop(cfg) -> int:
 
 
 def measure(run: Callable[[], int]) -> Dict[str, float]:
-    """Run; pairs, wall seconds and CPU seconds of this process tree."""
-    cpu, wall = tree_cpu_seconds(), time.perf_counter()
+    """Run; pairs, wall seconds and CPU seconds of this process tree (in total and by role)."""
+    before, wall = cpu_seconds_by_role(), time.perf_counter()
     pairs = run()
-    return {"pairs": pairs, "wall": time.perf_counter() - wall, "cpu": tree_cpu_seconds() - cpu}
+    wall, after = time.perf_counter() - wall, cpu_seconds_by_role()
+    used = {role: after[role] - before[role] for role in after}
+    return {"pairs": pairs, "wall": wall, "cpu": sum(used.values()), **used}
 
 
 def bench_ray(n_files: int, crops: int, cpus: List[int]) -> None:
@@ -272,7 +277,7 @@ def bench_ray(n_files: int, crops: int, cpus: List[int]) -> None:
         def config(source: str, name: str, workers: int):
             return P.PrepareConfig(input=str(work / source), output=str(work / name),
                                    patch_size=HR_SIZE, crops_per_image=crops, shard_rows=32,
-                                   files_per_task=2, num_workers=workers)
+                                   num_workers=workers)
 
         bare = measure(lambda: bare_loop(config("in", "bare", 1)))
         print(f"[ray] {n_files} files x {crops} crops = {bare['pairs']} pairs of 512->128; "
@@ -286,13 +291,16 @@ def bench_ray(n_files: int, crops: int, cpus: List[int]) -> None:
             startup = time.perf_counter() - start
             run = measure(lambda: P.prepare(config("in", f"ray{n_cpus}", n_cpus))["pairs_written"])
             ray.shutdown()
+            bare_ms = bare["cpu"] / bare["pairs"] * 1e3
             wall_overhead = 1 - run["pairs"] / run["wall"] / (n_cpus * bare["pairs"] / bare["wall"])
-            cpu_overhead = (run["cpu"] / run["pairs"]) / (bare["cpu"] / bare["pairs"]) - 1
+            per_pair = {k: run[k] / run["pairs"] * 1e3 for k in ("cpu", "workers", "driver", "daemons")}
             print(f"  Ray Data job, {n_cpus} CPU(s)  {run['pairs'] / run['wall']:6.2f} pairs/s wall, "
-                  f"{run['cpu'] / run['pairs'] * 1e3:6.1f} CPU-ms/pair -> overhead "
-                  f"{cpu_overhead * 100:+.1f}% CPU/pair, {wall_overhead * 100:+.1f}% wall vs "
-                  f"{n_cpus}x bare (startup: ray.init + a {warm['pairs']}-pair warm-up run "
-                  f"{startup:.1f} s, not counted)")
+                  f"{per_pair['cpu']:6.1f} CPU-ms/pair = workers {per_pair['workers']:.1f} + driver "
+                  f"{per_pair['driver']:.1f} + Ray daemons {per_pair['daemons']:.1f}")
+            print(f"    overhead vs bare: {(per_pair['cpu'] / bare_ms - 1) * 100:+.1f}% CPU/pair in total, "
+                  f"{(per_pair['workers'] / bare_ms - 1) * 100:+.1f}% in the task workers, "
+                  f"{wall_overhead * 100:+.1f}% wall vs {n_cpus}x bare (startup: ray.init + a "
+                  f"{warm['pairs']}-pair warm-up run {startup:.1f} s, not counted)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

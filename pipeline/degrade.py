@@ -23,6 +23,11 @@ reflect-101 borders (= torch's 'reflect' padding in BasicSR's `filter2D`), resiz
 Known deviation: Real-ESRGAN's torch 'area' upsampling is nearest-like, OpenCV's INTER_AREA
 upsampling is bilinear-like; JPEG quality is drawn continuously and applied rounded, since
 OpenCV's encoder takes an integer quality.
+
+Speed (>= 3x BasicSR per core, see benchmarks/bench_degrade.py): rank-1 kernels run as two 1-D
+passes, Gaussian noise is Box-Muller on float32 uniforms, and Poisson noise is drawn by inverse
+CDF from cached per-level tables (the 8-bit image has at most 256 distinct rates). These draw
+from the same distributions as BasicSR's NumPy calls, not the same realisations.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import hashlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import cv2
 import numpy as np

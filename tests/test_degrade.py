@@ -168,8 +168,8 @@ def test_distribution_frequencies(draws):
         check_categorical([d[name]["resize"]["mode"] for d in draws],
                           {m: 1 / 3 for m in D.RESIZE_MODES}, f"{name} resize mode")
         check_categorical([d[name]["noise"]["kind"] for d in draws],
-                          {"gaussian": stage.gaussian_noise_prob,
-                           "poisson": 1 - stage.gaussian_noise_prob}, f"{name} noise")
+                          dict(zip(D.NOISE_KINDS, (stage.gaussian_noise_prob,
+                                                   1 - stage.gaussian_noise_prob))), f"{name} noise")
         check_categorical([d[name]["noise"]["gray"] for d in draws],
                           {True: stage.gray_noise_prob, False: 1 - stage.gray_noise_prob},
                           f"{name} gray noise")

@@ -94,10 +94,11 @@ def run(cfg, data: str, root: str, name: str, stage="1") -> dict:
 def cpu_scaling(preset: str, batch: int, steps: int) -> None:
     from flowsr.config import apply_overrides, resolve
     from flowsr.tiny import tiny_overrides
-    from jobs.common import init_ray
+    import ray
 
     cores = os.cpu_count() or 2
-    init_ray(num_cpus=cores + 2, object_store_memory=1 << 30)  # logical headroom for Ray Data's reads
+    # logical headroom for Ray Data's read tasks next to the training workers; worker logs stay out
+    ray.init(num_cpus=cores + 2, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as root:
         base = resolve(preset, tiny_overrides(os.path.join(root, "models")) if preset == "tiny" else [])
         data = write_pairs(os.path.join(root, "data"), batch * steps, base.data.patch_size)
@@ -140,11 +141,11 @@ def sd21_benchmark(root: str, *, batch: int = 8, steps: int = 20, size: int = 51
 def gpu(batch: int, steps: int) -> None:
     import torch
 
-    from jobs.common import init_ray
+    import ray
 
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
-    init_ray(object_store_memory=4 << 30)
+    ray.init(object_store_memory=4 << 30, include_dashboard=False, log_to_driver=False)
     print(f"{torch.cuda.get_device_name()}: SD 2.1-base shapes, random weights, bf16 autocast, {batch} x 512^2, "
           f"one Ray Train worker; LPIPS-VGG with a random backbone (pnet_rand=True: no ImageNet weights "
           f"offline), random ViT-L/14 CLIP; median over steps > {WARMUP_STEPS}", flush=True)

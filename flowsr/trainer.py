@@ -191,33 +191,52 @@ def validate(backbone, batch: Dict, cfg: FlowSRConfig) -> Dict[str, float]:
     return out
 
 
-def prefetched(rows: Iterable[Dict], prepare: Callable[[Dict], Dict]) -> Iterator[Dict]:
-    """`prepare(r)` for each row batch `r`, the next one fetched and prepared in a background
-    thread while the caller trains on the current one (PNG decoding overlaps the step)."""
-    it = iter(rows)
+class Prefetcher:
+    """`prepare(r)` for each row batch `r` of `rows`, the next one fetched and prepared in a
+    background thread while the caller trains on the current one. The first fetch starts at
+    construction, so it overlaps whatever the caller does next (building the models)."""
 
-    def following():
-        r = next(it, None)
-        return None if r is None else prepare(r)
+    def __init__(self, rows: Iterable[Dict], prepare: Callable[[Dict], Dict]):
+        self._rows, self._prepare = iter(rows), prepare
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="flowsr-batches")
+        self._pending = self._pool.submit(self._following)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="flowsr-batches") as pool:
-        pending = pool.submit(following)
-        while (batch := pending.result()) is not None:
-            pending = pool.submit(following)
-            yield batch
+    def _following(self) -> Optional[Dict]:
+        rows = next(self._rows, None)
+        return None if rows is None else self._prepare(rows)
+
+    def __iter__(self) -> Iterator[Dict]:
+        try:
+            while (batch := self._pending.result()) is not None:
+                self._pending = self._pool.submit(self._following)
+                yield batch
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 # ---- the loop --------------------------------------------------------------------------------
-def _restore(session: Session, stage: int, models: Models, optimizers) -> Tuple[int, int]:
-    """(first step, first epoch) after restoring the session's checkpoint, (0, 0) without one."""
-    with session.restore() as directory:
-        if directory is None:
-            return 0, 0
-        found = read_meta(directory)["stage"]
-        if found != stage:
-            raise ValueError(f"cannot resume stage {stage} from a stage-{found} checkpoint")
-        meta = load_checkpoint(directory, models=models, optimizers=optimizers)
+def resume_point(directory: Optional[str], stage: int) -> Tuple[int, int]:
+    """(first step, first epoch) of a run resumed from checkpoint `directory`; (0, 0) without one.
+    The data restarts with a fresh epoch after the checkpoint's."""
+    if directory is None:
+        return 0, 0
+    meta = read_meta(directory)
+    if meta["stage"] != stage:
+        raise ValueError(f"cannot resume stage {stage} from a stage-{meta['stage']} checkpoint")
     return int(meta["step"]), int(meta.get("epoch", -1)) + 1
+
+
+def _optimise(batch: Dict, step: int, stage: int, models: Models, optimizers, cfg: FlowSRConfig,
+              pair_sampler, generator) -> Dict[str, float]:
+    """One optimiser step of `stage` at the learning rates scheduled for (0-based) `step`."""
+    opt_g, opt_d = optimizers
+    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
+    set_lr(opt_g, lr)
+    if opt_d is not None:
+        set_lr(opt_d, lr_at(step, cfg.optim.disc_lr, cfg.optim.warmup_steps))
+    if stage == 1:
+        return {**stage1_step(batch, models, opt_g, cfg, generator), "lr": lr}
+    return {**stage2_step(batch, models, optimizers, cfg, pair_sampler, generator), "lr": lr}
 
 
 def _checkpoint(session: Session, cfg: FlowSRConfig, stage: int, step: int, epoch: int, models: Models,
@@ -243,42 +262,40 @@ def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatch
     started = time.perf_counter()
     total, rank, device = stage_steps(cfg, stage), session.rank, session.device
     local_batch = cfg.optim.batch_size // session.world_size
-    models, optimizers = build_stage(cfg, stage, device, init_from)
-    start, epoch = _restore(session, stage, models, optimizers)
+
+    def epoch_batches(epoch: int) -> Prefetcher:
+        prepare = functools.partial(collate, cfg=cfg.data, seed=cfg.train.seed, epoch=epoch, device=device)
+        return Prefetcher(batches(epoch), prepare)
+
+    with session.restore() as checkpoint:
+        start, epoch = resume_point(checkpoint, stage)
+        data = epoch_batches(epoch) if start < total else None  # reads while the models load
+        models, optimizers = build_stage(cfg, stage, device, init_from)
+        if checkpoint is not None:
+            load_checkpoint(checkpoint, models=models, optimizers=optimizers)
     wrap_ddp(models, device)
     log = MetricsLog(metrics_dir, f"stage{stage}", start) if rank == 0 and metrics_dir else None
     val_batch = None
     if rank == 0 and val_rows is not None:
         val_batch = collate(val_rows, cfg.data, augment=False, device=device)
-    pair_sampler = None
-    if stage == 2:
-        s = cfg.schedule
-        pair_sampler = make_pair_sampler(s.sampler, n_fast=s.n_fast, n_slow=s.n_slow, n_intervals=s.n_intervals)
+    s = cfg.schedule
+    pair_sampler = make_pair_sampler(s.sampler, n_fast=s.n_fast, n_slow=s.n_slow, n_intervals=s.n_intervals)
     generator = step_generator(cfg.train.seed, stage, rank, start)
-    opt_g, opt_d = optimizers
     step, metrics = start, {}
     tick = time.perf_counter()
     while step < total:
         seen = 0
-        prepare = functools.partial(collate, cfg=cfg.data, seed=cfg.train.seed, epoch=epoch, device=device)
-        for batch in prefetched(batches(epoch), prepare):
+        for batch in data or epoch_batches(epoch):
             seen += 1
             if rank == 0 and step + 1 == cfg.train.fail_at_step and session.claim_failure(stage, step + 1):
                 raise InjectedFailure(f"train.fail_at_step={step + 1}: injected failure in worker 0, stage {stage}")
             if len(batch["hr"]) != local_batch:
                 raise ValueError(f"worker batch has {len(batch['hr'])} rows, expected {local_batch}")
-            lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
-            set_lr(opt_g, lr)
-            if opt_d is not None:
-                set_lr(opt_d, lr_at(step, cfg.optim.disc_lr, cfg.optim.warmup_steps))
-            if stage == 1:
-                metrics = stage1_step(batch, models, opt_g, cfg, generator)
-            else:
-                metrics = stage2_step(batch, models, optimizers, cfg, pair_sampler, generator)
+            metrics = _optimise(batch, step, stage, models, optimizers, cfg, pair_sampler, generator)
             step += 1
             metrics = mean_across_ranks(metrics, device)
             now = time.perf_counter()
-            metrics.update(lr=lr, img_per_s=cfg.optim.batch_size / (now - tick), elapsed_s=now - started,
+            metrics.update(img_per_s=cfg.optim.batch_size / (now - tick), elapsed_s=now - started,
                            epoch=epoch, resumed_from=start)
             if device.type == "cuda":
                 metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -299,7 +316,7 @@ def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatch
                 break
         if not seen:
             raise ValueError(f"the training data gives no full batch of {local_batch} rows per worker")
-        epoch += 1
+        data, epoch = None, epoch + 1
     png = log.close() if log is not None else None
     return {"stage": stage, "step": step, "metrics": metrics, "csv": log.csv_path if log else None,
             "loss_curve": png}

@@ -92,9 +92,10 @@ def run(cfg, data: str, root: str, name: str, stage="1") -> dict:
 
 # ---- CPU: data-parallel scaling ----------------------------------------------------------------
 def cpu_scaling(preset: str, batch: int, steps: int) -> None:
+    import ray
+
     from flowsr.config import apply_overrides, resolve
     from flowsr.tiny import tiny_overrides
-    import ray
 
     cores = os.cpu_count() or 2
     # logical headroom for Ray Data's read tasks next to the training workers; worker logs stay out
@@ -139,9 +140,8 @@ def sd21_benchmark(root: str, *, batch: int = 8, steps: int = 20, size: int = 51
 
 
 def gpu(batch: int, steps: int) -> None:
-    import torch
-
     import ray
+    import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")

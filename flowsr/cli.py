@@ -38,6 +38,16 @@ def _train(subparsers) -> None:
     p.set_defaults(func=run_from_args)
 
 
+@command
+def _demo(subparsers) -> None:
+    from jobs.demo import add_demo_options, run_from_args
+
+    p = subparsers.add_parser("demo", help="the embedded end-to-end demo on a local Ray (bundled images -> "
+                                           "pairs -> stage 1 + 2 -> upscale -> HTML report)")
+    add_demo_options(p)
+    p.set_defaults(func=run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowsr", description="FlowSR on Ray")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,72 @@
+"""The embedded demo end to end (short schedule), and its report rendered in headless Chromium."""
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK_PAGE = """<!doctype html><html><body><iframe id="r" src="report.html" width="1200" height="900"></iframe>
+<pre id="result">pending</pre><script>
+document.getElementById('r').addEventListener('load', () => {
+  const imgs = Array.from(document.getElementById('r').contentDocument.images);
+  const state = imgs.map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}));
+  document.getElementById('result').textContent = JSON.stringify(state);
+});
+</script></body></html>"""
+
+
+def _chromium(*args, timeout=120):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--virtual-time-budget=5000"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    from jobs.demo import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return demo(str(out), stage1_steps=20, stage2_steps=10, crops_per_image=4)
+
+
+@pytest.mark.slow
+def test_demo_writes_report_and_upscaled_outputs(demo_run):
+    assert os.path.exists(demo_run["report"])
+    mean = demo_run["mean"]
+    assert {"bicubic", "1-step", "4-step"} <= set(mean)
+    assert demo_run["upscale"]["ok"] == 8 and demo_run["upscale"]["error"] == 0
+    page = open(demo_run["report"]).read()
+    assert "beat" in page and "Loss curves" in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_report_renders_in_headless_chromium_with_every_image_loaded(demo_run, tmp_path):
+    root = os.path.dirname(demo_run["report"])
+    with open(os.path.join(root, "check.html"), "w") as f:
+        f.write(CHECK_PAGE)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=root)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        profile = str(tmp_path / "profile")
+        dom = _chromium(f"--user-data-dir={profile}", "--dump-dom", f"{base}/check.html").stdout
+        shot = tmp_path / "report.png"
+        _chromium(f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,2400",
+                  f"{base}/report.html")
+    finally:
+        server.shutdown()
+    match = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
+    assert match, dom[-2000:]
+    images = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(images) >= 2 + 5  # two loss curves and at least one row of five crops
+    assert all(i["ok"] for i in images), [i["src"] for i in images if not i["ok"]]
+    assert shot.exists() and shot.stat().st_size > 10_000

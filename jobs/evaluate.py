@@ -1,0 +1,544 @@
+"""Evaluation job: the paper's Table-1 metrics for a checkpoint (or folders of SR outputs).
+
+    python -m jobs.evaluate --data PAIRS [--lr-dir LR_DIR] --out OUT
+        (--checkpoint CKPT [--steps 1 4] | --sr NAME=DIR ...)
+        [--metrics lpips dists fid niqe musiq maniqa clipiqa] [--allow-download]
+        [--dataset-name NAME] [--limit N] [--num-actors N] [--num-gpus G] [--address ...]
+
+PAIRS is a folder (or URI) of Parquet pair shards in the `pipeline.schema` layout, or a folder
+of HR images matched by file stem with the LR images in `--lr-dir`. Each pair is evaluated by
+an actor pool of Ray Data (`PairEvaluator`: the model and the learned metrics are loaded once
+per actor): bicubic, the model at every step count in `--steps` (`flowsr.sample.upscale`, no
+colour fix unless `--color-fix`), and every `--sr` folder, each against HR with PSNR / SSIM on Y
+(BasicSR, border = scale) and the learned metrics of `flowsr.metrics.MetricSuite` that have
+weights here; a metric without weights is reported as unavailable with the reason. FID is
+computed over the saved image folders on the driver. Local Ray by default, `--address` for a
+cluster (then OUT, the data and the checkpoint must be reachable from every node).
+
+OUT/ gets: table1.md, table1.csv (the paper's Table-1 layout), per_image.csv, summary.json,
+config.json, images/{hr,lr,bicubic,<method>}/<sample_id>.png and report.html with
+LR / bicubic / 1-step / 4-step / HR crops (PNG files in OUT/report/).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import html
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from flowsr.metrics import LEARNED_METRICS, LOWER_BETTER, PAPER_METRICS, SET_METRICS, MetricSuite, mean_metrics
+from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
+
+REPORT_DISPLAY = 256  # crops are shown enlarged by an integer factor to about this many pixels
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PAIR_COLUMNS = ["sample_id", "hr", "lr"]
+BICUBIC = "bicubic"
+# Table-1 column headers and number formats, as printed in the paper
+HEADERS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "dists": "DISTS", "fid": "FID", "niqe": "NIQE",
+           "musiq": "MUSIQ", "maniqa": "MANIQA", "clipiqa": "CLIPQA"}
+DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "dists": 4, "fid": 2, "niqe": 2, "musiq": 2, "maniqa": 4, "clipiqa": 4}
+
+
+def step_key(steps: int) -> str:
+    return f"{steps}-step"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str  # Parquet shards (pipeline/schema.py) or a folder of HR images
+    out: str
+    lr_dir: Optional[str] = None  # LR folder when `data` is an HR folder
+    checkpoint: Optional[str] = None
+    sr: Tuple[Tuple[str, str], ...] = ()  # (method name, folder of SR outputs named like the HR files)
+    steps: Tuple[int, ...] = (1, 4)
+    scale: int = 4
+    metrics: Tuple[str, ...] = LEARNED_METRICS
+    allow_download: bool = False
+    dataset_name: str = ""  # Table-1 "Datasets" column; default: the data folder's name
+    method_name: str = "FlowSR"
+    weights: str = "student"  # student | target (EMA)
+    color_fix: str = "none"  # none | wavelet | adain (what jobs.upscale applies by default: wavelet)
+    tile: Optional[int] = None  # output pixels; None: whole images
+    seed: int = 0  # noise of the Table-2 flow variants, per image from (seed, sample_id, steps)
+    limit: Optional[int] = None
+    batch_size: int = 4
+    num_actors: int = 1
+    num_gpus: float = 0.0  # per actor
+    report_images: int = 4
+    crop_size: int = 128  # HR pixels of each report crop
+    address: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.checkpoint is None) == (not self.sr):
+            raise ValueError("give exactly one of checkpoint or sr folders")
+        if self.scale < 1 or not self.steps or min(self.steps) < 1:
+            raise ValueError(f"need scale >= 1 and step counts >= 1, got {self.scale}, {self.steps}")
+        unknown = set(self.metrics) - set(PAPER_METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics: {sorted(unknown)} (choose from {', '.join(PAPER_METRICS)})")
+        if min(self.batch_size, self.num_actors) < 1:
+            raise ValueError("batch_size and num_actors must be >= 1")
+        names = [n for n, _ in self.sr]
+        if len(set(names)) != len(names) or set(names) & {BICUBIC, "hr", "lr"}:
+            raise ValueError(f"SR folder names must be unique and not bicubic/hr/lr, got {names}")
+
+    def methods(self) -> List[Tuple[str, str, str]]:
+        """(key, Table-1 method, #steps) per evaluated row, bicubic first."""
+        rows = [(BICUBIC, "Bicubic", "-")]
+        if self.checkpoint is not None:
+            rows += [(step_key(s), self.method_name, str(s)) for s in self.steps]
+        rows += [(name, name, "-") for name, _ in self.sr]
+        return rows
+
+
+# ---- images --------------------------------------------------------------------------------------
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 HxWx3 RGB (gray and alpha converted)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _tensor(image: np.ndarray, device=None):
+    from flowsr.data import to_tensor
+
+    return to_tensor(image)[None].to(device)
+
+
+def _uint8(x) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] -> uint8 HxWx3, rounded as BasicSR's tensor2img."""
+    x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+
+
+def bicubic(lr: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """LR uint8 HxWx3 -> bicubic (torch, as the model's input) at `size` = (H, W), uint8."""
+    from flowsr.sample import resize_to
+
+    return _uint8(resize_to(_tensor(lr), size))
+
+
+def image_generator(seed: int, sample_id: str, steps: int):
+    """CPU torch.Generator of one image's sampling noise: sha1(seed|sample_id|steps)."""
+    import torch
+
+    digest = hashlib.sha1(f"{seed}|{sample_id}|{steps}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def super_resolve_image(backbone, lr: np.ndarray, size: Tuple[int, int], steps: int, *, seed: int = 0,
+                        sample_id: str = "", color_fix: str = "none", tile: Optional[int] = None) -> np.ndarray:
+    """LR uint8 HxWx3 -> SR uint8 at `size` with `steps` Euler steps (`flowsr.sample.upscale`)."""
+    import torch
+
+    from flowsr.sample import upscale
+
+    device = next(iter(backbone.parameters())).device
+    with torch.no_grad():
+        sr = upscale(backbone, _tensor(lr, device), steps=steps, out_size=tuple(size), tile=tile, vae_tile=tile,
+                     color_fix=color_fix, generator=image_generator(seed, sample_id, steps))
+    return _uint8(sr)
+
+
+def _check_sizes(lr: np.ndarray, hr: np.ndarray, scale: int, sample_id: str) -> None:
+    if hr.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
+        raise ValueError(f"{sample_id}: HR {hr.shape[:2]} is not {scale}x LR {lr.shape[:2]}")
+
+
+def method_outputs(backbone, lr: np.ndarray, hr: np.ndarray, steps: Sequence[int], *, scale: int = 4,
+                   seed: int = 0, sample_id: str = "", color_fix: str = "none",
+                   tile: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """{"bicubic": ..., "1-step": ..., ...}: every method's uint8 output at the HR size."""
+    _check_sizes(lr, hr, scale, sample_id)
+    out = {BICUBIC: bicubic(lr, hr.shape[:2])}
+    if backbone is not None:
+        for s in steps:
+            out[step_key(s)] = super_resolve_image(backbone, lr, hr.shape[:2], s, seed=seed, sample_id=sample_id,
+                                                   color_fix=color_fix, tile=tile)
+    return out
+
+
+# ---- the reusable core: a backbone + (lr, hr) pairs -----------------------------------------------
+def evaluate_pairs(backbone, pairs: Sequence[Tuple[np.ndarray, np.ndarray]], steps: Sequence[int] = (1, 4), *,
+                   scale: int = 4, suite: Optional[MetricSuite] = None, seed: int = 0,
+                   ids: Optional[Sequence[str]] = None, color_fix: str = "none", tile: Optional[int] = None,
+                   return_images: bool = False) -> Dict:
+    """Bicubic and `steps`-step SR of each (lr, hr) pair, scored against HR.
+
+    pairs: uint8 HxWx3 RGB arrays, HR exactly `scale` x LR. `suite` defaults to PSNR / SSIM only
+    (border = scale). Returns {"per_image": [{"id", "bicubic": {metric: value}, "1-step": {...},
+    ...}], "mean": {method: {metric: mean}}, "methods": [...]}; with `return_images` each
+    per-image entry also has "images": {method: uint8 array}.
+    """
+    suite = suite or MetricSuite((), crop_border=scale)
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(pairs))]
+    per_image = []
+    for sid, (lr, hr) in zip(ids, pairs):
+        outputs = method_outputs(backbone, lr, hr, steps, scale=scale, seed=seed, sample_id=sid,
+                                 color_fix=color_fix, tile=tile)
+        entry = {"id": sid}
+        for key, sr in outputs.items():
+            entry[key] = {m: v[0] for m, v in suite.score([sr], [hr]).items()}
+        if return_images:
+            entry["images"] = outputs
+        per_image.append(entry)
+    methods = [BICUBIC] + ([step_key(s) for s in steps] if backbone is not None else [])
+    mean = {k: mean_metrics([e[k] for e in per_image]) for k in methods}
+    return {"per_image": per_image, "mean": mean, "methods": methods}
+
+
+# ---- the Ray Data stage ----------------------------------------------------------------------------
+class PairEvaluator:
+    """Stateful batch callable: loads the checkpoint and the learned metrics once, maps a batch
+    of pairs to a batch of per-image metrics (columns "sample_id" and "<method>/<metric>").
+
+    Batch in: "sample_id" and either "hr" / "lr" (encoded bytes) or "hr_uri" / "lr_uri", plus
+    "sr_uri/<name>" per SR folder. Runs without Ray in a plain loop as well.
+    """
+
+    def __init__(self, cfg: Mapping, metrics: Sequence[str] = ()):
+        import torch
+
+        self.cfg = EvalConfig(**cfg)
+        self.device = torch.device("cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.backbone = None
+        if self.cfg.checkpoint is not None:
+            from flowsr.checkpoint import load_for_inference
+
+            self.backbone, _ = load_for_inference(self.cfg.checkpoint, device=self.device, weights=self.cfg.weights)
+        self.suite = MetricSuite(metrics, device=str(self.device), allow_download=self.cfg.allow_download,
+                                 crop_border=self.cfg.scale)
+        self.images_dir = os.path.join(self.cfg.out, "images")
+        self.fs, self.images_root = resolve_fs(self.images_dir)
+
+    def _read(self, uri: str) -> bytes:
+        fs, path = resolve_fs(uri)
+        with fs.open_input_file(path) as f:
+            return f.read()
+
+    def _save(self, key: str, sample_id: str, image: np.ndarray) -> None:
+        directory = f"{self.images_root}/{key}"
+        self.fs.create_dir(directory, recursive=True)
+        with self.fs.open_output_stream(f"{directory}/{sample_id}.png") as f:
+            f.write(encode_png(image))
+
+    def evaluate_one(self, sample_id: str, hr: np.ndarray, lr: np.ndarray, sr: Mapping[str, np.ndarray]) -> Dict:
+        c = self.cfg
+        outputs = method_outputs(self.backbone, lr, hr, c.steps, scale=c.scale, seed=c.seed, sample_id=sample_id,
+                                 color_fix=c.color_fix, tile=c.tile)
+        for name, image in sr.items():
+            if image.shape != hr.shape:
+                raise ValueError(f"{sample_id}: SR '{name}' {image.shape} does not match HR {hr.shape}")
+            outputs[name] = image
+        row = {"sample_id": sample_id}
+        for key, image in outputs.items():
+            for metric, values in self.suite.score([image], [hr]).items():
+                row[f"{key}/{metric}"] = values[0]
+        for key, image in {"hr": hr, "lr": lr, **outputs}.items():
+            self._save(key, sample_id, image)
+        return row
+
+    def __call__(self, batch: Dict) -> Dict:
+        rows = []
+        for i, sid in enumerate(batch["sample_id"]):
+            sid = str(sid)
+            hr_bytes = batch["hr"][i] if "hr" in batch else self._read(str(batch["hr_uri"][i]))
+            lr_bytes = batch["lr"][i] if "lr" in batch else self._read(str(batch["lr_uri"][i]))
+            sr = {k.split("/", 1)[1]: decode_image(self._read(str(batch[k][i])))
+                  for k in batch if k.startswith("sr_uri/")}
+            rows.append(self.evaluate_one(sid, decode_image(hr_bytes), decode_image(lr_bytes), sr))
+        keys = sorted({k for r in rows for k in r})
+        return {k: np.asarray([r.get(k, np.nan) for r in rows]) for k in keys}
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+def _list_images(uri: str) -> Dict[str, str]:
+    """{file stem: uri} of the images directly in folder `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, root = resolve_fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    prefix = uri.rstrip("/") if not is_local(uri) else None
+    out = {}
+    for info in infos:
+        name = os.path.basename(info.path)
+        stem, ext = os.path.splitext(name)
+        if info.type == pafs.FileType.File and ext.lower() in IMAGE_SUFFIXES:
+            out[stem] = f"{prefix}/{name}" if prefix else info.path
+    return out
+
+
+def _is_parquet(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, root = resolve_fs(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return root.endswith(".parquet")
+    return any(f.path.endswith(".parquet") for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)))
+
+
+def folder_items(cfg: EvalConfig) -> List[Dict[str, str]]:
+    """One item per HR image that has an LR image (and every SR output) of the same stem."""
+    if cfg.lr_dir is None:
+        raise ValueError(f"{cfg.data} holds no Parquet shards: give --lr-dir for an HR image folder")
+    hr, lr = _list_images(cfg.data), _list_images(cfg.lr_dir)
+    srs = {name: _list_images(path) for name, path in cfg.sr}
+    stems = sorted(s for s in hr if s in lr and all(s in v for v in srs.values()))
+    if not stems:
+        raise ValueError(f"no image stems shared by {cfg.data}, {cfg.lr_dir} and the SR folders")
+    return [{"sample_id": s, "hr_uri": hr[s], "lr_uri": lr[s], **{f"sr_uri/{n}": v[s] for n, v in srs.items()}}
+            for s in stems]
+
+
+def build_dataset(cfg: EvalConfig):
+    import ray
+
+    if _is_parquet(cfg.data):
+        if cfg.sr:
+            raise ValueError("SR folders are evaluated against HR/LR folders, not Parquet shards")
+        ds = ray.data.read_parquet(cfg.data, columns=PAIR_COLUMNS)
+    else:
+        ds = ray.data.from_items(folder_items(cfg))
+    return ds.limit(cfg.limit) if cfg.limit else ds
+
+
+# ---- reports --------------------------------------------------------------------------------------
+def format_metric(metric: str, value: Optional[float]) -> str:
+    if value is None or not np.isfinite(value):
+        return "n/a"
+    return f"{value:.{DECIMALS.get(metric, 4)}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(headers)
+        w.writerows(rows)
+
+
+def table1(summary: Dict) -> Tuple[List[str], List[List[str]], List[List]]:
+    """(headers, formatted rows, raw rows) of the paper's Table-1 layout."""
+    metrics = summary["metrics_order"]
+    headers = ["Datasets", "Methods", "#Steps"] + [HEADERS[m] for m in metrics]
+    shown, raw = [], []
+    for i, (key, method, steps) in enumerate(summary["methods"]):
+        values = summary["mean"].get(key, {})
+        label = summary["dataset"] if i == 0 else ""
+        shown.append([label, method, steps] + [format_metric(m, values.get(m)) for m in metrics])
+        raw.append([summary["dataset"], method, steps] + [values.get(m, "") for m in metrics])
+    return headers, shown, raw
+
+
+def table1_markdown(summary: Dict) -> str:
+    headers, shown, _ = table1(summary)
+    arrows = {m: "↓" if m in LOWER_BETTER else "↑" for m in summary["metrics_order"]}
+    headers = headers[:3] + [f"{h} {arrows[m]}" for h, m in zip(headers[3:], summary["metrics_order"])]
+    notes = [f"- {HEADERS[m]}: {reason}" for m, reason in summary["unavailable"].items()]
+    text = markdown_table(headers, shown)
+    text += f"\n\nPSNR / SSIM on the Y channel (BasicSR), border {summary['scale']} px; {summary['n_images']} images."
+    if notes:
+        text += "\n\nn/a = unavailable here (never estimated):\n" + "\n".join(notes)
+    return text + "\n"
+
+
+def _crop_box(shape, size: int, scale: int) -> Tuple[int, int, int]:
+    """(top, left, size) of a centred crop on the LR grid, in HR pixels."""
+    size = min(size, shape[0], shape[1]) // scale * scale
+    top = (shape[0] - size) // 2 // scale * scale
+    left = (shape[1] - size) // 2 // scale * scale
+    return top, left, size
+
+
+def _read_png(out: str, key: str, sample_id: str) -> np.ndarray:
+    with open(os.path.join(out, "images", key, f"{sample_id}.png"), "rb") as f:
+        return decode_image(f.read())
+
+
+def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:
+    """report.html next to the tables, with crops of the first `report_images` samples as PNG
+    files in OUT/report/ (LR shown nearest-neighbour enlarged)."""
+    from PIL import Image
+
+    out = cfg.out
+    os.makedirs(os.path.join(out, "report"), exist_ok=True)
+    columns = [("lr", "LR (before)")] + [(k, f"{m}" + (f" ({s} step{'s' if s != '1' else ''})" if s != "-" else ""))
+                                         for k, m, s in summary["methods"]] + [("hr", "HR")]
+    blocks = []
+    for row in per_image[:cfg.report_images]:
+        sid = row["sample_id"]
+        hr = _read_png(out, "hr", sid)
+        top, left, size = _crop_box(hr.shape, cfg.crop_size, cfg.scale)
+        cells = []
+        for key, title in columns:
+            image = _read_png(out, key, sid)
+            if key == "lr":
+                s = cfg.scale
+                crop = image[top // s:(top + size) // s, left // s:(left + size) // s]
+                crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.NEAREST))
+            else:
+                crop = image[top:top + size, left:left + size]
+            name = f"report/{sid}_{key}.png"
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(encode_png(np.ascontiguousarray(crop)))
+            score = row.get(f"{key}/psnr")
+            caption = html.escape(title) + (f"<br>{score:.2f} dB" if score is not None and np.isfinite(score) else "")
+            shown = size * max(1, REPORT_DISPLAY // size)
+            cells.append(f'<figure><img src="{name}" width="{shown}" height="{shown}"><figcaption>{caption}'
+                         f"</figcaption></figure>")
+        blocks.append(f"<h3>{html.escape(sid)}</h3><div class='row'>{''.join(cells)}</div>")
+    headers, shown, _ = table1(summary)
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in shown)
+    table += "</table>"
+    notes = "".join(f"<li>{HEADERS[m]}: {html.escape(r)}</li>" for m, r in summary["unavailable"].items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>FlowSR evaluation: {html.escape(summary['dataset'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}} .row{{display:flex;gap:8px;flex-wrap:wrap}}
+figure{{margin:0;text-align:center}} img{{image-rendering:pixelated}}</style></head><body>
+<h1>FlowSR evaluation: {html.escape(summary['dataset'])}</h1>
+<p>{summary['n_images']} images, x{summary['scale']}; PSNR / SSIM on Y (BasicSR), border {summary['scale']} px.
+Crops of {cfg.crop_size}px (HR) from the image centre; the caption gives the image's PSNR.</p>
+{table}
+{f"<p>Unavailable metrics (never estimated):</p><ul>{notes}</ul>" if notes else ""}
+<h2>Crops</h2>
+{''.join(blocks)}
+</body></html>
+"""
+    path = os.path.join(out, "report.html")
+    with open(path, "w") as f:
+        f.write(page)
+    return path
+
+
+# ---- the job --------------------------------------------------------------------------------------
+def evaluate(cfg: EvalConfig) -> Dict:
+    """Run the evaluation on Ray; writes the tables, per-image CSV, summary and report into
+    `cfg.out` (a local folder) and returns the summary dict."""
+    import ray
+
+    if not is_local(cfg.out):
+        raise ValueError(f"out must be a local folder (tables and report are written there), got {cfg.out}")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    suite = MetricSuite(cfg.metrics, allow_download=cfg.allow_download, crop_border=cfg.scale)
+    per_image_metrics = [m for m in suite.available if m not in SET_METRICS]
+    init_ray(cfg.address)
+    ds = build_dataset(cfg).map_batches(
+        PairEvaluator, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "metrics": per_image_metrics},
+        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=cfg.num_gpus or None, batch_format="numpy")
+    rows = sorted(ds.take_all(), key=lambda r: str(r["sample_id"]))
+    if not rows:
+        raise ValueError(f"no pairs in {cfg.data}")
+    per_image = [{k: (str(v) if k == "sample_id" else float(v)) for k, v in r.items()} for r in rows]
+    methods = cfg.methods()
+    mean = {key: {m: float(np.nanmean([r[f"{key}/{m}"] for r in per_image]))
+                  for m in PAPER_METRICS if f"{key}/{m}" in per_image[0]} for key, _, _ in methods}
+    if "fid" in suite.available:
+        images = os.path.join(cfg.out, "images")
+        for key, _, _ in methods:
+            mean[key]["fid"] = suite.fid(os.path.join(images, key), os.path.join(images, "hr"))
+    order = [m for m in PAPER_METRICS if m in suite.names]
+    summary = {"dataset": cfg.dataset_name or os.path.basename(cfg.data.rstrip("/")), "n_images": len(per_image),
+               "scale": cfg.scale, "methods": [list(m) for m in methods], "metrics_order": order, "mean": mean,
+               "status": suite.status(), "unavailable": dict(suite.unavailable)}
+    headers, _, raw = table1(summary)
+    write_csv(os.path.join(cfg.out, "table1.csv"), headers, raw)
+    with open(os.path.join(cfg.out, "table1.md"), "w") as f:
+        f.write(table1_markdown(summary))
+    columns = ["sample_id"] + sorted({k for r in per_image for k in r} - {"sample_id"})
+    write_csv(os.path.join(cfg.out, "per_image.csv"), columns, [[r.get(c, "") for c in columns] for r in per_image])
+    summary["report"] = write_report(summary, cfg, per_image)
+    summary["files"] = {n: os.path.join(cfg.out, n) for n in ("table1.md", "table1.csv", "per_image.csv",
+                                                              "summary.json", "report.html")}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _named_folder(item: str) -> Tuple[str, str]:
+    if "=" in item:
+        name, path = item.split("=", 1)
+        return name, path
+    return os.path.basename(item.rstrip("/")), item
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobs.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="Parquet pair shards, or a folder of HR images")
+    p.add_argument("--lr-dir", default=None, help="LR images named like the HR files (with an HR folder)")
+    p.add_argument("--out", required=True, help="local output folder")
+    p.add_argument("--checkpoint", default=None, help="a flowsr checkpoint directory")
+    p.add_argument("--sr", action="append", default=[], metavar="NAME=DIR", help="a folder of SR outputs (repeatable)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--metrics", nargs="*", default=list(LEARNED_METRICS), help="learned metrics (PSNR/SSIM always)")
+    p.add_argument("--allow-download", action="store_true", help="let the metric library download weights")
+    p.add_argument("--dataset-name", default="")
+    p.add_argument("--method-name", default="FlowSR")
+    p.add_argument("--weights", default="student", choices=["student", "target"])
+    p.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
+    p.add_argument("--tile", type=int, default=0, help="tile size in output pixels (0: whole images)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
+    p.add_argument("--report-images", type=int, default=4)
+    p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, run nothing")
+    add_ray_args(p)
+    return p
+
+
+def config_from_args(args) -> EvalConfig:
+    return EvalConfig(data=args.data, out=args.out, lr_dir=args.lr_dir, checkpoint=args.checkpoint,
+                      sr=tuple(_named_folder(s) for s in args.sr), steps=tuple(args.steps), scale=args.scale,
+                      metrics=tuple(args.metrics), allow_download=args.allow_download,
+                      dataset_name=args.dataset_name, method_name=args.method_name, weights=args.weights,
+                      color_fix=args.color_fix, tile=args.tile or None, seed=args.seed, limit=args.limit,
+                      batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
+                      report_images=args.report_images, crop_size=args.crop_size, address=args.address)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return 0
+    summary = evaluate(cfg)
+    print(table1_markdown(summary))
+    print(json.dumps(summary["files"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Metrics (BasicSR PSNR / SSIM on Y, the learned suite offline), the evaluation job, the ablation job."""
+import csv
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from flowsr import metrics as M
+
+
+# ---- fixed images ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pair():
+    """A 96x96 natural crop and a degraded copy (blur + noise), uint8 RGB."""
+    import skimage.data
+    from scipy import ndimage
+
+    hr = skimage.data.astronaut()[100:196, 180:276].copy()
+    rng = np.random.default_rng(0)
+    blurred = ndimage.gaussian_filter(hr.astype(np.float64), sigma=(1.2, 1.2, 0))
+    sr = np.clip(blurred + rng.normal(0, 6, hr.shape) + 0.5, 0, 255).astype(np.uint8)
+    return sr, hr
+
+
+def _y(image, border):
+    return M.crop_border(M.rgb_to_y(image), border).astype(np.float64)
+
+
+@pytest.mark.parametrize("border", [0, 4])
+def test_psnr_y_equals_skimage(pair, border):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    sr, hr = pair
+    ref = peak_signal_noise_ratio(_y(hr, border), _y(sr, border), data_range=255)
+    assert M.psnr_y(sr, hr, border) == pytest.approx(ref, abs=1e-4)
+    assert 20 < ref < 40
+
+
+@pytest.mark.parametrize("border", [0, 4])
+def test_ssim_y_equals_skimage(pair, border):
+    from skimage.metrics import structural_similarity
+
+    sr, hr = pair
+    ref = structural_similarity(_y(hr, border), _y(sr, border), gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False, data_range=255)
+    assert M.ssim_y(sr, hr, border) == pytest.approx(ref, abs=1e-4)
+    assert 0.3 < ref < 0.99
+
+
+def test_psnr_ssim_equal_basicsr_when_installed(pair):
+    """BasicSR's own functions (BGR input), where the optional `bench` extra is installed."""
+    import torchvision.transforms.functional as tvf
+
+    sys.modules.setdefault("torchvision.transforms.functional_tensor", tvf)  # basicsr 1.4.2 vs new torchvision
+    psnr_ssim = pytest.importorskip("basicsr.metrics.psnr_ssim")
+    sr, hr = pair
+    kw = dict(crop_border=4, input_order="HWC", test_y_channel=True)
+    assert M.psnr_y(sr, hr, 4) == pytest.approx(psnr_ssim.calculate_psnr(sr[..., ::-1], hr[..., ::-1], **kw), abs=1e-4)
+    assert M.ssim_y(sr, hr, 4) == pytest.approx(psnr_ssim.calculate_ssim(sr[..., ::-1], hr[..., ::-1], **kw), abs=1e-4)
+
+
+def test_y_channel_is_bt601_studio_range():
+    colours = np.array([[[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)
+    y = M.rgb_to_y(colours)[0]
+    np.testing.assert_allclose(y, [16.0, 16 + 65.481 + 128.553 + 24.966, 16 + 65.481, 16 + 128.553, 16 + 24.966],
+                               atol=1e-3)
+
+
+def test_border_crop_removes_border_errors(pair):
+    _, hr = pair
+    sr = hr.copy()
+    sr[:4] = 255 - sr[:4]  # errors only inside a 4-pixel border
+    sr[:, -4:] = 0
+    assert M.psnr_y(sr, hr, 4) == float("inf")
+    assert M.ssim_y(sr, hr, 4) == pytest.approx(1.0)
+    assert M.psnr_y(sr, hr, 3) < 40 and M.ssim_y(sr, hr, 3) < 1.0
+
+
+def test_metric_errors(pair):
+    sr, hr = pair
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.psnr_y(sr[:-4], hr)
+    with pytest.raises(ValueError, match="too small"):
+        M.ssim_y(sr[:8, :8], hr[:8, :8], 4)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        M.MetricSuite(("psnr", "vif"))
+
+
+# ---- the learned suite, offline -------------------------------------------------------------------
+@pytest.fixture
+def empty_weight_caches(tmp_path, monkeypatch):
+    """Point torch.hub, pyiqa, openai-clip and Hugging Face caches at an empty folder."""
+    import torch.hub
+
+    pytest.importorskip("pyiqa")
+    import pyiqa.utils.download_util as dl
+
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "torch_hub"))
+    monkeypatch.setattr(dl, "DEFAULT_CACHE_DIR", str(tmp_path / "pyiqa"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    yield tmp_path
+    torch.hub.set_dir(old)
+
+
+def test_unavailable_metrics_are_reported_with_reason_not_estimated(pair, empty_weight_caches):
+    start = time.perf_counter()
+    suite = M.MetricSuite(("lpips", "niqe", "musiq"))
+    seconds = time.perf_counter() - start
+    assert set(suite.unavailable) == {"lpips", "niqe", "musiq"} and not suite.available
+    for name, reason in suite.unavailable.items():
+        assert "not cached" in reason and "https://" in reason, reason
+        assert str(empty_weight_caches) in reason  # names where the file is expected
+        assert suite.status()[name].startswith("unavailable: ")
+    assert suite.status()["psnr"] == suite.status()["ssim"] == "available"
+    sr, hr = pair
+    scores = suite.score([sr], [hr])
+    assert set(scores) == {"psnr", "ssim"}  # nothing stands in for the missing metrics
+    assert not any(p.is_file() for p in empty_weight_caches.rglob("*"))  # nothing downloaded, no partial file
+    assert seconds < 60, f"offline check took {seconds:.0f}s"
+
+
+def test_no_downloads_restores_hooks():
+    import torch.hub
+
+    before = torch.hub.download_url_to_file
+    with M.no_downloads(), pytest.raises(M.WeightsUnavailable, match="downloads are off"):
+        torch.hub.download_url_to_file("https://example.invalid/w.pth", "/nonexistent/w.pth")
+    assert torch.hub.download_url_to_file is before
+
+
+# ---- the evaluation job ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A small random pixel-backbone checkpoint in the `flowsr.checkpoint` layout."""
+    import torch
+
+    from flowsr.build import build_stage1
+    from flowsr.checkpoint import save_checkpoint
+    from flowsr.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]", "data.patch_size=32"])
+    torch.manual_seed(0)
+    models = build_stage1(cfg)
+    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint")
+    save_checkpoint(path, cfg=cfg, stage=1, step=0, models=models, optimizers=[])
+    return path
+
+
+def _pairs(n=3, size=64):
+    import skimage.data
+
+    from pipeline.degrade import degrade
+
+    image = skimage.data.coffee()
+    out = []
+    for i in range(n):
+        hr = np.ascontiguousarray(image[40 * i:40 * i + size, 60 * i:60 * i + size])
+        lr, _ = degrade(hr, seed=0, sample_id=f"coffee{i}", scale=4)
+        out.append((f"coffee{i}", lr, hr))
+    return out
+
+
+def test_evaluate_pairs_psnr_ssim_per_image_and_mean(tiny_checkpoint):
+    from flowsr.checkpoint import load_for_inference
+    from jobs.evaluate import evaluate_pairs
+
+    backbone, _ = load_for_inference(tiny_checkpoint)
+    pairs = _pairs()
+    result = evaluate_pairs(backbone, [(lr, hr) for _, lr, hr in pairs], steps=(1, 4), return_images=True)
+    assert result["methods"] == ["bicubic", "1-step", "4-step"]
+    assert len(result["per_image"]) == 3
+    first = result["per_image"][0]
+    assert first["1-step"]["psnr"] == pytest.approx(M.psnr_y(first["images"]["1-step"], pairs[0][2], 4))
+    for key in result["methods"]:
+        assert result["mean"][key]["psnr"] == pytest.approx(np.mean([e[key]["psnr"] for e in result["per_image"]]))
+        assert set(result["mean"][key]) == {"psnr", "ssim"}
+    assert first["1-step"]["psnr"] != first["4-step"]["psnr"]
+    no_model = evaluate_pairs(None, [(lr, hr) for _, lr, hr in pairs])
+    assert no_model["methods"] == ["bicubic"]
+    assert no_model["mean"]["bicubic"] == result["mean"]["bicubic"]
+
+
+def test_folder_inputs_pair_by_stem(tmp_path, tiny_checkpoint):
+    from PIL import Image
+
+    from jobs.evaluate import EvalConfig, PairEvaluator, folder_items
+
+    for d in ("hr", "lr", "sr"):
+        (tmp_path / d).mkdir()
+    for sid, lr, hr in _pairs(2):
+        Image.fromarray(hr).save(tmp_path / "hr" / f"{sid}.png")
+        Image.fromarray(lr).save(tmp_path / "lr" / f"{sid}.png")
+        Image.fromarray(hr).save(tmp_path / "sr" / f"{sid}.png")  # a "method" that returns HR
+    Image.fromarray(hr).save(tmp_path / "hr" / "unpaired.png")
+    cfg = EvalConfig(data=str(tmp_path / "hr"), lr_dir=str(tmp_path / "lr"), sr=(("oracle", str(tmp_path / "sr")),),
+                     out=str(tmp_path / "out"), metrics=())
+    items = folder_items(cfg)
+    assert [i["sample_id"] for i in items] == ["coffee0", "coffee1"]
+    batch = {k: np.asarray([i[k] for i in items]) for k in items[0]}
+    out = PairEvaluator(__import__("dataclasses").asdict(cfg))(batch)
+    assert np.all(np.isinf(out["oracle/psnr"])) and np.allclose(out["oracle/ssim"], 1.0)
+    assert np.all(out["bicubic/psnr"] < 40)
+    assert (tmp_path / "out" / "images" / "oracle" / "coffee0.png").exists()
+    with pytest.raises(ValueError, match="exactly one"):
+        EvalConfig(data="x", out="y")
+
+
+def test_evaluate_job_on_ray_writes_tables_and_report(tmp_path, tiny_checkpoint, ray_local):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flowsr.checkpoint import load_for_inference
+    from jobs.evaluate import evaluate_pairs, main
+    from pipeline.schema import encode_png
+
+    pairs = _pairs()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    table = pa.table({"sample_id": [p[0] for p in pairs], "hr": [encode_png(p[2]) for p in pairs],
+                      "lr": [encode_png(p[1]) for p in pairs], "scale": [4] * 3})
+    pq.write_table(table, shards / "part-0.parquet")
+    out = tmp_path / "eval"
+    assert main(["--data", str(shards), "--checkpoint", tiny_checkpoint, "--out", str(out), "--metrics", "lpips",
+                 "--dataset-name", "coffee-test", "--batch-size", "2", "--report-images", "2",
+                 "--crop-size", "32"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 3 and summary["dataset"] == "coffee-test"
+    assert summary["status"]["lpips"].startswith("unavailable: ") or "lpips" in summary["mean"]["1-step"]
+    md = (out / "table1.md").read_text()
+    assert "| coffee-test | Bicubic | - |" in md and "| FlowSR | 4 |" in md
+    rows = list(csv.reader((out / "table1.csv").read_text().splitlines()))
+    assert rows[0][:5] == ["Datasets", "Methods", "#Steps", "PSNR", "SSIM"]
+    assert [r[1:3] for r in rows[1:]] == [["Bicubic", "-"], ["FlowSR", "1"], ["FlowSR", "4"]]
+    per_image = list(csv.DictReader((out / "per_image.csv").read_text().splitlines()))
+    assert [r["sample_id"] for r in per_image] == ["coffee0", "coffee1", "coffee2"]
+    # the Ray job and the reusable function agree (up to a few pixels rounding differently to
+    # uint8 where an actor's thread count changes the float summation order)
+    backbone, _ = load_for_inference(tiny_checkpoint)
+    direct = evaluate_pairs(backbone, [(lr, hr) for _, lr, hr in pairs], steps=(1, 4), ids=[p[0] for p in pairs])
+    for i, key in enumerate(("bicubic", "1-step", "4-step")):
+        assert float(rows[1 + i][3]) == pytest.approx(direct["mean"][key]["psnr"], abs=1e-2)
+        assert float(rows[1 + i][4]) == pytest.approx(direct["mean"][key]["ssim"], abs=1e-4)
+    page = (out / "report.html").read_text()
+    for key in ("lr", "bicubic", "1-step", "4-step", "hr"):
+        assert f'src="report/coffee0_{key}.png"' in page
+        assert (out / "report" / f"coffee0_{key}.png").exists()
+    assert "coffee2_hr.png" not in page  # only --report-images crops
+
+
+# ---- the ablation job -----------------------------------------------------------------------------
+def test_ablate_tiny_end_to_end(tmp_path):
+    from diffusers import UNet2DModel  # noqa: F401  (import costs are not the job's: warm them first)
+
+    from jobs.ablate import STAGE1_RUNS, STAGE2_RUNS, main
+
+    pytest.importorskip("pyiqa")
+    start = time.perf_counter()
+    assert main(["--size", "tiny", "--out", str(tmp_path), "--seed", "3"]) == 0  # in-process: no --address
+    seconds = time.perf_counter() - start
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["results"]) == set(STAGE1_RUNS) | set(STAGE2_RUNS)
+    for name, r in results["results"].items():
+        assert np.isfinite(r["mean"]["1-step"]["psnr"]) and np.isfinite(r["mean"]["4-step"]["ssim"]), name
+    text = (tmp_path / "tables.md").read_text()
+    for title in ("Table 2", "Table 3", "Table 4", "Claims"):
+        assert title in text
+    for table, n_rows in (("table2", 6), ("table3", 8), ("table4", 7)):
+        assert len((tmp_path / f"{table}.csv").read_text().splitlines()) == n_rows + 1
+    assert {c["verdict"] for c in results["claims"]} <= {"reproduced", "not reproduced", "untestable"}
+    assert (tmp_path / "models" / "hrcl" / "config.json").exists()
+    assert seconds < 60, f"tiny ablation took {seconds:.0f}s"
+
+
+def test_ablate_runs_share_batches_and_differ_only_by_method():
+    from jobs.ablate import STAGE2_RUNS, base_config, run_configs
+
+    base = base_config("small")
+    runs = run_configs(base)
+    assert runs["hrcl"][1] == base and runs["sr_flow"][1] == base
+    assert runs["noise"][1].model.flow_source == "noise" and runs["cd"][1].loss.consistency == "cd"
+    assert runs["n_interval_18"][1].schedule.n_intervals == 18 and runs["slow_only"][1].schedule.sampler == "slow_only"
+    assert all(runs[n][0] == 2 for n in STAGE2_RUNS)
+    with pytest.raises(ValueError, match="unknown size"):
+        base_config("huge")

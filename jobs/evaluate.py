@@ -26,7 +26,6 @@ import csv
 import dataclasses
 import hashlib
 import html
-import io
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 
 from flowsr.metrics import LEARNED_METRICS, LOWER_BETTER, PAPER_METRICS, SET_METRICS, MetricSuite, mean_metrics
 from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
+from pipeline.schema import decode_png, encode_png
 
 REPORT_DISPLAY = 256  # crops are shown enlarged by an integer factor to about this many pixels
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -101,22 +101,6 @@ class EvalConfig:
 
 
 # ---- images --------------------------------------------------------------------------------------
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 HxWx3 RGB (gray and alpha converted)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def _tensor(image: np.ndarray, device=None):
     from flowsr.data import to_tensor
 
@@ -262,9 +246,9 @@ class PairEvaluator:
             sid = str(sid)
             hr_bytes = batch["hr"][i] if "hr" in batch else self._read(str(batch["hr_uri"][i]))
             lr_bytes = batch["lr"][i] if "lr" in batch else self._read(str(batch["lr_uri"][i]))
-            sr = {k.split("/", 1)[1]: decode_image(self._read(str(batch[k][i])))
+            sr = {k.split("/", 1)[1]: decode_png(self._read(str(batch[k][i])))
                   for k in batch if k.startswith("sr_uri/")}
-            rows.append(self.evaluate_one(sid, decode_image(hr_bytes), decode_image(lr_bytes), sr))
+            rows.append(self.evaluate_one(sid, decode_png(hr_bytes), decode_png(lr_bytes), sr))
         keys = sorted({k for r in rows for k in r})
         return {k: np.asarray([r.get(k, np.nan) for r in rows]) for k in keys}
 
@@ -376,7 +360,7 @@ def _crop_box(shape, size: int, scale: int) -> Tuple[int, int, int]:
 
 def _read_png(out: str, key: str, sample_id: str) -> np.ndarray:
     with open(os.path.join(out, "images", key, f"{sample_id}.png"), "rb") as f:
-        return decode_image(f.read())
+        return decode_png(f.read())
 
 
 def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:

@@ -49,12 +49,12 @@ def test_ssim_y_equals_skimage(pair, border):
     assert 0.3 < ref < 0.99
 
 
-def test_psnr_ssim_equal_basicsr_when_installed(pair):
-    """BasicSR's own functions (BGR input), where the optional `bench` extra is installed."""
+def test_psnr_ssim_equal_basicsr(pair):
+    """BasicSR's own functions (BGR input); ./run installs BasicSR 1.4.2 as the reference."""
     import torchvision.transforms.functional as tvf
 
     sys.modules.setdefault("torchvision.transforms.functional_tensor", tvf)  # basicsr 1.4.2 vs new torchvision
-    psnr_ssim = pytest.importorskip("basicsr.metrics.psnr_ssim")
+    import basicsr.metrics.psnr_ssim as psnr_ssim
     sr, hr = pair
     kw = dict(crop_border=4, input_order="HWC", test_y_channel=True)
     assert M.psnr_y(sr, hr, 4) == pytest.approx(psnr_ssim.calculate_psnr(sr[..., ::-1], hr[..., ::-1], **kw), abs=1e-4)

@@ -34,6 +34,17 @@ def sample_slow(batch_size: int, n_slow: int = 1000, generator: Optional[torch.G
     return (k.double() / n_slow).float()
 
 
+def sample_flow_time(batch_size: int, n_slow: int = 1000, t1_share: float = 0.0,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """t of the flow loss: each sample is t = 1 (the one-step start) with probability `t1_share`,
+    else uniform on the slow grid. `t1_share = 0` is `sample_slow` exactly (same draws)."""
+    t = sample_slow(batch_size, n_slow, generator)
+    if t1_share <= 0:
+        return t
+    at_one = torch.rand(batch_size, generator=generator, dtype=torch.float64) < t1_share
+    return torch.where(at_one, torch.ones_like(t), t)
+
+
 @dataclass(frozen=True)
 class TimePairs:
     """t < t_prime per sample; `fast_first` marks the branch that drew t_prime."""

@@ -19,7 +19,7 @@ from .config import FlowSRConfig
 from .discriminator import discriminator_logits, noise_latent
 from .losses import (ImageDistance, consistency_loss, discriminator_hinge_loss, flow_loss,
                      generator_adversarial_loss, hr_regularised_consistency_loss, quality_alignment_loss)
-from .schedules import sample_slow
+from .schedules import sample_flow_time
 
 
 @dataclass
@@ -77,9 +77,17 @@ def _no_sync(modules, active: bool):
     return stack
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
-    """Linear warm-up to `base_lr`, then constant (the paper states a constant lr)."""
-    return base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int = 0, schedule: str = "constant",
+          floor: float = 0.1) -> float:
+    """Linear warm-up to `base_lr`, then constant (the paper states a constant lr) or, with
+    `schedule="cosine"`, a cosine decay from `base_lr` to `floor * base_lr` at `total_steps`."""
+    lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+    if schedule == "cosine":
+        progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+        lr *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule != "constant":
+        raise ValueError(f"unknown lr schedule: {schedule!r} (choose from constant, cosine)")
+    return lr
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -107,7 +115,7 @@ def stage1_losses(batch: Dict, models: Models, cfg: FlowSRConfig, generator=None
         z_hr, z_lr = student.encode(hr), student.encode(lr)
     x1, cond = flow_source(z_lr, cfg, generator)
     cond = _text_cond(student, batch.get("hr_caption"), cond)
-    t = sample_slow(hr.shape[0], cfg.schedule.n_slow, generator).to(hr.device)
+    t = sample_flow_time(hr.shape[0], cfg.schedule.n_slow, cfg.schedule.flow_t1_share, generator).to(hr.device)
     z_t = flow.interpolate(z_hr, x1, t)
     sr = student.decode(flow.consistency(z_t, t, student.velocity(z_t, t, cond)))
     return {"flow": flow_loss(sr, hr, models.distance)}
@@ -148,7 +156,7 @@ def stage2_losses(batch: Dict, models: Models, cfg: FlowSRConfig, pair_sampler, 
     cond = _text_cond(student, batch.get("hr_caption"), cond)
     device = hr.device
 
-    t_flow = sample_slow(n_flow, cfg.schedule.n_slow, generator).to(device)
+    t_flow = sample_flow_time(n_flow, cfg.schedule.n_slow, cfg.schedule.flow_t1_share, generator).to(device)
     z_flow = flow.interpolate(z_hr[:n_flow], x1[:n_flow], t_flow)
     t, t_prime = (x.to(device) for x in pair_sampler.sample(n_cons, generator))
     z_hr_c, x1_c = z_hr[n_flow:], x1[n_flow:]

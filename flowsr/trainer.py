@@ -100,6 +100,11 @@ def stage_steps(cfg: FlowSRConfig, stage: int) -> int:
     raise ValueError(f"unknown stage: {stage!r} (1 | 2)")
 
 
+def stage_lr(cfg: FlowSRConfig, stage: int) -> float:
+    """The student's base learning rate of `stage`."""
+    return cfg.optim.stage2_lr if stage == 2 and cfg.optim.stage2_lr is not None else cfg.optim.lr
+
+
 def build_stage(cfg: FlowSRConfig, stage: int, device, init_from: Optional[str] = None):
     """(models, (student optimiser, discriminator optimiser or None)) of `stage`; stage 2 needs
     `init_from`, a stage-1 checkpoint directory."""
@@ -110,7 +115,7 @@ def build_stage(cfg: FlowSRConfig, stage: int, device, init_from: Optional[str] 
         if init_from is None:
             raise ValueError("stage 2 starts from stage-1 weights: pass init_from (a stage-1 checkpoint)")
         models = build_stage2(cfg, device, init_from=os.path.join(init_from, "student"))
-        opt_g = make_optimizer(models.student.trainable_parameters(), cfg.optim.lr, cfg)
+        opt_g = make_optimizer(models.student.trainable_parameters(), stage_lr(cfg, 2), cfg)
         opt_d = make_optimizer(models.disc.parameters(), cfg.optim.disc_lr, cfg) if models.disc is not None else None
         return models, (opt_g, opt_d)
     raise ValueError(f"unknown stage: {stage!r} (1 | 2)")
@@ -230,10 +235,12 @@ def _optimise(batch: Dict, step: int, stage: int, models: Models, optimizers, cf
               pair_sampler, generator) -> Dict[str, float]:
     """One optimiser step of `stage` at the learning rates scheduled for (0-based) `step`."""
     opt_g, opt_d = optimizers
-    lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps)
+    o = cfg.optim
+    schedule = dict(total_steps=stage_steps(cfg, stage), schedule=o.lr_schedule, floor=o.lr_floor)
+    lr = lr_at(step, stage_lr(cfg, stage), o.warmup_steps, **schedule)
     set_lr(opt_g, lr)
     if opt_d is not None:
-        set_lr(opt_d, lr_at(step, cfg.optim.disc_lr, cfg.optim.warmup_steps))
+        set_lr(opt_d, lr_at(step, o.disc_lr, o.warmup_steps, **schedule))
     if stage == 1:
         return {**stage1_step(batch, models, opt_g, cfg, generator), "lr": lr}
     return {**stage2_step(batch, models, optimizers, cfg, pair_sampler, generator), "lr": lr}

@@ -54,7 +54,6 @@ EVAL_STEPS = (1, 4)
 FALLBACK_NOISE_SIGMA = 5.0  # /255, the fallback degradation's Gaussian noise
 FALLBACK_JPEG_QUALITY = 75
 TEST_SEED_OFFSET = 1_000_003  # test crops are degraded with seed + this, never seen in training
-LR_FLOOR = 0.1  # the ablation's cosine schedule decays each stage's lr to this fraction
 STEP_STRIDE = 10_000_000  # batch index = stage * STEP_STRIDE + step
 PROGRESS_REPORTS = 5  # progress lines per run
 RUNNERS = ("auto", "ray", "local")
@@ -235,14 +234,6 @@ def _generator(*parts):
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def lr_schedule(step: int, total: int, base_lr: float, warmup: int) -> float:
-    """`flowsr.train_step.lr_at` warm-up, then cosine decay to LR_FLOOR x base (ablation only)."""
-    from flowsr.train_step import lr_at
-
-    progress = min(1.0, max(0, step - warmup) / max(1, total - warmup))
-    return lr_at(step, base_lr, warmup) * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def batch_at(train: Dict, cfg: FlowSRConfig, seed: int, step: int, device) -> Dict:
     """The step's batch: rows drawn from (seed, step) alone, so every run sees the same ones."""
     import torch
@@ -287,7 +278,8 @@ def train_and_evaluate(name: str, stage: int, cfg_dict: Dict, data: Dict, seed: 
     from flowsr.checkpoint import save_checkpoint
     from flowsr.metrics import MetricSuite
     from flowsr.schedules import make_pair_sampler
-    from flowsr.train_step import set_lr, stage1_step, stage2_step
+    from flowsr.train_step import lr_at, set_lr, stage1_step, stage2_step
+    from flowsr.trainer import stage_lr
     from jobs.evaluate import evaluate_pairs
 
     torch.set_num_threads(threads)
@@ -301,14 +293,16 @@ def train_and_evaluate(name: str, stage: int, cfg_dict: Dict, data: Dict, seed: 
         else:
             models = build_stage2(cfg, device, init_from=os.path.join(_write_dir(init_files, tmp), "student"))
         params = models.student.trainable_parameters()
-        opt = make_optimizer(params, cfg.optim.lr, cfg)
+        base_lr = stage_lr(cfg, stage)
+        opt = make_optimizer(params, base_lr, cfg)
         total = cfg.optim.stage1_steps if stage == 1 else cfg.optim.stage2_steps
         sampler = make_pair_sampler(cfg.schedule.sampler, n_fast=cfg.schedule.n_fast, n_slow=cfg.schedule.n_slow,
                                     n_intervals=cfg.schedule.n_intervals) if stage == 2 else None
         losses = []
         every = max(1, total // PROGRESS_REPORTS)
         for step in range(total):
-            set_lr(opt, lr_schedule(step, total, cfg.optim.lr, cfg.optim.warmup_steps))
+            o = cfg.optim  # the preset's schedule (pixel-small: cosine decay), as the trainer runs it
+            set_lr(opt, lr_at(step, base_lr, o.warmup_steps, total, o.lr_schedule, o.lr_floor))
             batch = batch_at(data["train"], cfg, seed, stage * STEP_STRIDE + step, device)
             gen = _generator(seed, "draws", stage, step)  # the same t / noise draws in every run
             if stage == 1:

@@ -1,7 +1,8 @@
 """Data stage: image files -> (HR patch, Real-ESRGAN LR) pairs in Parquet shards, on Ray Data.
 
     python -m jobs.prepare_data --input DIR|GLOB|URI --output URI [--patch-size 512]
-        [--crops-per-image N] [--crop-mode random|grid] [--scale 4] [--seed 0] [--shard-rows N]
+        [--crops-per-image N] [--crop-mode random|grid] [--degradation realesrgan|bicubic]
+        [--scale 4] [--seed 0] [--shard-rows N]
         [--captioner off|template|qwen2vl] [--address ...] [--num-cpus ...]
 
 Pipeline: list files -> [read, decode, crop, degrade] (Ray tasks, `files_per_task` files each)
@@ -41,7 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
-from pipeline.degrade import PARAMS_VERSION, degrade
+from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, load_image, to_rgb8
 from pipeline.schema import CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, encode_png, make_sample_id
 
@@ -56,7 +57,7 @@ ROW_GROUP_ROWS = 64  # pairs per Parquet row group: readers stream a shard in sm
 CROP_STREAM = 1  # keeps the crop generator's seed apart from the degradation's
 GLOB_CHARS = "*?["
 # Fields of PrepareConfig that change the pairs: a rerun into the same output must keep them.
-DATA_FIELDS = ("patch_size", "crops_per_image", "crop_mode", "scale", "seed", "alpha")
+DATA_FIELDS = ("patch_size", "crops_per_image", "crop_mode", "scale", "seed", "alpha", "degradation")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class PrepareConfig:
     patch_size: int = 512
     crops_per_image: int = 1  # random: exactly N crops; grid: the first N tiles in raster order
     crop_mode: str = "random"
+    degradation: str = "realesrgan"  # realesrgan (the paper's data) | bicubic (classical x1/scale)
     scale: int = 4
     seed: int = 0
     shard_rows: int = 500
@@ -84,6 +86,8 @@ class PrepareConfig:
             raise ValueError(f"unknown crop mode: {self.crop_mode!r} (choose from {CROP_MODES})")
         if self.captioner not in CAPTIONERS:
             raise ValueError(f"unknown captioner: {self.captioner!r} (choose from {CAPTIONERS})")
+        if self.degradation not in DEGRADATION_KINDS:
+            raise ValueError(f"unknown degradation: {self.degradation!r} (choose from {DEGRADATION_KINDS})")
         if self.alpha not in ALPHA_MODES:
             raise ValueError(f"unknown alpha mode: {self.alpha!r} (choose from {ALPHA_MODES})")
         for name in ("patch_size", "crops_per_image", "scale", "shard_rows", "files_per_task"):
@@ -203,11 +207,11 @@ def error_row(source_uri: str, stage: str, error: str) -> Dict[str, str]:
 
 
 def make_pair(hr: np.ndarray, source_uri: str, y: int, x: int, *, scale: int, seed: int,
-              conversion: str) -> Dict[str, Any]:
+              conversion: str, degradation: str = "realesrgan") -> Dict[str, Any]:
     """One PAIR_SCHEMA row (caption columns left out) from an HR patch, uint8 PxPx3 RGB."""
     size = hr.shape[0]
     sample_id = make_sample_id(source_uri, y, x, size)
-    lr, params = degrade(hr, seed=seed, sample_id=sample_id, scale=scale)
+    lr, params = degrade(hr, seed=seed, sample_id=sample_id, scale=scale, kind=degradation)
     return {"sample_id": sample_id, "source_uri": source_uri,
             "crop": json.dumps({"y": y, "x": x, "size": size}), "hr": encode_png(hr),
             "lr": encode_png(lr), "hr_size": size, "scale": scale,
@@ -238,7 +242,7 @@ def process_source(source_uri: str, data: bytes, cfg: PrepareConfig,
             continue
         hr = np.ascontiguousarray(rgb[y:y + size, x:x + size])
         rows.append(make_pair(hr, source_uri, y, x, scale=cfg.scale, seed=cfg.seed,
-                              conversion=conversion))
+                              conversion=conversion, degradation=cfg.degradation))
     return rows, None
 
 
@@ -540,6 +544,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, boo
     p.add_argument("--patch-size", type=int, default=defaults.patch_size)
     p.add_argument("--crops-per-image", type=int, default=defaults.crops_per_image)
     p.add_argument("--crop-mode", choices=CROP_MODES, default=defaults.crop_mode)
+    p.add_argument("--degradation", choices=DEGRADATION_KINDS, default=defaults.degradation)
     p.add_argument("--scale", type=int, default=defaults.scale)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--shard-rows", type=int, default=defaults.shard_rows)

@@ -175,6 +175,10 @@ def load_datasets(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = Non
     datasets = {"train": read(data_uri)}
     if val_uri:
         datasets["val"] = read(val_uri).limit(cfg.train.val_images)
+    for ds in datasets.values():
+        # workers report progress as training steps; Ray Data's per-operator bars, redrawn in
+        # the workers' log streams, would only bury those lines
+        ds.context.enable_progress_bars = False
     return datasets
 
 

@@ -15,6 +15,8 @@ Drawing and applying are separate:
 * `apply_degradation(hr, params)` is a pure function of the image and that dict.
 * `degrade(hr, seed=, sample_id=)` derives the generator from `(seed, sample_id)` only, so the
   output does not depend on batch size, worker count or scheduling order.
+* `degrade(..., kind="bicubic")` is the classical synthetic-SR degradation instead (antialiased
+  bicubic x1/scale, as MATLAB's imresize; PIL's resampling): params `{"kind": "bicubic"}`.
 
 Images are processed as float32 in [0, 1], BGR channel order internally (as BasicSR's OpenCV
 functions assume, which matters for gray conversion and JPEG); blur uses `cv2.filter2D` with
@@ -44,6 +46,7 @@ import numpy as np
 from scipy import special
 
 PARAMS_VERSION = 1
+DEGRADATION_KINDS = ("realesrgan", "bicubic")
 
 KERNEL_FAMILIES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso",
                    "plateau_aniso")
@@ -433,6 +436,13 @@ def apply_degradation(hr: np.ndarray, params: Dict[str, Any]) -> np.ndarray:
     scale = params["scale"]
     _check_hr(hr, scale)
     height, width = hr.shape[:2]
+    kind = params.get("kind", "realesrgan")
+    if kind == "bicubic":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(hr).resize((width // scale, height // scale), Image.BICUBIC))
+    if kind != "realesrgan":
+        raise ValueError(f"unknown degradation kind: {kind!r} (choose from {', '.join(DEGRADATION_KINDS)})")
     img = np.ascontiguousarray(hr[..., ::-1]).astype(np.float32) * np.float32(1 / _PIXEL_MAX)
 
     s1 = params["stage1"]
@@ -472,13 +482,18 @@ def _check_hr(hr: np.ndarray, scale: int) -> None:
 
 
 def degrade(hr: np.ndarray, *, seed: int, sample_id: str, scale: int = 4,
-            cfg: DegradationConfig = REALESRGAN_X4) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Real-ESRGAN second-order degradation of one HR patch, seeded by `(seed, sample_id)`.
+            cfg: DegradationConfig = REALESRGAN_X4, kind: str = "realesrgan") -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Real-ESRGAN second-order degradation of one HR patch, seeded by `(seed, sample_id)`
+    (`kind="bicubic"`: bicubic downsampling, nothing drawn).
 
     hr: uint8 HxWx3 RGB, H and W divisible by `scale`.
     Returns (lr, params): lr uint8 (H/scale)x(W/scale)x3 RGB; params a JSON-able dict of every
     drawn value (see `draw_params`) plus `scale`.
     """
     _check_hr(hr, scale)
-    params = {**draw_params(sample_rng(seed, sample_id), cfg), "scale": int(scale)}
+    rng = sample_rng(seed, sample_id)  # validates both
+    if kind == "realesrgan":
+        params = {**draw_params(rng, cfg), "scale": int(scale)}
+    else:
+        params = {"version": PARAMS_VERSION, "kind": kind, "scale": int(scale)}
     return apply_degradation(hr, params), params

@@ -46,6 +46,21 @@ def test_degrade_is_a_function_of_seed_and_sample_id(hr):
     assert np.array_equal(D.apply_degradation(hr, json.loads(json.dumps(params))), lr)
 
 
+def test_bicubic_kind_is_antialiased_bicubic_and_recorded(hr):
+    from PIL import Image
+
+    lr, params = D.degrade(hr, seed=0, sample_id="b", kind="bicubic")
+    assert params == {"version": D.PARAMS_VERSION, "kind": "bicubic", "scale": 4}
+    assert np.array_equal(lr, np.asarray(Image.fromarray(hr).resize((16, 16), Image.BICUBIC)))
+    assert np.array_equal(D.apply_degradation(hr, json.loads(json.dumps(params))), lr)
+    # a smooth ramp stays a ramp: no shift, values within the HR range
+    ramp = np.repeat(np.repeat(np.arange(64, dtype=np.uint8)[None, :, None] * 4, 64, 0), 3, 2)
+    small = D.degrade(ramp, seed=0, sample_id="r", kind="bicubic")[0].astype(int)
+    assert np.abs(small[:, 1:-1, 0] - (np.arange(1, 15) * 16 + 6)).max() <= 1
+    with pytest.raises(ValueError, match="unknown degradation kind"):
+        D.degrade(hr, seed=0, sample_id="b", kind="gaussian")
+
+
 def test_degrade_does_not_touch_global_rng(hr):
     np.random.seed(0)
     expected = np.random.random()

@@ -33,7 +33,7 @@ def demo_run(tmp_path_factory):
     from jobs.demo import demo
 
     out = tmp_path_factory.mktemp("demo")
-    return demo(str(out), stage1_steps=20, stage2_steps=10, crops_per_image=4)
+    return demo(str(out), stage1_steps=20, stage2_steps=10, crops_per_image=4, heldout_tiles=4)
 
 
 @pytest.mark.slow
@@ -41,6 +41,7 @@ def test_demo_writes_report_and_upscaled_outputs(demo_run):
     assert os.path.exists(demo_run["report"])
     mean = demo_run["mean"]
     assert {"bicubic", "1-step", "4-step"} <= set(mean)
+    assert demo_run["heldout_pairs"] == 8  # 4 tiles of each held-out image
     assert demo_run["upscale"]["ok"] == 8 and demo_run["upscale"]["error"] == 0
     page = open(demo_run["report"]).read()
     assert "beat" in page and "Loss curves" in page

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from flowsr import flow
-from flowsr.schedules import FastSlowSampler, NIntervalSampler, fast_grid, make_pair_sampler, sample_slow, slow_grid
+from flowsr.schedules import (FastSlowSampler, NIntervalSampler, fast_grid, make_pair_sampler, sample_flow_time,
+                              sample_slow, slow_grid)
+from flowsr.train_step import lr_at
 
 
 @pytest.fixture
@@ -74,6 +76,28 @@ def test_grids():
     assert fast_grid(4).tolist() == [0.25, 0.5, 0.75, 1.0]
     t = sample_slow(10_000, 1000, torch.Generator().manual_seed(0))
     assert torch.allclose(t * 1000, (t * 1000).round(), atol=1e-3) and t.min() >= 0.001 and t.max() <= 1.0
+
+
+def test_flow_time_share_at_one():
+    # share 0 is the paper's uniform slow grid, draw for draw
+    assert torch.equal(sample_flow_time(1000, 1000, 0.0, torch.Generator().manual_seed(3)),
+                       sample_slow(1000, 1000, torch.Generator().manual_seed(3)))
+    t = sample_flow_time(100_000, 1000, 0.5, torch.Generator().manual_seed(3))
+    at_one = t == 1.0
+    # P(t = 1) = share + (1 - share) / n_slow; the rest stays uniform on the slow grid
+    assert abs(at_one.double().mean().item() - (0.5 + 0.5 / 1000)) < 0.01
+    rest = t[~at_one]
+    assert _on_grid(rest, 1000) and abs(rest.mean().item() - 0.5) < 0.01
+    assert (sample_flow_time(50, 1000, 1.0, torch.Generator().manual_seed(3)) == 1.0).all()
+
+
+def test_lr_schedules():
+    assert [lr_at(s, 1.0, 4) for s in (0, 3, 100)] == [0.25, 1.0, 1.0]  # warm-up, then constant
+    cos = [lr_at(s, 1.0, 4, total_steps=104, schedule="cosine", floor=0.1) for s in (0, 3, 54, 104, 200)]
+    assert cos[0] == pytest.approx(0.25) and cos[1] == pytest.approx(1.0)
+    assert cos[2] == pytest.approx(0.55) and cos[3] == pytest.approx(0.1) and cos[4] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr schedule"):
+        lr_at(0, 1.0, 0, schedule="linear")
 
 
 def _on_grid(x, n):

@@ -247,5 +247,11 @@ def test_config_roundtrip_overrides_and_validation(tmp_path):
         apply_overrides(cfg, ["schedule.n_fast=0"])
     with pytest.raises(ValueError, match="divide evenly"):
         apply_overrides(cfg, ["train.num_workers=3"])
+    # the paper's schedule: constant lr, t uniform; other values are rejected
+    assert (cfg.optim.lr_schedule, cfg.schedule.flow_t1_share) == ("constant", 0.0)
+    with pytest.raises(ValueError, match="flow_t1_share"):
+        apply_overrides(cfg, ["schedule.flow_t1_share=1.5"])
+    with pytest.raises(ValueError, match="unknown optim.lr_schedule"):
+        apply_overrides(cfg, ["optim.lr_schedule=linear"])
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")

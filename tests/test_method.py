@@ -247,8 +247,13 @@ def test_config_roundtrip_overrides_and_validation(tmp_path):
         apply_overrides(cfg, ["schedule.n_fast=0"])
     with pytest.raises(ValueError, match="divide evenly"):
         apply_overrides(cfg, ["train.num_workers=3"])
-    # the paper's schedule: constant lr, t uniform; other values are rejected
+    # the paper's schedule: constant lr, t uniform, one lr for both stages; other values are rejected
+    from flowsr.trainer import stage_lr
+
     assert (cfg.optim.lr_schedule, cfg.schedule.flow_t1_share) == ("constant", 0.0)
+    assert stage_lr(cfg, 1) == stage_lr(cfg, 2) == 2e-5
+    small = preset("pixel-small")
+    assert (stage_lr(small, 1), stage_lr(small, 2)) == (1e-3, 1e-4)
     with pytest.raises(ValueError, match="flow_t1_share"):
         apply_overrides(cfg, ["schedule.flow_t1_share=1.5"])
     with pytest.raises(ValueError, match="unknown optim.lr_schedule"):

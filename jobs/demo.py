@@ -209,9 +209,9 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
-    result = demo(args.out, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                  crops_per_image=args.crops_per_image, num_workers=args.num_workers, seed=args.seed,
-                  degradation=args.degradation)
+    demo(args.out, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+         crops_per_image=args.crops_per_image, num_workers=args.num_workers, seed=args.seed,
+         degradation=args.degradation)
     return 0
 
 

@@ -43,6 +43,7 @@ from typing import Any, Dict, Tuple
 
 import cv2
 import numpy as np
+from PIL import Image
 from scipy import special
 
 PARAMS_VERSION = 1
@@ -438,8 +439,6 @@ def apply_degradation(hr: np.ndarray, params: Dict[str, Any]) -> np.ndarray:
     height, width = hr.shape[:2]
     kind = params.get("kind", "realesrgan")
     if kind == "bicubic":
-        from PIL import Image
-
         return np.asarray(Image.fromarray(hr).resize((width // scale, height // scale), Image.BICUBIC))
     if kind != "realesrgan":
         raise ValueError(f"unknown degradation kind: {kind!r} (choose from {', '.join(DEGRADATION_KINDS)})")

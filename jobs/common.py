@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
-import pyarrow.fs as pafs
+from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
 
 
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
@@ -31,14 +31,3 @@ def add_ray_args(parser) -> None:
     """The flags every job takes to find its cluster."""
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-
-
-def resolve_fs(uri: str) -> Tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or any pyarrow URI (s3://, gs://, file://)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")

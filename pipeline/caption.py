@@ -522,7 +522,7 @@ def caption_part_paths(uri: str) -> List[str]:
     """Finished part files of a caption table (sorted); [] when the directory does not exist."""
     from pyarrow import fs as pafs
 
-    from jobs.common import resolve_fs
+    from pipeline.storage import resolve_fs
 
     filesystem, root = resolve_fs(uri)
     infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
@@ -532,7 +532,7 @@ def caption_part_paths(uri: str) -> List[str]:
 
 def read_caption_table(uri: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
     """All finished parts of a caption table as one CAPTION_SCHEMA table (empty when none)."""
-    from jobs.common import resolve_fs
+    from pipeline.storage import resolve_fs
 
     filesystem, _ = resolve_fs(uri)
     schema = CAPTION_SCHEMA if columns is None else pa.schema([CAPTION_SCHEMA.field(c) for c in columns])
@@ -543,7 +543,7 @@ def read_caption_table(uri: str, columns: Optional[Sequence[str]] = None) -> pa.
 
 def write_caption_part(table: pa.Table, uri: str, name: str) -> str:
     """Write `table` (CAPTION_SCHEMA) as part `name` atomically: temp file, then rename."""
-    from jobs.common import resolve_fs
+    from pipeline.storage import resolve_fs
 
     filesystem, root = resolve_fs(uri)
     filesystem.create_dir(root, recursive=True)

@@ -14,7 +14,6 @@ an output that exists, opens and has the expected size counts as done on a rerun
 from __future__ import annotations
 
 import fnmatch
-import functools
 import io
 import os
 import posixpath
@@ -25,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.fs as pafs
+
+from pipeline.storage import join_uri, resolve_fs
 
 from flowsr.sample import Upscaler, output_size
 
@@ -45,24 +46,7 @@ PENDING, OK, SKIPPED, ERROR = "pending", "ok", "skipped", "error"
 
 
 # ---- paths and filesystems ----------------------------------------------------------------------
-@functools.lru_cache(maxsize=32)
-def _filesystem(root: str) -> pafs.FileSystem:
-    return pafs.FileSystem.from_uri(root)[0]
-
-
-def split_uri(uri: str) -> Tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of a local path or a pyarrow URI (s3://, gs://, file://); the remote
-    filesystems are cached per bucket."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    scheme, rest = uri.split("://", 1)
-    if scheme == "file":
-        return pafs.LocalFileSystem(), rest
-    return _filesystem(f"{scheme}://{rest.split('/', 1)[0]}"), rest
-
-
-def join_uri(root: str, relative: str) -> str:
-    return posixpath.join(root.rstrip("/"), relative) if "://" in root else os.path.join(root, relative)
+split_uri = resolve_fs  # the name this module has always used
 
 
 def _with_scheme(root: str, path: str) -> str:

@@ -19,6 +19,7 @@ CONFIG_NAME = "config.json"
 META_NAME = "meta.json"
 STATE_NAME = "train_state.pt"
 DISC_NAME = "disc_heads.safetensors"
+INFERENCE_OPTION = "--pretrained"  # how upscale / evaluate override the base model (weight hints)
 
 
 def save_checkpoint(directory: str, *, cfg: FlowSRConfig, stage: int, step: int, models, optimizers,
@@ -79,6 +80,6 @@ def load_for_inference(directory: str, *, device=None, pretrained: Optional[str]
     cfg = FlowSRConfig.load(path)
     if pretrained:
         cfg = replace(cfg, model=replace(cfg.model, pretrained=pretrained))
-    backbone = build_backbone(cfg.model, device=device)
+    backbone = build_backbone(cfg.model, device=device, option=INFERENCE_OPTION)
     backbone.load_trainable(os.path.join(directory, weights))
     return backbone.eval().requires_grad_(False), cfg

@@ -66,6 +66,7 @@ class EvalConfig:
     dataset_name: str = ""  # Table-1 "Datasets" column; default: the data folder's name
     method_name: str = "FlowSR"
     weights: str = "student"  # student | target (EMA)
+    pretrained: Optional[str] = None  # override the SD base model location in the checkpoint
     color_fix: str = "none"  # none | wavelet | adain (what jobs.upscale applies by default: wavelet)
     tile: Optional[int] = None  # output pixels; None: whole images
     seed: int = 0  # noise of the Table-2 flow variants, per image from (seed, sample_id, steps)
@@ -207,7 +208,8 @@ class PairEvaluator:
         if self.cfg.checkpoint is not None:
             from flowsr.checkpoint import load_for_inference
 
-            self.backbone, _ = load_for_inference(self.cfg.checkpoint, device=self.device, weights=self.cfg.weights)
+            self.backbone, _ = load_for_inference(self.cfg.checkpoint, device=self.device, weights=self.cfg.weights,
+                                                  pretrained=self.cfg.pretrained)
         self.suite = MetricSuite(metrics, device=str(self.device), allow_download=self.cfg.allow_download,
                                  crop_border=self.cfg.scale)
         self.images_dir = os.path.join(self.cfg.out, "images")
@@ -488,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-name", default="")
     p.add_argument("--method-name", default="FlowSR")
     p.add_argument("--weights", default="student", choices=["student", "target"])
+    p.add_argument("--pretrained", default=None, help="override the SD base model location recorded in the checkpoint")
     p.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
     p.add_argument("--tile", type=int, default=0, help="tile size in output pixels (0: whole images)")
     p.add_argument("--seed", type=int, default=0)
@@ -507,6 +510,7 @@ def config_from_args(args) -> EvalConfig:
                       sr=tuple(_named_folder(s) for s in args.sr), steps=tuple(args.steps), scale=args.scale,
                       metrics=tuple(args.metrics), allow_download=args.allow_download,
                       dataset_name=args.dataset_name, method_name=args.method_name, weights=args.weights,
+                      pretrained=args.pretrained,
                       color_fix=args.color_fix, tile=args.tile or None, seed=args.seed, limit=args.limit,
                       batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
                       report_images=args.report_images, crop_size=args.crop_size, address=args.address)

@@ -119,7 +119,7 @@ def test_missing_model_gives_one_clear_error(tmp_path):
     from flowsr.weights import MissingWeightsError
 
     path = str(tmp_path / "no-such-model")
-    with pytest.raises(MissingWeightsError, match="huggingface-cli download") as err:
+    with pytest.raises(MissingWeightsError, match="hf download") as err:
         C.Captioner(qwen_cfg(path))
     assert path in str(err.value)
 

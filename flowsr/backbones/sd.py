@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..weights import MissingWeightsError, hub_hint, missing
+from ..weights import DEFAULT_SD, MissingWeightsError, hub_hint, looks_like_hub_id, missing, pass_as
 from .common import unet_encoder_features
 
 STUDENT = "student"
+TRAIN_OPTION = "--set model.pretrained="  # how `flowsr train` sets the base model (weight hints)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -74,15 +75,18 @@ class SDLatentBackbone(nn.Module):
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, cfg: ModelConfig, *, device=None, with_lora: bool = True) -> "SDLatentBackbone":
+    def from_pretrained(cls, cfg: ModelConfig, *, device=None, with_lora: bool = True,
+                        option: str = TRAIN_OPTION) -> "SDLatentBackbone":
+        """The SD components of `cfg.pretrained` (hub id or diffusers directory); `option` is how
+        the calling command sets that location, named in the error when it cannot be loaded."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         source = cfg.pretrained
-        hint = hub_hint("stabilityai/stable-diffusion-2-1-base", "model.pretrained")
+        hint = hub_hint(source if source and looks_like_hub_id(source) else DEFAULT_SD, option)
         if not source:
-            raise MissingWeightsError(f"model.pretrained is empty: the SD backbone needs a diffusers "
-                                      f"Stable Diffusion directory or hub id. {hint}")
+            raise MissingWeightsError(f"the SD base model location is empty (`{pass_as(option, '')}`): the SD "
+                                      f"backbone needs a diffusers Stable Diffusion directory or hub id. {hint}")
         kw = {"local_files_only": True} if os.path.isdir(source) else {}
         try:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)

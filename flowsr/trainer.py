@@ -251,7 +251,7 @@ def _checkpoint(session: Session, cfg: FlowSRConfig, stage: int, step: int, epoc
     with tempfile.TemporaryDirectory(prefix="flowsr-ckpt-") as tmp:
         if session.rank == 0:
             save_checkpoint(tmp, cfg=cfg, stage=stage, step=step, models=models, optimizers=optimizers,
-                            generator=generator, extra={"epoch": epoch})
+                            generator=generator, extra={"epoch": epoch}, metrics=metrics)
         session.report({**metrics, "stage": stage, "step": step}, tmp if session.rank == 0 else None)
 
 

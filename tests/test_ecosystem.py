@@ -55,3 +55,104 @@ def test_cause_is_shortened_between_words_never_mid_word():
     assert cause.endswith(" ...") and 10 < len(kept) < len(words)
     assert kept == words[:len(kept)]  # every kept word whole
     assert "second line" not in msg
+
+
+# ---- diffusers-loadable LoRA, model card, Python API ---------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny SD stage-1 checkpoint after two real optimiser steps (LoRA B no longer zero)."""
+    import torch
+
+    from flowsr.build import build_stage1, make_optimizer
+    from flowsr.checkpoint import save_checkpoint
+    from flowsr.tiny import tiny_config
+    from flowsr.train_step import stage1_step
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(str(root / "models"), ["loss.lambda_lpips=0"])
+    models = build_stage1(cfg)
+    opt = make_optimizer(models.student.trainable_parameters(), 1e-2, cfg)
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    lr = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(hr, 4), size=(64, 64), mode="bicubic")
+    for _ in range(2):
+        stage1_step({"hr": hr, "lr": lr, "hr_caption": ["a"] * 2, "lr_caption": ["b"] * 2}, models, opt, cfg, g)
+    ckpt = str(root / "ckpt")
+    save_checkpoint(ckpt, cfg=cfg, stage=1, step=2, models=models, optimizers=[opt, None],
+                    metrics={"loss": 0.5, "val_psnr_1step": 21.25, "val_psnr_bicubic": 20.5})
+    return {"ckpt": ckpt, "cfg": cfg, "sd": cfg.model.pretrained, "student": models.student}
+
+
+def _unet_out(unet, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ehs = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500.0]), encoder_hidden_states=ehs).sample
+
+
+def test_stock_pipeline_loads_the_checkpoint_lora(trained):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained["sd"], safety_checker=None, requires_safety_checker=False)
+    before = _unet_out(pipe.unet)
+    pipe.load_lora_weights(f"{trained['ckpt']}/student")
+    after = _unet_out(pipe.unet)
+    assert pipe.get_list_adapters().get("unet"), "no LoRA adapter was loaded into the UNet"
+    assert (after - before).abs().max() > 1e-4
+    # diffusers' loader and ours give the same network (an independent loading path)
+    student = trained["student"]
+    with torch.no_grad():
+        ours = _unet_out(student.unet)
+    torch.testing.assert_close(after, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_older_checkpoints_without_unet_prefix_still_load(trained, tmp_path):
+    import torch
+
+    from flowsr.backbones import build_backbone
+
+    student = trained["student"]
+    student.unet.save_lora_adapter(str(tmp_path), adapter_name="student",
+                                   weight_name="pytorch_lora_weights.safetensors")  # the old layout
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("unet.") for k in load_file(str(tmp_path / "pytorch_lora_weights.safetensors")))
+    fresh = build_backbone(trained["cfg"].model)
+    fresh.load_trainable(str(tmp_path))
+    torch.testing.assert_close(_unet_out(fresh.unet), _unet_out(student.unet))
+
+
+def test_every_checkpoint_has_a_model_card(trained):
+    card = open(f"{trained['ckpt']}/README.md").read()
+    assert card.startswith("---\n") and f"base_model: {trained['sd']}" in card
+    assert "| preset | `tiny` |" in card and "| training steps | 2 |" in card and "| scale | x4 |" in card
+    assert "| val_psnr_1step | 21.25 |" in card and "| val_psnr_bicubic | 20.5 |" in card
+    assert "FlowSRUpscaler.from_pretrained" in card and 'load_lora_weights("CKPT/student")' in card
+
+
+def test_python_api_pil_in_pil_out(trained):
+    import numpy as np
+    from PIL import Image
+
+    from flowsr.api import FlowSRUpscaler
+    from flowsr.sample import Upscaler
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb).convert("RGBA")
+    image.putalpha(Image.fromarray(rng.integers(0, 256, (12, 20), dtype=np.uint8)))
+    image.info["icc_profile"] = b"fake-icc-profile-bytes"
+    upscaler = FlowSRUpscaler.from_pretrained(trained["ckpt"], device="cpu")
+    out = upscaler(image)
+    assert out.size == (80, 48) and out.mode == "RGBA"
+    assert out.info["icc_profile"] == b"fake-icc-profile-bytes"
+    expect = Upscaler(trained["ckpt"], device="cpu")({"image": [rgb]})["image"][0]
+    np.testing.assert_array_equal(np.asarray(out)[:, :, :3], expect)
+    alpha = np.asarray(image.getchannel("A").resize((80, 48), Image.BICUBIC))
+    np.testing.assert_array_equal(np.asarray(out)[:, :, 3], alpha)
+    gray = upscaler(Image.fromarray(rgb[:, :, 0]))
+    assert gray.mode == "L" and gray.size == (80, 48)

@@ -199,20 +199,28 @@ class SDLatentBackbone(nn.Module):
 
     # ---- checkpoints: LoRA in peft / diffusers format --------------------------------------
     def save_trainable(self, directory: str, adapter: str = STUDENT) -> None:
-        """Write `pytorch_lora_weights.safetensors` that a stock diffusers UNet (or an SD pipeline's
-        `load_lora_weights`) loads."""
-        self.unet.save_lora_adapter(directory, adapter_name=adapter, weight_name=LORA_WEIGHT_NAME)
+        """Write `pytorch_lora_weights.safetensors` in the layout of diffusers' SD LoRA loader
+        (`unet.`-prefixed keys, the LoRA config as metadata): a stock `StableDiffusionPipeline`'s
+        `load_lora_weights(directory)` loads it."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.unet, adapter_name=adapter)
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            directory, unet_lora_layers={k: v.detach().contiguous() for k, v in state.items()},
+            weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=self.unet.peft_config[adapter].to_dict())
 
     def load_trainable(self, directory: str, adapter: str = STUDENT) -> None:
-        """Load LoRA weights saved by `save_trainable` into adapter `adapter`."""
+        """Load LoRA weights saved by `save_trainable` into adapter `adapter` (also those of older
+        checkpoints, saved without the `unet.` prefix)."""
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         path = os.path.join(directory, LORA_WEIGHT_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no LoRA weights at {path}")
-        state = load_file(path)
-        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        state = {k.removeprefix("unet."): v for k, v in load_file(path).items()
+                 if not k.startswith("text_encoder.")}
         result = set_peft_model_state_dict(self.unet, state, adapter_name=adapter)
         bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
         if bad:

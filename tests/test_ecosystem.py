@@ -156,3 +156,78 @@ def test_python_api_pil_in_pil_out(trained):
     np.testing.assert_array_equal(np.asarray(out)[:, :, 3], alpha)
     gray = upscaler(Image.fromarray(rgb[:, :, 0]))
     assert gray.mode == "L" and gray.size == (80, 48)
+
+
+# ---- one CLI, imports one way -------------------------------------------------------------------
+def test_flowsr_help_lists_every_job(capsys):
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for job in ("prepare-data", "caption", "train", "upscale", "evaluate", "ablate", "demo"):
+        assert re.search(rf"^\s+{job}\s", text, re.M), f"{job} missing from flowsr --help"
+
+
+@pytest.mark.parametrize("job, option", [("prepare-data", "--crops-per-image"), ("caption", "--prompt-version"),
+                                         ("evaluate", "--checkpoint"), ("ablate", "--runner"),
+                                         ("train", "--storage-path"), ("demo", "--stage1-steps")])
+def test_each_job_help_comes_from_the_job(job, option, capsys):
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([job, "--help"])
+    assert exit_.value.code == 0 and option in capsys.readouterr().out
+
+
+def test_a_user_mistake_is_one_line_and_exit_2(capsys):
+    from ray.exceptions import RayTaskError
+
+    from jobs.cli import _run
+
+    cause = MissingWeightsError("cannot load SD from hub id 'a/b'. On a machine ...")
+    wrapped = RayTaskError("UpscaleStage.__init__", "Traceback (most recent call last):\n  ...\n", cause)
+    wrapped = wrapped.as_instanceof_cause()  # what an actor's failure raises in the driver
+    for err in (cause, wrapped, ValueError("need scale > 0")):
+        def fail(err=err):
+            raise err
+        assert _run("upscale", fail) == 2
+        line = capsys.readouterr().err
+        assert line == f"flowsr upscale: error: {str(err if err is not wrapped else cause)}\n"
+    assert _run("upscale", lambda: None) == 0
+
+
+def _imports(path):
+    import ast
+
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+def layer_violations(root):
+    """(file, module) for every import that points up the layers jobs -> pipeline -> flowsr."""
+    import pathlib
+
+    above = {"flowsr": ("pipeline", "jobs"), "pipeline": ("jobs",)}
+    bad = []
+    for layer, forbidden in above.items():
+        for path in sorted(pathlib.Path(root, layer).rglob("*.py")):
+            bad += [(str(path.relative_to(root)), m) for m in _imports(path) if m.split(".")[0] in forbidden]
+    return bad
+
+
+def test_imports_point_one_way(tmp_path):
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert layer_violations(root) == []
+    # the scan sees a back-import, also one inside a function
+    (tmp_path / "flowsr").mkdir()
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "flowsr" / "x.py").write_text("def f():\n    from pipeline.schema import decode_png\n")
+    (tmp_path / "pipeline" / "y.py").write_text("import jobs.common\nimport flowsr\n")
+    assert layer_violations(tmp_path) == [("flowsr/x.py", "pipeline.schema"), ("pipeline/y.py", "jobs.common")]

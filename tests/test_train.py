@@ -160,7 +160,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 # ---- jobs/train.py without Ray -----------------------------------------------------------------
 def test_cli_dry_run_and_bad_arguments(capsys, tmp_path):
-    from flowsr.cli import main as flowsr_main
+    from jobs.cli import main as flowsr_main
     from jobs.train import main, train
 
     assert flowsr_main(["train", "--config", "pixel-small", "--num-workers", "2", "--set", "optim.batch_size=4",

@@ -352,7 +352,7 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
 
 
 def test_cli_upscale_with_the_tiny_sd_backbone(ray_local, tmp_path):
-    from flowsr.cli import main
+    from jobs.cli import main
     from flowsr.tiny import tiny_config
 
     cfg = tiny_config(str(tmp_path / "tiny"))

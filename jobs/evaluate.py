@@ -208,8 +208,11 @@ class PairEvaluator:
         if self.cfg.checkpoint is not None:
             from flowsr.checkpoint import load_for_inference
 
-            self.backbone, _ = load_for_inference(self.cfg.checkpoint, device=self.device, weights=self.cfg.weights,
-                                                  pretrained=self.cfg.pretrained)
+            from pipeline.storage import cached_copy
+
+            pretrained = cached_copy(self.cfg.pretrained) if self.cfg.pretrained else None
+            self.backbone, _ = load_for_inference(cached_copy(self.cfg.checkpoint), device=self.device,
+                                                  weights=self.cfg.weights, pretrained=pretrained)
         self.suite = MetricSuite(metrics, device=str(self.device), allow_download=self.cfg.allow_download,
                                  crop_border=self.cfg.scale)
         self.images_dir = os.path.join(self.cfg.out, "images")
@@ -481,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="Parquet pair shards, or a folder of HR images")
     p.add_argument("--lr-dir", default=None, help="LR images named like the HR files (with an HR folder)")
     p.add_argument("--out", required=True, help="local output folder")
-    p.add_argument("--checkpoint", default=None, help="a flowsr checkpoint directory")
+    p.add_argument("--checkpoint", default=None, help="a flowsr checkpoint directory (path or URI: s3://, gs://, file://)")
     p.add_argument("--sr", action="append", default=[], metavar="NAME=DIR", help="a folder of SR outputs (repeatable)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     p.add_argument("--scale", type=int, default=4)

@@ -275,7 +275,11 @@ class UpscaleStage:
     after that many upscaled images crash."""
 
     def __init__(self, checkpoint: str, *, fail_after: int = -1, **upscaler_options):
-        self.upscaler = Upscaler(checkpoint, **upscaler_options)
+        from pipeline.storage import cached_copy
+
+        if upscaler_options.get("pretrained"):  # a base model folder at a URI: one copy per node
+            upscaler_options["pretrained"] = cached_copy(upscaler_options["pretrained"])
+        self.upscaler = Upscaler(cached_copy(checkpoint), **upscaler_options)
         self.fail_after, self.upscaled = fail_after, 0
 
     def __call__(self, batch: Dict[str, Sequence]) -> Dict[str, list]:

@@ -231,3 +231,71 @@ def test_imports_point_one_way(tmp_path):
     (tmp_path / "flowsr" / "x.py").write_text("def f():\n    from pipeline.schema import decode_png\n")
     (tmp_path / "pipeline" / "y.py").write_text("import jobs.common\nimport flowsr\n")
     assert layer_violations(tmp_path) == [("flowsr/x.py", "pipeline.schema"), ("pipeline/y.py", "jobs.common")]
+
+
+# ---- URI inputs and Ray addresses ---------------------------------------------------------------
+def _mock_upload(local_dir: str, uri: str) -> None:
+    """Copy a local directory to a `mock://` URI (pyarrow's in-memory filesystem, one per bucket
+    in this process): a remote store without a network."""
+    import pyarrow.fs as pafs
+
+    from pipeline.storage import resolve_fs
+
+    fs, path = resolve_fs(uri)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def test_cached_copy_downloads_once_and_keeps_local_paths(tmp_path):
+    from pipeline.storage import cached_copy
+
+    src = tmp_path / "ckpt"
+    (src / "student").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "student" / "w.bin").write_bytes(b"\x00\x01" * 1000)
+    assert cached_copy(str(src)) == str(src)
+    assert cached_copy(f"file://{src}") == str(src)
+    _mock_upload(str(src), "mock://bucket/runs/ckpt")
+    cache = tmp_path / "cache"
+    local = cached_copy("mock://bucket/runs/ckpt", str(cache))
+    assert local.startswith(str(cache)) and local.endswith("/ckpt")
+    assert open(f"{local}/student/w.bin", "rb").read() == b"\x00\x01" * 1000
+    stamp = __import__("os").stat(f"{local}/config.json").st_mtime_ns
+    assert cached_copy("mock://bucket/runs/ckpt/", str(cache)) == local  # reused, not fetched again
+    assert __import__("os").stat(f"{local}/config.json").st_mtime_ns == stamp
+    assert not [p for p in cache.rglob(".partial-*")]
+    with pytest.raises(FileNotFoundError, match="mock://bucket/none"):
+        cached_copy("mock://bucket/none", str(cache))
+
+
+def test_upscale_actor_takes_a_checkpoint_uri(trained, tmp_path, monkeypatch):
+    import numpy as np
+
+    from pipeline.upscale_io import UpscaleStage
+
+    monkeypatch.setenv("FLOWSR_CACHE", str(tmp_path / "cache"))
+    _mock_upload(trained["ckpt"], "mock://bucket/remote/ckpt")
+    for uri in (f"file://{trained['ckpt']}", "mock://bucket/remote/ckpt"):
+        stage = UpscaleStage(uri, device="cpu")
+        image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        sr, _ = stage.upscaler.upscale_images([image])
+        assert sr[0].shape == (32, 32, 3)
+    assert list((tmp_path / "cache").glob("*/ckpt/config.json"))
+
+
+def test_http_ray_address(monkeypatch, caplog):
+    import ray
+
+    from jobs.common import init_ray
+
+    with pytest.raises(ValueError, match="ray job submit --address http://head:8265"):
+        init_ray("http://head:8265")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert not ray.is_initialized()
+    with caplog.at_level("WARNING", logger="flowsr"):
+        started = init_ray(num_cpus=1, object_store_memory=1 << 28)
+    try:
+        assert started and ray.is_initialized()
+        assert "job-submission address" in caplog.text and "running on a local Ray" in caplog.text
+        assert ray.cluster_resources()["CPU"] == 1
+    finally:
+        ray.shutdown()

@@ -44,7 +44,8 @@ import pyarrow.parquet as pq
 from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, load_image, to_rgb8
-from pipeline.schema import CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, encode_png, make_sample_id
+from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, dataset_card, encode_png,
+                             make_sample_id, with_shard_metadata)
 
 CROP_MODES = ("random", "grid")
 CAPTIONERS = ("off", "template", "qwen2vl")
@@ -324,7 +325,7 @@ def write_shard(table: pa.Table, output: str) -> Optional[Dict[str, Any]]:
     if table.num_rows == 0:
         return None
     fs, root = resolve_fs(output)
-    table = conform_pairs(table)
+    table = with_shard_metadata(conform_pairs(table), params_version=PARAMS_VERSION)
     name = content_name(table.column("sample_id").to_pylist())
     write_parquet_atomic(table, fs, _join(root, SHARDS_DIR, name))
     return {"shard": f"{SHARDS_DIR}/{name}", "rows": table.num_rows}
@@ -465,6 +466,8 @@ def write_manifest(fs: pafs.FileSystem, root: str, cfg: PrepareConfig, n_errors:
                 "total_rows": sum(s["rows"] for s in shards),
                 "errors": {"path": ERRORS_FILE, "rows": n_errors}}
     write_json_atomic(manifest, fs, _join(root, MANIFEST_FILE))
+    card = dataset_card(f"{SHARDS_DIR}/*.parquet", scale=cfg.scale, params_version=PARAMS_VERSION)
+    write_atomic(fs, _join(root, "README.md"), lambda stream: stream.write(card.encode()))
     return manifest
 
 

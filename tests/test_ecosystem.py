@@ -432,3 +432,36 @@ def test_dependencies_are_declared_exactly_as_imported():
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
     used = set().union(*imported.values()) | {_norm(n) for n in NOT_IMPORTED}
     assert declared - used == set(), f"declared but never imported: {declared - used}"
+
+
+# ---- loss plots --------------------------------------------------------------------------------
+def test_smoothing_is_a_debiased_ema():
+    from flowsr.metrics_log import smooth
+
+    assert smooth([3.0] * 5, 0.9) == pytest.approx([3.0] * 5)
+    assert smooth([1.0, 0.0], 0.5) == pytest.approx([1.0, 1 / 3])  # (0.25 + 0) / (1 - 0.25)
+    assert smooth([1.0, 5.0, 2.0], 0.0) == [1.0, 5.0, 2.0]
+
+
+def test_loss_figure_one_axes_for_all_terms_and_psnr_against_bicubic(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from flowsr.metrics_log import RAW_ALPHA, loss_figure, plot_losses
+
+    rows = [{"step": str(s), "loss": str(1 / s), "flow": str(2 / s), "cons": str(0.5 / s), "lr": "0.001",
+             "val_psnr_1step": str(20 + s / 10) if s % 10 == 0 else "",
+             "val_psnr_bicubic": "20.5" if s % 10 == 0 else ""} for s in range(1, 41)]
+    fig = loss_figure(rows)
+    losses, psnr = fig.axes
+    assert len(losses.lines) == 6  # raw + smoothed per term, lr left out
+    assert sorted(t.get_text() for t in losses.get_legend().get_texts()) == ["cons", "flow", "loss"]
+    assert [line.get_alpha() for line in losses.lines[::2]] == [RAW_ALPHA] * 3
+    assert losses.get_yscale() == "log"
+    labels = {t.get_text() for t in psnr.get_legend().get_texts()}
+    assert labels == {"1step", "bicubic"}
+    bicubic = next(line for line in psnr.lines if line.get_label() == "bicubic")
+    assert list(bicubic.get_xdata()) == [10, 20, 30, 40] and set(bicubic.get_ydata()) == {20.5}
+    plt.close(fig)
+    csv = tmp_path / "stage1.csv"
+    csv.write_text("step,loss\n1,0.5\n2,0.25\n")
+    assert plot_losses(str(csv), str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 1000

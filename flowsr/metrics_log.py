@@ -16,6 +16,25 @@ from typing import Dict, Iterable, List, Optional
 STEP = "step"
 
 
+def duration_text(seconds: float) -> str:
+    """1h02m, 4m05s, 12s."""
+    seconds = int(round(max(0.0, seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def progress_text(done: int, total: int, seconds: float, unit: str = "img", per_item: int = 1) -> str:
+    """`done/total (pct), rate unit/s, ETA` for work that took `seconds` so far in this run;
+    `per_item` units per item (images per training step)."""
+    pct = f" ({100 * done / total:.0f}%)" if total else ""
+    if seconds <= 0 or done <= 0:
+        return f"{done}/{total}{pct}"
+    rate = done / seconds
+    eta = duration_text((total - done) / rate) if total >= done else "?"
+    return f"{done}/{total}{pct}, {rate * per_item:.3g} {unit}/s, ETA {eta}"
+
+
 def read_csv(path: str) -> List[Dict[str, str]]:
     """All rows of a metrics CSV as dicts of strings ([] when the file does not exist)."""
     if not os.path.exists(path):

@@ -142,7 +142,8 @@ def _write_config(cfg: RegenerateConfig) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shards", required=True, help="directory / URI of the pair shards")
     p.add_argument("--output", required=True, help="caption table directory / URI")
     p.add_argument("--backend", default="template", choices=[b for b in BACKENDS if b != "off"])

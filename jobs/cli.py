@@ -22,6 +22,7 @@ from typing import Callable, Dict, List
 
 _REGISTRY: List[Callable] = []
 USAGE_ERROR = 2
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
 
 # jobs whose own parser is used as is: `flowsr NAME ARGS` runs `jobs.MODULE.main(ARGS)`
 DELEGATED: Dict[str, tuple] = {
@@ -45,8 +46,8 @@ def command(register: Callable) -> Callable:
 def _upscale(subparsers) -> None:
     from jobs.upscale import add_upscale_options, run_from_args
 
-    p = subparsers.add_parser("upscale", help="upscale a folder, glob, file or Parquet list of images "
-                                              "(a local Ray, or --address)")
+    p = subparsers.add_parser("upscale", formatter_class=DEFAULTS,
+                              help="upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)")
     p.add_argument("input", help="folder, glob, file, URI or Parquet file with a path column")
     p.add_argument("output", help="output folder (mirrors the input names)")
     add_upscale_options(p)
@@ -57,7 +58,8 @@ def _upscale(subparsers) -> None:
 def _train(subparsers) -> None:
     from jobs.train import add_train_options, run_from_args
 
-    p = subparsers.add_parser("train", help="two-stage FlowSR training on Ray Train (a local Ray, or --address)")
+    p = subparsers.add_parser("train", formatter_class=DEFAULTS,
+                              help="two-stage FlowSR training on Ray Train (a local Ray, or --address)")
     add_train_options(p)
     p.set_defaults(func=run_from_args)
 
@@ -66,8 +68,9 @@ def _train(subparsers) -> None:
 def _demo(subparsers) -> None:
     from jobs.demo import add_demo_options, run_from_args
 
-    p = subparsers.add_parser("demo", help="the embedded end-to-end demo on a local Ray (bundled images -> "
-                                           "pairs -> stage 1 + 2 -> upscale -> HTML report)")
+    p = subparsers.add_parser("demo", formatter_class=DEFAULTS,
+                              help="the embedded end-to-end demo on a local Ray (bundled images -> pairs -> "
+                                   "stage 1 + 2 -> upscale -> HTML report)")
     add_demo_options(p)
     p.set_defaults(func=run_from_args)
 
@@ -103,6 +106,9 @@ def _run(command: str, call: Callable[[], object]) -> int:
 
 
 def main(argv=None) -> int:
+    from jobs.common import setup_logging
+
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         module = importlib.import_module(f"jobs.{DELEGATED[argv[0]][0]}")

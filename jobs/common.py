@@ -1,9 +1,14 @@
-"""Glue shared by every job: connecting to Ray and resolving storage URIs."""
+"""Glue shared by every job: connecting to Ray, resolving storage URIs, logging and a quiet console."""
 from __future__ import annotations
 
+import collections
+import contextlib
+import io
 import logging
 import os
-from typing import Optional
+import re
+import sys
+from typing import Optional, Sequence
 
 from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
 
@@ -51,3 +56,124 @@ def add_ray_args(parser) -> None:
     """The flags every job takes to find its cluster."""
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+
+
+# ---- logging -------------------------------------------------------------------------------------
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (so `quiet_console` sees the records)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """The `flowsr` loggers (every job, the trainer on Ray Train workers) with timestamps and
+    levels on stderr; idempotent. Other libraries' loggers are left as they are."""
+    logger = logging.getLogger("flowsr")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    return logger
+
+
+# ---- a console without Ray's known noise -----------------------------------------------------------
+# Lines that Ray 2.60 prints on a healthy local run; the full worker logs stay on disk under the
+# session's logs folder (/tmp/ray/session_latest/logs).
+RAY_NOISE = (
+    # Train V2's placement-group cleaner thread dumps a traceback when it cannot query the state
+    # API ("Failed to query", "Found multiple active Ray instances"); training is unaffected
+    re.compile(r"\(PlacementGroupCleaner pid=\d+"),
+    # the controller's PreemptionWatcher actor "has constructor arguments in the object store"
+    re.compile(r"core_worker\.cc:\d+: .*PreemptionWatcher"),
+    # the hub lookup of optional kernels (no network here, and not needed)
+    re.compile(r"kernels-community"),
+    re.compile(r"Token authentication is enabled for this Ray cluster"),
+    # Ray Data's per-dataset chatter (kept in the session's ray-data.log)
+    re.compile(r"(Starting execution of|Execution plan of) Dataset|Progress bars disabled\. To enable"
+               r"|Dataset \S+ execution finished in"),
+    # a deprecation inside Ray Data's own Train integration, and the line it quotes
+    re.compile(r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources`|self\.exclude_resources = exclude_resources"),
+    # the raylet counting the short-lived Ray Data / Train workers of a small machine
+    re.compile(r"\(raylet\).*PYTHON worker processes have been started on node"),
+)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ACTOR_PREFIX = re.compile(r"^\((?:\w+) pid=\d+(?:, ip=[\d.]+)?\)\s?")
+RECENT_LINES = 16  # a line equal to one of the last this many (actor prefix aside) is a repeat
+
+
+class ConsoleFilter(io.TextIOBase):
+    """A text stream in front of `stream` that drops lines matching `patterns` and repeats of a
+    recent line (Ray can forward one worker line twice, with and without its actor prefix)."""
+
+    def __init__(self, stream, patterns: Sequence[re.Pattern] = RAY_NOISE):
+        self.stream, self.patterns = stream, patterns
+        self.pending, self.dropped = "", 0
+        self.recent = collections.deque(maxlen=RECENT_LINES)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self.pending + text).split("\n")
+        self.pending = lines.pop()
+        for line in lines:
+            if self.keep(line):
+                self.stream.write(line + "\n")
+            else:
+                self.dropped += 1
+        return len(text)
+
+    def keep(self, line: str) -> bool:
+        plain = ANSI.sub("", line)
+        if any(p.search(plain) for p in self.patterns):
+            return False
+        body = ACTOR_PREFIX.sub("", plain).strip()
+        if not body:
+            return True
+        if body in self.recent:
+            return False
+        self.recent.append(body)
+        return True
+
+    def flush(self) -> None:
+        if self.pending and self.keep(self.pending):
+            self.stream.write(self.pending)
+        self.pending = ""
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+@contextlib.contextmanager
+def quiet_console():
+    """stdout / stderr through `ConsoleFilter`, and Ray Data's INFO progress logs off the console
+    (they stay in the session's ray-data.log)."""
+    data_logger = logging.getLogger("ray.data")
+    saved = sys.stdout, sys.stderr, data_logger.level
+    sys.stdout, sys.stderr = ConsoleFilter(sys.stdout), ConsoleFilter(sys.stderr)
+    data_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr, _ = saved
+        data_logger.setLevel(saved[2])

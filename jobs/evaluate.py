@@ -480,7 +480,8 @@ def _named_folder(item: str) -> Tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="Parquet pair shards, or a folder of HR images")
     p.add_argument("--lr-dir", default=None, help="LR images named like the HR files (with an HR folder)")
     p.add_argument("--out", required=True, help="local output folder")

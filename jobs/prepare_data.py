@@ -541,7 +541,8 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, bool]:
     defaults = PrepareConfig(input="-", output="-")
-    p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="local dir, glob or file; or a pyarrow URI")
     p.add_argument("--output", required=True, help="output dir or URI (s3://, gs://, ...)")
     p.add_argument("--patch-size", type=int, default=defaults.patch_size)

@@ -126,7 +126,9 @@ def train_loop_per_worker(config: Dict) -> None:
     import torch
 
     from flowsr.trainer import run_stage
+    from jobs.common import setup_logging
 
+    setup_logging()
     cfg = FlowSRConfig.from_dict(config["flowsr"])
     if not cfg.train.use_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -270,10 +272,12 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """The flags of `python -m jobs.train` and `flowsr train`."""
     p.add_argument("--config", default="tiny", help="preset (paper | tiny | pixel-small) or a config JSON")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config override, repeatable (e.g. --set model.pretrained=DIR --set optim.lr=1e-4)")
     p.add_argument("--data", help="Parquet pair shards (path or URI)")
     p.add_argument("--val-data", default=None, help="held-out Parquet shards for validation PSNR")
-    p.add_argument("--stage", default="all", choices=sorted(STAGES))
+    p.add_argument("--stage", default="all", choices=sorted(STAGES),
+                   help="1: flow training, 2: consistency distillation from stage 1, all: both")
     p.add_argument("--storage-path", default="runs", help="where run directories go (path or URI)")
     p.add_argument("--name", default=None, help="run name (default: the config name)")
     p.add_argument("--init-from", default=None, help="stage-1 checkpoint for --stage 2 (default: this run's)")
@@ -285,7 +289,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_options(p)
     return p
 
@@ -311,8 +316,12 @@ def run_from_args(args) -> int:
         return 0
     if not args.data:
         raise SystemExit("--data is required (unless --dry-run)")
-    result = train(cfg, args.data, storage_path=args.storage_path, name=name, stage=args.stage,
-                   val_uri=args.val_data, address=args.address, init_from=args.init_from)
+    from jobs.common import quiet_console, setup_logging
+
+    setup_logging()
+    with quiet_console():  # Ray's known noise and repeated worker lines off the console
+        result = train(cfg, args.data, storage_path=args.storage_path, name=name, stage=args.stage,
+                       val_uri=args.val_data, address=args.address, init_from=args.init_from)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from jobs.common import add_ray_args, init_ray
+from flowsr.metrics_log import progress_text
+from jobs.common import add_ray_args, init_ray, log
 
 PROBE_BLOCK = 64  # rows per probe task
 IO_BATCH = 4  # rows per decode / write task call
@@ -167,8 +168,8 @@ def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, 
         first = first or (now, len(results))
         if now - last > PROGRESS_EVERY_S or len(results) == len(todo):
             errors = sum(r["status"] == io.ERROR for r in results)
-            print(f"[upscale] {already + len(results)}/{total} done ({errors} errors this run), "
-                  f"{len(results) / (now - start):.2f} img/s", file=sys.stderr, flush=True)
+            log.info("upscale %s (%d already done, %d errors this run)",
+                     progress_text(len(results), len(todo), now - start), already, errors)
             last = now
     if first is None or len(results) < STEADY_MIN_FACTOR * first[1]:
         return None  # too few batches after the first one to say

@@ -465,3 +465,100 @@ def test_loss_figure_one_axes_for_all_terms_and_psnr_against_bicubic(tmp_path):
     csv = tmp_path / "stage1.csv"
     csv.write_text("step,loss\n1,0.5\n2,0.25\n")
     assert plot_losses(str(csv), str(tmp_path / "s.png")) and (tmp_path / "s.png").stat().st_size > 1000
+
+
+# ---- logging, progress, a quiet console, help with defaults -------------------------------------
+# captured from `flowsr demo` on Ray 2.60 (ANSI colour codes as Ray prints them)
+RAY_NOISE_LINES = [
+    "2026-11-30 03:29:43,216\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for "
+    "this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.",
+    "\x1b[36m(PlacementGroupCleaner pid=16623)\x1b[0m Exception in thread PlacementGroupCleanerMonitor:",
+    "\x1b[36m(PlacementGroupCleaner pid=16623)\x1b[0m Traceback (most recent call last):",
+    "\x1b[36m(PlacementGroupCleaner pid=16623)\x1b[0m     raise ConnectionError(",
+    "\x1b[36m(PlacementGroupCleaner pid=16623)\x1b[0m ConnectionError: Found multiple active Ray instances: "
+    "{'192.0.2.2:44939', '192.0.2.2:44147'}. Please specify the one to connect to",
+    "\x1b[36m(PlacementGroupCleaner pid=901)\x1b[0m Failed to query actor state: timed out",
+    "\x1b[36m(TrainController pid=16472)\x1b[0m [2026-11-30 03:30:56,727 E 16472 16536] core_worker.cc:2465: Actor "
+    "with class name: 'PreemptionWatcher' and ID: '5982e1c8cd85fadfb2dfc59401000000' has constructor arguments in "
+    "the object store and max_restarts > 0.",
+    "\x1b[36m(DatasetManager pid=16985)\x1b[0m /work/main/.venv/lib/python3.11/site-packages/ray/data/_internal/"
+    "execution/interfaces/execution_options.py:436: RayDeprecationWarning: `ExecutionOptions.exclude_resources` "
+    "is deprecated",
+    "\x1b[36m(DatasetManager pid=16985)\x1b[0m   self.exclude_resources = exclude_resources",
+    "\x1b[36m(RayTrainWorker pid=16678)\x1b[0m Starting execution of Dataset val_0356Lg2qqr48kW2aARCstv_0. Full "
+    "logs are in /tmp/ray/session_2026-11-30_03-29-43_223971_14878/logs/ray-data",
+    "\x1b[36m(RayTrainWorker pid=16678)\x1b[0m Progress bars disabled. To enable, set "
+    "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "\x1b[36m(RayTrainWorker pid=16678)\x1b[0m \u2714\ufe0f  Dataset val_0356Lg2qqr48kW2aARCstv_0 execution "
+    "finished in 34.30 seconds",
+    "\x1b[33m(raylet)\x1b[0m WARNING: 10 PYTHON worker processes have been started on node: 924ac8cb with "
+    "address: 192.0.2.2, which is 5x the maximum expected startup concurrency (2).",
+    "\x1b[36m(RayTrainWorker pid=16678)\x1b[0m Failed to load CPU gemm_4bit_forward from kernels-community: "
+    "No module named 'kernels'.",
+]
+TRAIN_LINE = ("\x1b[36m(RayTrainWorker pid=16678)\x1b[0m stage 1 step 6/6 loss=0.01408 flow=0.01408 "
+              "grad_norm=0.568 lr=0.0003")
+KEPT_LINES = ["== 2/5 train stage 1 (6 steps) then stage 2 (4 steps) on Ray Train",
+              "\x1b[36m(TrainController pid=16472)\x1b[0m Requesting resources: {'CPU': 2} * 1", TRAIN_LINE,
+              "", "", "held-out PSNR: bicubic 24.10 dB, 1 step 24.42 dB (+0.32), 4 steps 24.30 dB",
+              "\x1b[36m(RayTrainWorker pid=16678)\x1b[0m ValueError: worker batch has 3 rows, expected 4"]
+
+
+def test_console_filter_drops_ray_noise_and_repeats_only():
+    import io
+
+    from jobs.common import ConsoleFilter
+
+    out = io.StringIO()
+    console = ConsoleFilter(out)
+    stream = KEPT_LINES[:3] + RAY_NOISE_LINES[:7] + [TRAIN_LINE] + RAY_NOISE_LINES[7:] + KEPT_LINES[3:]
+    text = "\n".join(stream) + "\n"
+    for i in range(0, len(text), 37):  # arbitrary write boundaries, as a stream sees them
+        console.write(text[i:i + 37])
+    console.flush()
+    assert out.getvalue().splitlines() == KEPT_LINES
+    assert console.dropped == len(RAY_NOISE_LINES) + 1  # the noise and the repeated training line
+
+
+def test_logging_has_timestamps_and_progress_has_rate_and_eta(capsys):
+    import logging
+
+    from flowsr.metrics_log import duration_text, progress_text
+    from jobs.common import setup_logging
+
+    setup_logging()
+    setup_logging()  # idempotent: one handler
+    logging.getLogger("flowsr.train").info("stage %d step %d", 1, 5)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO flowsr\.train: stage 1 step 5$", err[0])
+    assert progress_text(25, 100, 50.0) == "25/100 (25%), 0.5 img/s, ETA 2m30s"
+    assert progress_text(10, 40, 5.0, "img", per_item=8) == "10/40 (25%), 16 img/s, ETA 15s"
+    assert progress_text(0, 10, 0.0) == "0/10 (0%)"
+    assert duration_text(3725) == "1h02m" and duration_text(59.6) == "1m00s"
+
+
+@pytest.mark.parametrize("job", ["train", "demo", "upscale"])
+def test_help_shows_defaults(job, capsys):
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit):
+        main([job, "--help"] + (["in", "out"] if job == "upscale" else []))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: " in text
+    if job == "train":
+        assert "(default: runs)" in text and "(default: tiny)" in text
+    if job == "demo":
+        assert "stage-1 (flow) training steps (default: 400)" in text
+
+
+def test_train_and_demo_options_all_have_help():
+    import argparse
+
+    from jobs.demo import add_demo_options
+    from jobs.train import add_train_options
+
+    for add in (add_train_options, add_demo_options):
+        p = argparse.ArgumentParser()
+        add(p)
+        bare = [a.option_strings for a in p._actions if a.option_strings and not a.help]
+        assert bare == [], f"{add.__name__}: options without help: {bare}"

@@ -104,7 +104,8 @@ RAY_NOISE = (
     re.compile(r"Token authentication is enabled for this Ray cluster"),
     # Ray Data's per-dataset chatter (kept in the session's ray-data.log)
     re.compile(r"(Starting execution of|Execution plan of) Dataset|Progress bars disabled\. To enable"
-               r"|Dataset \S+ execution finished in"),
+               r"|Dataset \S+ execution finished in|INFO logging_progress\.py:\d+ -- "
+               r"|Progress will be logged because stdout is a non-interactive terminal"),
     # a deprecation inside Ray Data's own Train integration, and the line it quotes
     re.compile(r"RayDeprecationWarning: `ExecutionOptions\.exclude_resources`|self\.exclude_resources = exclude_resources"),
     # the raylet counting the short-lived Ray Data / Train workers of a small machine
@@ -162,12 +163,24 @@ class ConsoleFilter(io.TextIOBase):
         return self.stream.isatty()
 
 
+class NoiseRecordFilter(logging.Filter):
+    """Drops log records of the driver's own Ray loggers that match `RAY_NOISE` (their handlers
+    hold the stderr of the time Ray was imported, which `ConsoleFilter` may not be)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(p.search(record.getMessage()) for p in RAY_NOISE)
+
+
 @contextlib.contextmanager
 def quiet_console():
-    """stdout / stderr through `ConsoleFilter`, and Ray Data's INFO progress logs off the console
-    (they stay in the session's ray-data.log)."""
-    data_logger = logging.getLogger("ray.data")
+    """stdout / stderr through `ConsoleFilter`, noise records off Ray's driver loggers, and Ray
+    Data's INFO progress logs off the console (they stay in the session's ray-data.log)."""
+    ray_logger, data_logger = logging.getLogger("ray"), logging.getLogger("ray.data")
     saved = sys.stdout, sys.stderr, data_logger.level
+    noise = NoiseRecordFilter()
+    handlers = list(ray_logger.handlers)
+    for handler in handlers:
+        handler.addFilter(noise)
     sys.stdout, sys.stderr = ConsoleFilter(sys.stdout), ConsoleFilter(sys.stderr)
     data_logger.setLevel(logging.WARNING)
     try:
@@ -177,3 +190,5 @@ def quiet_console():
             stream.flush()
         sys.stdout, sys.stderr, _ = saved
         data_logger.setLevel(saved[2])
+        for handler in handlers:
+            handler.removeFilter(noise)

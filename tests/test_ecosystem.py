@@ -495,6 +495,10 @@ RAY_NOISE_LINES = [
     "address: 192.0.2.2, which is 5x the maximum expected startup concurrency (2).",
     "\x1b[36m(RayTrainWorker pid=16678)\x1b[0m Failed to load CPU gemm_4bit_forward from kernels-community: "
     "No module named 'kernels'.",
+    "2026-11-30 03:36:09,332\tINFO __init__.py:56 -- Progress will be logged because stdout is a non-interactive "
+    "terminal.",
+    "2026-11-30 03:36:09,791\tINFO logging_progress.py:174 -- ======= Running Dataset: dataset_0356LntyG7vE0Y9 =======",
+    "2026-11-30 03:36:09,791\tINFO logging_progress.py:181 -- ",
 ]
 TRAIN_LINE = ("\x1b[36m(RayTrainWorker pid=16678)\x1b[0m stage 1 step 6/6 loss=0.01408 flow=0.01408 "
               "grad_norm=0.568 lr=0.0003")

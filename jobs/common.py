@@ -28,6 +28,7 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     """
     import ray
 
+    setup_logging()  # every job connects here: its `flowsr` log lines get timestamps on stderr
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address and address.startswith(SUBMISSION_SCHEMES):
         raise ValueError(f"--address {address} is a job-submission (dashboard) address, which a driver cannot "

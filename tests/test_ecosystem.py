@@ -282,7 +282,7 @@ def test_upscale_actor_takes_a_checkpoint_uri(trained, tmp_path, monkeypatch):
     assert list((tmp_path / "cache").glob("*/ckpt/config.json"))
 
 
-def test_http_ray_address(monkeypatch, caplog):
+def test_http_ray_address(monkeypatch, capsys):
     import ray
 
     from jobs.common import init_ray
@@ -291,11 +291,11 @@ def test_http_ray_address(monkeypatch, caplog):
         init_ray("http://head:8265")
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert not ray.is_initialized()
-    with caplog.at_level("WARNING", logger="flowsr"):
-        started = init_ray(num_cpus=1, object_store_memory=1 << 28)
+    started = init_ray(num_cpus=1, object_store_memory=1 << 28)
     try:
         assert started and ray.is_initialized()
-        assert "job-submission address" in caplog.text and "running on a local Ray" in caplog.text
+        warning = [line for line in capsys.readouterr().err.splitlines() if "WARNING flowsr:" in line]
+        assert len(warning) == 1 and "job-submission address" in warning[0] and "running on a local Ray" in warning[0]
         assert ray.cluster_resources()["CPU"] == 1
     finally:
         ray.shutdown()

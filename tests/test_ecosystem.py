@@ -245,8 +245,15 @@ def _mock_upload(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def test_cached_copy_downloads_once_and_keeps_local_paths(tmp_path):
+def test_cached_copy_downloads_once_and_keeps_local_paths(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from pipeline import storage
     from pipeline.storage import cached_copy
+
+    copies = []
+    real_copy = pafs.copy_files
+    monkeypatch.setattr(storage.pafs, "copy_files", lambda *a, **k: copies.append(a) or real_copy(*a, **k))
 
     src = tmp_path / "ckpt"
     (src / "student").mkdir(parents=True)
@@ -256,12 +263,14 @@ def test_cached_copy_downloads_once_and_keeps_local_paths(tmp_path):
     assert cached_copy(f"file://{src}") == str(src)
     _mock_upload(str(src), "mock://bucket/runs/ckpt")
     cache = tmp_path / "cache"
+    copies.clear()
     local = cached_copy("mock://bucket/runs/ckpt", str(cache))
     assert local.startswith(str(cache)) and local.endswith("/ckpt")
     assert open(f"{local}/student/w.bin", "rb").read() == b"\x00\x01" * 1000
     stamp = __import__("os").stat(f"{local}/config.json").st_mtime_ns
     assert cached_copy("mock://bucket/runs/ckpt/", str(cache)) == local  # reused, not fetched again
     assert __import__("os").stat(f"{local}/config.json").st_mtime_ns == stamp
+    assert len(copies) == 1  # one download for both calls
     assert not [p for p in cache.rglob(".partial-*")]
     with pytest.raises(FileNotFoundError, match="mock://bucket/none"):
         cached_copy("mock://bucket/none", str(cache))

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Optional, Sequence
 
 from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
@@ -99,7 +100,8 @@ RAY_NOISE = (
     # API ("Failed to query", "Found multiple active Ray instances"); training is unaffected
     re.compile(r"\(PlacementGroupCleaner pid=\d+"),
     # the controller's PreemptionWatcher actor "has constructor arguments in the object store"
-    re.compile(r"core_worker\.cc:\d+: .*PreemptionWatcher"),
+    # (and any actor of Ray Data's pools, restartable by design, on the driver's own stderr)
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
     # the hub lookup of optional kernels (no network here, and not needed)
     re.compile(r"kernels-community"),
     re.compile(r"Token authentication is enabled for this Ray cluster"),
@@ -170,6 +172,26 @@ class NoiseRecordFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(p.search(record.getMessage()) for p in RAY_NOISE)
+
+
+def filter_native_stderr(fd: int = 2) -> None:
+    """Route file descriptor `fd` (what Ray's C++ core worker writes its `core_worker.cc` lines
+    to) through a `ConsoleFilter` for the rest of the process: a daemon thread pumps a pipe into
+    the original descriptor. Child processes started afterwards inherit the pipe, so the thread
+    keeps reading until the process ends."""
+    original = os.dup(fd)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, fd)
+    os.close(write_end)
+    target = ConsoleFilter(io.TextIOWrapper(os.fdopen(original, "wb", buffering=0), write_through=True))
+
+    def pump():
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            for raw in iter(lambda: pipe.readline(), b""):
+                target.write(raw.decode(errors="replace"))
+                target.flush()
+
+    threading.Thread(target=pump, name="flowsr-stderr-filter", daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -220,9 +220,10 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
-    from jobs.common import quiet_console, setup_logging
+    from jobs.common import filter_native_stderr, quiet_console, setup_logging
 
     setup_logging()
+    filter_native_stderr()  # Ray's C++ lines ("core_worker.cc ... E") bypass Python's sys.stderr
     with quiet_console():  # Ray's known noise off the console; every log stays in the Ray session's folder
         demo(args.out, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
              crops_per_image=args.crops_per_image, num_workers=args.num_workers, seed=args.seed,

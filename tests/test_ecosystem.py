@@ -508,6 +508,9 @@ RAY_NOISE_LINES = [
     "terminal.",
     "2026-11-30 03:36:09,791\tINFO logging_progress.py:174 -- ======= Running Dataset: dataset_0356LntyG7vE0Y9 =======",
     "2026-11-30 03:36:09,791\tINFO logging_progress.py:181 -- ",
+    "[2026-11-30 04:01:17,680 E 14726 14726] core_worker.cc:2465: Actor with class name: "
+    "'MapWorker(MapBatches(PairEvaluator))' and ID: 'e8fce72005c05ed0ef5088cf01000000' has constructor arguments "
+    "in the object store and max_restarts > 0.",
 ]
 TRAIN_LINE = ("\x1b[36m(RayTrainWorker pid=16678)\x1b[0m stage 1 step 6/6 loss=0.01408 flow=0.01408 "
               "grad_norm=0.568 lr=0.0003")
@@ -575,3 +578,22 @@ def test_train_and_demo_options_all_have_help():
         add(p)
         bare = [a.option_strings for a in p._actions if a.option_strings and not a.help]
         assert bare == [], f"{add.__name__}: options without help: {bare}"
+
+
+def test_native_stderr_is_filtered_too():
+    """Ray's C++ core worker writes to file descriptor 2 directly, past sys.stderr."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, time\n"
+              "from jobs.common import filter_native_stderr\n"
+              "filter_native_stderr()\n"
+              f"os.write(2, {RAY_NOISE_LINES[-1]!r}.encode() + b'\\n')\n"
+              "os.write(2, b'kept line\\nkept line\\n')\n"
+              "time.sleep(0.5)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "kept line\n"

@@ -162,7 +162,7 @@ def loss_figure(rows: List[Dict[str, str]], keys: Optional[List[str]] = None, ti
             ax.plot(steps, values, marker="o", color=f"C{i}", label=key.removeprefix(f"{VAL_PREFIX}_"))
         steps, values = _series(rows, BICUBIC_KEY)
         if steps:
-            ax.plot(steps, values, linestyle="--", color="gray", label="bicubic")
+            ax.plot(steps, values, linestyle="--", marker="_", markersize=14, color="gray", label="bicubic")
         ax.set_title("validation PSNR (dB)")
         ax.set_xlabel("step")
         ax.legend(fontsize=8)

@@ -511,6 +511,8 @@ RAY_NOISE_LINES = [
     "[2026-11-30 04:01:17,680 E 14726 14726] core_worker.cc:2465: Actor with class name: "
     "'MapWorker(MapBatches(PairEvaluator))' and ID: 'e8fce72005c05ed0ef5088cf01000000' has constructor arguments "
     "in the object store and max_restarts > 0.",
+    "\x1b[36m(pid=gcs_server)\x1b[0m [2026-11-30 04:07:23,287 E 31310 31310] (gcs_server) gcs_actor_scheduler.cc:538: "
+    "Failed to kill actor 856507accafa03ea9a6697de01000000",
 ]
 TRAIN_LINE = ("\x1b[36m(RayTrainWorker pid=16678)\x1b[0m stage 1 step 6/6 loss=0.01408 flow=0.01408 "
               "grad_norm=0.568 lr=0.0003")

@@ -3,6 +3,7 @@ the same seam, upscale job and evaluate job as FlowSR checkpoints; Real-ESRGAN's
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 
@@ -185,15 +186,22 @@ def test_pre_pad_reflects_and_crops(esrgan):
     assert out.shape == (1, 3, 80, 96) and (out - reference).abs().max() < 1e-6
 
 
-def test_flowsr_checkpoints_take_tiles_in_input_pixels(tmp_path):
+@pytest.fixture(scope="module")
+def flowsr_ckpt(tmp_path_factory):
+    """A FlowSR inference checkpoint of the small pixel-space backbone (random init)."""
     from flowsr.backbones import PixelBackbone
     from flowsr.config import apply_overrides, preset
 
     cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    ckpt = tmp_path_factory.mktemp("flowsr_ckpt")
     cfg.save(str(ckpt / "config.json"))
+    torch.manual_seed(3)
     PixelBackbone.from_config(cfg.model).save_trainable(str(ckpt / "student"))
+    return str(ckpt)
+
+
+def test_flowsr_checkpoints_take_tiles_in_input_pixels(flowsr_ckpt):
+    ckpt = flowsr_ckpt
     assert M.describe(str(ckpt)).kind == M.FLOWSR and M.describe(str(ckpt)).scale() == 4.0
     up = M.load_upscaler(str(ckpt), scale=2, tile=32, tile_overlap=10, device="cpu")
     assert isinstance(up, S.Upscaler)
@@ -307,7 +315,7 @@ def test_upscale_job_runs_a_realesrgan_file(ray_local, esrgan, tmp_path):
     assert sorted(r["status"] for r in rows) == ["error"] + ["skipped"] * 4
 
 
-def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, tmp_path):
+def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, flowsr_ckpt, tmp_path):
     from jobs.evaluate import main
     from pipeline.schema import decode_png
 
@@ -317,22 +325,32 @@ def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, tm
         _save(tmp_path / "lr" / f"img{i}.png", np.asarray(Image.fromarray(hr).resize((8, 8), Image.BICUBIC)))
     out = tmp_path / "eval"
     assert main(["--data", str(tmp_path / "hr"), "--lr-dir", str(tmp_path / "lr"), "--out", str(out),
-                 "--baseline", f"RealESRGAN={esrgan[0]}", "--baseline", f"SwinIR={swinir[0]}", "--metrics"]) == 0
+                 "--baseline", f"RealESRGAN={esrgan[0]}", "--baseline", f"SwinIR={swinir[0]}", "--metrics",
+                 "--checkpoint", flowsr_ckpt, "--steps", "1", "2"]) == 0
     with open(out / "table1.csv") as f:
         table = list(csv.DictReader(f))
-    assert [r["Methods"] for r in table] == ["Bicubic", "RealESRGAN", "SwinIR"]
+    assert [(r["Methods"], r["#Steps"]) for r in table] == [("Bicubic", "-"), ("RealESRGAN", "-"), ("SwinIR", "-"),
+                                                            ("FlowSR", "1"), ("FlowSR", "2")]
     assert all(float(r["PSNR"]) > 0 and 0 < float(r["SSIM"]) <= 1 for r in table)
     with open(out / "per_image.csv") as f:
         per_image = list(csv.DictReader(f))
     assert [r["sample_id"] for r in per_image] == ["img0", "img1", "img2"]
     for row in per_image:
         for metric in ("psnr", "ssim"):
-            scores = {k: float(row[f"{k}/{metric}"]) for k in ("bicubic", "RealESRGAN", "SwinIR")}
+            scores = {k: float(row[f"{k}/{metric}"]) for k in ("bicubic", "RealESRGAN", "SwinIR", "1-step", "2-step")}
             assert row[f"best_{metric}"] == max(scores, key=scores.get)
     lr = decode_png((tmp_path / "lr" / "img0.png").read_bytes())
     (ours,), _ = M.load_upscaler(esrgan[0], device="cpu").upscale_images([lr])
     assert np.array_equal(decode_png((out / "images" / "RealESRGAN" / "img0.png").read_bytes()), ours)
     assert decode_png((out / "images" / "SwinIR" / "img0.png").read_bytes()).shape == (32, 32, 3)  # x2 -> x4
     report = (out / "report.html").read_text()
-    assert "RealESRGAN" in report and "SwinIR" in report and (out / "report" / "img0_SwinIR.png").exists()
-    assert "wins" in (out / "table1.md").read_text()
+    crops = [report.index(f'src="report/img0_{key}.png"') for key in ("lr", "bicubic", "RealESRGAN", "SwinIR",
+                                                                      "1-step", "2-step", "hr")]
+    assert crops == sorted(crops)  # LR / bicubic / each baseline / FlowSR 1 and N steps / HR
+    markdown = (out / "table1.md").read_text()
+    assert "PSNR wins" in markdown and "SSIM wins" in markdown
+    with open(out / "summary.json") as f:
+        wins = json.load(f)["wins"]
+    for metric in ("psnr", "ssim"):
+        assert sum(wins[metric].values()) == 3
+        assert wins[metric] == {k: sum(r[f"best_{metric}"] == k for r in per_image) for k in wins[metric]}

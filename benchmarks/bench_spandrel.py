@@ -79,7 +79,7 @@ def plain_loop(weights: str, paths: list, out_dir: str, device: torch.device, dt
     os.makedirs(out_dir, exist_ok=True)
 
     def one(path):
-        lr = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).to(device)
+        lr = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).to(device)
         sr = model(lr.permute(2, 0, 1)[None].to(dtype) / 255)
         out = (sr[0].float() * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         Image.fromarray(out).save(os.path.join(out_dir, os.path.basename(path)), compress_level=3)

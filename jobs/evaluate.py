@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args) -> EvalConfig:
     return EvalConfig(data=args.data, out=args.out, lr_dir=args.lr_dir, checkpoint=args.checkpoint,
                       sr=tuple(_named_folder(s) for s in args.sr),
-                      baselines=tuple(_named_model(b) for b in args.baseline), steps=tuple(args.steps), scale=args.scale,
+                      baselines=tuple(_named_model(b) for b in args.baseline), steps=tuple(args.steps),
+                      scale=args.scale,
                       metrics=tuple(args.metrics), allow_download=args.allow_download,
                       dataset_name=args.dataset_name, method_name=args.method_name, weights=args.weights,
                       color_fix=args.color_fix, tile=args.tile or None, seed=args.seed, limit=args.limit,

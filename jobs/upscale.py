@@ -103,7 +103,9 @@ def resolve_model(cfg: UpscaleJobConfig) -> UpscaleJobConfig:
     info = describe(cfg.checkpoint)
     scale = info.scale(cfg.scale)
     native = f"native x{info.native_scale}" if info.native_scale else "any scale"
-    print(f"[upscale] model: {info.name}, {native}; output x{scale:g}", file=sys.stderr, flush=True)
+    hint = {"discouraged": "; spandrel discourages tiling it (--tile 0 if memory allows)",
+            "internal": "; it tiles internally (run on whole images)"}.get(info.tiling, "")
+    print(f"[upscale] model: {info.name}, {native}; output x{scale:g}{hint}", file=sys.stderr, flush=True)
     return dataclasses.replace(cfg, scale=scale)
 
 
@@ -234,7 +236,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
                         "--tile_pad: context around each tile, cropped)")
     p.add_argument("--pre-pad", "--pre_pad", type=int, default=d["pre_pad"],
                    help="input pixels of reflection added at the bottom and right, then cropped (weights files)")
-    p.add_argument("--vae-tile", type=int, default=d["vae_tile"], help="VAE tile size in output pixels, 0: none (FlowSR)")
+    p.add_argument("--vae-tile", type=int, default=d["vae_tile"],
+                   help="VAE tile size in output pixels, 0: none (FlowSR)")
     p.add_argument("--color-fix", choices=("wavelet", "adain", "none"), default=d["color_fix"],
                    help="colour correction against the upscaled LR (FlowSR)")
     p.add_argument("--format", "--ext", choices=("same", "auto", "png", "jpg", "webp"), default=d["format"],

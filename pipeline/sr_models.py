@@ -47,6 +47,7 @@ class ModelInfo:
     kind: str  # FLOWSR | WEIGHTS
     native_scale: Optional[int]  # None: any scale (FlowSR)
     name: str  # e.g. "FlowSR", "ESRGAN (64nf, 23nb, SR x4)"
+    tiling: str = "supported"  # spandrel's hint: supported | discouraged | internal (the model tiles itself)
 
     def scale(self, requested: Optional[float] = None) -> float:
         """The output / input size a job uses: `requested`, else the native scale."""
@@ -120,7 +121,7 @@ def load_weights(uri: str, device=None):
 
 def _describe_weights(uri: str, model) -> ModelInfo:
     tags = ", ".join([*model.tags, f"{model.purpose} x{model.scale}"])
-    return ModelInfo(uri, WEIGHTS, int(model.scale), f"{model.architecture.name} ({tags})")
+    return ModelInfo(uri, WEIGHTS, int(model.scale), f"{model.architecture.name} ({tags})", model.tiling.name.lower())
 
 
 def describe(uri: str) -> ModelInfo:
@@ -149,6 +150,15 @@ def _pick_dtype(model, requested: Optional[str], device: torch.device) -> torch.
     return torch.float32
 
 
+def _fit_tile(tile: Optional[int], model) -> Optional[int]:
+    """`tile` rounded up to the model's size requirements (a multiple of `multiple_of`, at least
+    `minimum`), so that spandrel does not pad every tile; None / 0: whole images."""
+    if not tile:
+        return None
+    req = model.size_requirements
+    return max(req.minimum, -(-tile // req.multiple_of) * req.multiple_of)
+
+
 def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Pad (B, C, h, w) by `pad` at the bottom and right: reflect as far as it goes, then replicate
     (Real-ESRGAN's --pre_pad; spandrel pads to its size requirements the same way)."""
@@ -166,7 +176,9 @@ class WeightsUpscaler:
     dtype and channel count at `output_size(h, w, scale)`. Images of equal size run as one
     batch; each is cut into `tile` x `tile` input-pixel tiles overlapping by `tile_overlap`
     (blended with Gaussian weights, `flowsr.sample.tiled_apply`), `tile_batch` tiles per forward.
-    The model sees exactly what a direct spandrel call sees (values in [0, 1], its dtype); a
+    Tiles are rounded up to the model's size requirements; a model that spandrel marks as tiling
+    internally runs on whole images. The model sees exactly what a direct spandrel call sees
+    (values in [0, 1], its dtype); a
     gray image is repeated to RGB for an RGB model and its output reduced to luma (ITU-R 601).
     """
 
@@ -189,7 +201,8 @@ class WeightsUpscaler:
             self.model.model.compile()
         self.info = _describe_weights(weights, self.model)
         self.scale = self.info.scale(scale)
-        self.tile, self.tile_overlap, self.tile_batch, self.pre_pad = tile or None, tile_overlap, tile_batch, pre_pad
+        self.tile = _fit_tile(tile, self.model) if self.info.tiling != "internal" else None
+        self.tile_overlap, self.tile_batch, self.pre_pad = tile_overlap, tile_batch, pre_pad
 
     @torch.no_grad()
     def upscale_tensor(self, x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:

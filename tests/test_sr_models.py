@@ -3,6 +3,7 @@ the same seam, upscale job and evaluate job as FlowSR checkpoints; Real-ESRGAN's
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -85,14 +86,16 @@ def _unit(image):
 
 
 # ---- the seam -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("which, arch, native", [("esrgan", "ESRGAN", 4), ("swinir", "SwinIR", 2)])
-def test_weights_files_load_through_the_seam_and_match_direct_calls(request, which, arch, native):
+@pytest.mark.parametrize("which, arch, native, tiling", [("esrgan", "ESRGAN", 4, "supported"),
+                                                         ("swinir", "SwinIR", 2, "discouraged")])
+def test_weights_files_load_through_the_seam_and_match_direct_calls(request, which, arch, native, tiling):
     import spandrel
 
     path, net = request.getfixturevalue(which)
     info = M.describe(path)
     assert (info.kind, info.native_scale, info.scale()) == (M.WEIGHTS, native, float(native))
-    assert info.name.startswith(arch)
+    assert info.name.startswith(arch) and info.tiling == tiling
+    assert M.describe(f"file://{path}") == dataclasses.replace(info, uri=f"file://{path}")
     image = _rgb(20, 24)
     x = _unit(image)
     direct = spandrel.ModelLoader().load_from_file(path)(x)  # what spandrel gives, no job around it
@@ -158,6 +161,7 @@ def test_other_scale_resizes_the_native_output_like_pil(esrgan, swinir):
     assert np.abs(out[0].numpy() - np.clip(pil, 0, 1)).max() < 2e-3
     (odd,), _ = M.load_upscaler(swinir[0], scale=3, device="cpu").upscale_images([image[:15, :17]])
     assert odd.shape == (45, 51, 3)  # output_size: rounded half up, as for FlowSR
+    assert M.load_upscaler(swinir[0], tile=10, tile_overlap=4, device="cpu").tile == 16  # spandrel: minimum 16
 
 
 def test_dtypes_channels_and_batches(esrgan):

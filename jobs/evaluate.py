@@ -88,9 +88,9 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.checkpoint is not None and self.sr:
-            raise ValueError("give a checkpoint or SR folders, not both")
+            raise ValueError("give exactly one of checkpoint or SR folders (plus any baseline models)")
         if self.checkpoint is None and not self.sr and not self.baselines:
-            raise ValueError("give a checkpoint, SR folders or baseline models")
+            raise ValueError("give exactly one of checkpoint or SR folders, or baseline models")
         if self.scale < 1 or not self.steps or min(self.steps) < 1:
             raise ValueError(f"need scale >= 1 and step counts >= 1, got {self.scale}, {self.steps}")
         unknown = set(self.metrics) - set(PAPER_METRICS)

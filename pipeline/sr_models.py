@@ -178,8 +178,8 @@ class WeightsUpscaler:
     (blended with Gaussian weights, `flowsr.sample.tiled_apply`), `tile_batch` tiles per forward.
     Tiles are rounded up to the model's size requirements; a model that spandrel marks as tiling
     internally runs on whole images. The model sees exactly what a direct spandrel call sees
-    (values in [0, 1], its dtype); a
-    gray image is repeated to RGB for an RGB model and its output reduced to luma (ITU-R 601).
+    (values in [0, 1], its dtype); a gray image is repeated to RGB for an RGB model and its
+    output reduced to luma (ITU-R 601).
     """
 
     def __init__(self, weights: str, *, scale: Optional[float] = None, tile: Optional[int] = None,

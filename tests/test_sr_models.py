@@ -359,3 +359,24 @@ def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, fl
     for metric in ("psnr", "ssim"):
         assert sum(wins[metric].values()) == 3
         assert wins[metric] == {k: sum(r[f"best_{metric}"] == k for r in per_image) for k in wins[metric]}
+
+
+def test_pair_evaluator_runs_baselines_on_shard_rows(esrgan, tmp_path):
+    """The Parquet-shard path (encoded `hr` / `lr` columns), one actor's work without Ray."""
+    from jobs.evaluate import EvalConfig, PairEvaluator
+    from pipeline.schema import encode_png
+
+    hr = _rgb(32, 32, seed=20)
+    lr = np.asarray(Image.fromarray(hr).resize((8, 8), Image.BICUBIC))
+    cfg = EvalConfig(data=str(tmp_path / "shards"), out=str(tmp_path / "out"), baselines=(("esr", esrgan[0]),),
+                     metrics=())
+    out = PairEvaluator(dataclasses.asdict(cfg))({"sample_id": np.asarray(["s0"]), "hr": [encode_png(hr)],
+                                                 "lr": [encode_png(lr)]})
+    assert set(out) == {"sample_id", "bicubic/psnr", "bicubic/ssim", "esr/psnr", "esr/ssim"}
+    (sr,), _ = M.load_upscaler(esrgan[0], device="cpu").upscale_images([lr])
+    saved = np.asarray(Image.open(tmp_path / "out" / "images" / "esr" / "s0.png"))
+    assert np.array_equal(saved, sr) and np.isfinite(out["esr/psnr"][0]) and 0 < out["esr/ssim"][0] < 1
+    with pytest.raises(ValueError, match="unique"):
+        EvalConfig(data="x", out="y", baselines=(("a", "m.pth"), ("a", "n.pth")))
+    with pytest.raises(ValueError, match="folder names"):
+        EvalConfig(data="x", out="y", baselines=(("../a", "m.pth"),))

@@ -72,6 +72,19 @@ def compact(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def nearest(tmp_path_factory):
+    """A Compact x4 net with its residual zeroed: exactly nearest-neighbour upscaling."""
+    from spandrel.architectures.Compact import Compact
+
+    net = Compact(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=4, act_type="prelu").eval()
+    with torch.no_grad():
+        net.body[-1].weight.zero_(), net.body[-1].bias.zero_()
+    path = tmp_path_factory.mktemp("nearest") / "nearest_x4.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
 def _rgb(h, w, seed=0):
     """A smooth uint8 RGB image with a disc and some texture."""
     rng = np.random.default_rng(seed)
@@ -320,30 +333,37 @@ def test_upscale_job_runs_a_realesrgan_file(ray_local, esrgan, tmp_path):
     assert sorted(r["status"] for r in rows) == ["error"] + ["skipped"] * 4
 
 
-def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, flowsr_ckpt, tmp_path):
+def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, nearest, flowsr_ckpt, tmp_path):
     from jobs.evaluate import main
     from pipeline.schema import decode_png
 
-    for i in range(3):
+    for i in range(2):  # smooth images: bicubic wins them
         hr = _rgb(32, 32, seed=10 + i)
         _save(tmp_path / "hr" / f"img{i}.png", hr)
         _save(tmp_path / "lr" / f"img{i}.png", np.asarray(Image.fromarray(hr).resize((8, 8), Image.BICUBIC)))
+    blocks = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)  # 4x4 blocks: nearest wins
+    hr = np.kron(blocks, np.ones((4, 4, 1), np.uint8))
+    hr[::5, ::3] ^= 1  # not exactly nearest (finite PSNR)
+    _save(tmp_path / "hr" / "img2.png", hr)
+    _save(tmp_path / "lr" / "img2.png", blocks)
     out = tmp_path / "eval"
     assert main(["--data", str(tmp_path / "hr"), "--lr-dir", str(tmp_path / "lr"), "--out", str(out),
-                 "--baseline", f"RealESRGAN={esrgan[0]}", "--baseline", f"SwinIR={swinir[0]}", "--metrics",
-                 "--checkpoint", flowsr_ckpt, "--steps", "1", "2"]) == 0
+                 "--baseline", f"RealESRGAN={esrgan[0]}", "--baseline", f"SwinIR={swinir[0]}",
+                 "--baseline", nearest, "--metrics", "--checkpoint", flowsr_ckpt, "--steps", "1", "2"]) == 0
     with open(out / "table1.csv") as f:
         table = list(csv.DictReader(f))
-    assert [(r["Methods"], r["#Steps"]) for r in table] == [("Bicubic", "-"), ("RealESRGAN", "-"), ("SwinIR", "-"),
-                                                            ("FlowSR", "1"), ("FlowSR", "2")]
+    assert [(r["Methods"], r["#Steps"]) for r in table] == [
+        ("Bicubic", "-"), ("RealESRGAN", "-"), ("SwinIR", "-"), ("nearest_x4", "-"), ("FlowSR", "1"), ("FlowSR", "2")]
     assert all(float(r["PSNR"]) > 0 and 0 < float(r["SSIM"]) <= 1 for r in table)
     with open(out / "per_image.csv") as f:
         per_image = list(csv.DictReader(f))
     assert [r["sample_id"] for r in per_image] == ["img0", "img1", "img2"]
+    keys = ("bicubic", "RealESRGAN", "SwinIR", "nearest_x4", "1-step", "2-step")
     for row in per_image:
         for metric in ("psnr", "ssim"):
-            scores = {k: float(row[f"{k}/{metric}"]) for k in ("bicubic", "RealESRGAN", "SwinIR", "1-step", "2-step")}
+            scores = {k: float(row[f"{k}/{metric}"]) for k in keys}
             assert row[f"best_{metric}"] == max(scores, key=scores.get)
+    assert [(r["best_psnr"], r["best_ssim"]) for r in per_image] == [("bicubic",) * 2] * 2 + [("nearest_x4",) * 2]
     lr = decode_png((tmp_path / "lr" / "img0.png").read_bytes())
     (ours,), _ = M.load_upscaler(esrgan[0], device="cpu").upscale_images([lr])
     assert np.array_equal(decode_png((out / "images" / "RealESRGAN" / "img0.png").read_bytes()), ours)
@@ -357,7 +377,7 @@ def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, fl
     with open(out / "summary.json") as f:
         wins = json.load(f)["wins"]
     for metric in ("psnr", "ssim"):
-        assert sum(wins[metric].values()) == 3
+        assert sum(wins[metric].values()) == 3 and (wins[metric]["bicubic"], wins[metric]["nearest_x4"]) == (2, 1)
         assert wins[metric] == {k: sum(r[f"best_{metric}"] == k for r in per_image) for k in wins[metric]}
 
 

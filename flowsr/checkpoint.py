@@ -78,7 +78,7 @@ def model_card(cfg: FlowSRConfig, *, stage: int, step: int, metrics: Optional[di
     else:
         lines += ["## Metrics", "", "Not measured at this step (run `flowsr evaluate --checkpoint CKPT`).", ""]
     lines += ["## How to run it", "", "```bash",
-              f"flowsr upscale IN OUT --checkpoint CKPT --steps {steps}",
+              f"flowsr upscale -i IN -o OUT --checkpoint CKPT --steps {steps}",
               f"python -m jobs.upscale -i IN -o OUT --checkpoint CKPT --steps {steps}", "```", "",
               "```python", "from PIL import Image", "from flowsr.api import FlowSRUpscaler", "",
               f"upscaler = FlowSRUpscaler.from_pretrained(\"CKPT\", steps={steps})",

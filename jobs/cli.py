@@ -3,7 +3,7 @@
     flowsr prepare-data --input photos/ --output data/      (= python -m jobs.prepare_data ...)
     flowsr caption --shards data/shards --output captions/  (= python -m jobs.caption ...)
     flowsr train --config paper --data data/shards ...       (= python -m jobs.train ...)
-    flowsr upscale IN OUT --checkpoint CKPT [-s 4] [--steps 1] [-t 512]
+    flowsr upscale -i IN -o OUT -m MODEL [-s 4] [--steps 1] [-t 128]
     flowsr evaluate --data eval/shards --checkpoint CKPT --out eval_out
     flowsr ablate --out ablations
     flowsr demo
@@ -48,8 +48,6 @@ def _upscale(subparsers) -> None:
 
     p = subparsers.add_parser("upscale", formatter_class=DEFAULTS,
                               help="upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)")
-    p.add_argument("input", help="folder, glob, file, URI or Parquet file with a path column")
-    p.add_argument("output", help="output folder (mirrors the input names)")
     add_upscale_options(p)
     p.set_defaults(func=run_from_args)
 

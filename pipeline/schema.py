@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 PAIR_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),  # stable hash of source + crop
+    pa.field("sample_id", pa.string(), nullable=False),  # content_sample_id: bytes digest + crop index
     pa.field("source_uri", pa.string(), nullable=False),
     pa.field("crop", pa.string()),  # JSON {"y", "x", "size"} in source pixels
     pa.field("hr", pa.binary(), nullable=False),  # PNG, uint8 RGB, patch x patch
@@ -66,3 +66,9 @@ def decode_png(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def content_sample_id(digest: str, crop_index: int) -> str:
+    """Stable id of crop `crop_index` of a source whose bytes hash to `digest` (hex): the first
+    16 hex digits of sha1(digest|index). Moved, renamed or symlinked copies of a file share it."""
+    return hashlib.sha1(f"{digest}|{crop_index}".encode()).hexdigest()[:16]

@@ -219,12 +219,12 @@ def test_regenerate_template_resumes_after_kill(ray_local, tmp_path):
     with pytest.raises(Killed):
         caption_job.regenerate(cfg, on_part=kill_after_first_part)
     first = file_hashes(out_dir)
-    assert len(first) == 1
-    first_ids = set(pq.read_table(out_dir / next(iter(first)))["sample_id"].to_pylist())
+    assert 1 <= len(first) <= 3  # one part per pair shard (4, 4 and 2 rows)
+    first_ids = {i for name in first for i in pq.read_table(out_dir / name)["sample_id"].to_pylist()}
 
     summary = caption_job.regenerate(cfg)
-    assert summary["already_captioned"] == len(first_ids) == 4
-    assert summary["captioned"] == 6 and summary["removed_unfinished_parts"] == 1
+    assert summary["already_captioned"] == len(first_ids) >= 2
+    assert summary["captioned"] == 10 - len(first_ids) and summary["removed_unfinished_parts"] == 1
     after = file_hashes(out_dir)
     assert {k: after[k] for k in first} == first  # finished parts are not rewritten
 
@@ -270,8 +270,9 @@ def test_regenerate_qwen2vl_cli_on_actor_pool(ray_local, tmp_path, tiny_qwen, qw
                                                         local["lr_caption"])}
     assert set(table["caption_prompt_version"].to_pylist()) == {"v1"}
 
-    with pytest.raises(ValueError, match="new --output"):  # no mixing with template captions
+    with pytest.raises(SystemExit) as exit_info:  # no mixing with template captions
         caption_job.main(["--shards", shards, "--output", out_dir, "--backend", "template"])
+    assert exit_info.value.code == 2
 
     joined = C.join_captions(ray.data.read_parquet(shards), out_dir).to_pandas()
     assert sorted(joined["sample_id"]) == [r["sample_id"] for r in rows]

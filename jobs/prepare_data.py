@@ -198,8 +198,10 @@ def _list_local(pattern: str, as_glob: bool, exclude: Sequence[str] = ()) -> Ite
     matches = sorted(globlib.iglob(path, recursive=True))
     if not matches:
         raise FileNotFoundError(f"input not found: no path matches the glob {pattern!r}")
-    for match in matches:
-        if not os.path.isdir(match):
+    for match in matches:  # a matching directory is walked
+        if os.path.isdir(match):
+            yield from walk_files(match, exclude)
+        else:
             yield match
 
 
@@ -304,12 +306,15 @@ def _file_kind(mode: int) -> str:
 
 
 def header_pixels(data: bytes) -> Optional[Tuple[int, int]]:
-    """(width, height) from the image header, without decoding pixels; None when unreadable."""
+    """(width, height) from the image header, without decoding pixels; None when unreadable
+    (the decode then says why). Sizes past Pillow's own bomb limit give (-1, -1)."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
+    except Image.DecompressionBombError:
+        return -1, -1
     except Exception:
         return None
 
@@ -377,6 +382,9 @@ def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: I
     The pixel count is checked from the header before anything is decoded.
     """
     size = header_pixels(data)
+    if size == (-1, -1):
+        return [], error_row(source_uri, "limit", "too many pixels: past Pillow's decompression-bomb "
+                                                  f"limit (max_pixels {cfg.max_pixels})")
     if size is not None and size[0] * size[1] > cfg.max_pixels:
         return [], error_row(source_uri, "limit", f"too many pixels: {size[0]}x{size[1]} = "
                                                   f"{size[0] * size[1]} > max_pixels {cfg.max_pixels}")
@@ -533,7 +541,9 @@ def build_dataset(work: Sequence[str], cfg: PrepareConfig, shards_done: out.Done
     import ray
 
     compute = ray.data.TaskPoolStrategy(size=cfg.num_workers) if cfg.num_workers else None
-    ds = ray.data.read_parquet(list(work), filesystem=filesystem)
+    # listing chunks are big; stream them on as one block per task, so tasks spread over the cluster
+    ds = ray.data.read_parquet(list(work), filesystem=filesystem).repartition(
+        target_num_rows_per_block=cfg.files_per_task)
     ds = ds.map_batches(degrade_batch, fn_kwargs={"cfg": asdict(cfg), "shards_done": shards_done,
                                                   "errors_done": errors_done},
                         batch_size=cfg.files_per_task, batch_format="pyarrow", compute=compute)

@@ -324,7 +324,8 @@ def check_resume(run: str, cfg: FlowSRConfig, data_uri: str, val_uri: Optional[s
     Writes config.json on the first run only. Returns True when the run resumes."""
     fs, root = resolve_fs(run)
     fs.create_dir(root, recursive=True)
-    resumed = out.check_run_record(fs, root, train_record(cfg, data_uri, val_uri, init_from), label=run)
+    resumed = out.check_run_record(fs, root, train_record(cfg, data_uri, val_uri, init_from), label=run,
+                                   advice="rerun with the recorded config and data, or use a new --name")
     if fs.get_file_info(f"{root}/config.json").type == pafs.FileType.NotFound:
         out.write_bytes_atomic(fs, f"{root}/config.json", cfg.to_json().encode())
     return resumed

@@ -241,7 +241,11 @@ def _differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return changed
 
 
-def check_run_record(fs: pafs.FileSystem, root: str, record: Dict[str, Any], *, label: str) -> bool:
+OVERWRITE_ADVICE = "rerun with --overwrite or write to a new --output"
+
+
+def check_run_record(fs: pafs.FileSystem, root: str, record: Dict[str, Any], *, label: str,
+                     advice: str = OVERWRITE_ADVICE) -> bool:
     """Write `record` on the first run; refuse a rerun whose compared fields differ.
 
     Returns True when the output already had a (matching) record, i.e. this run resumes.
@@ -253,8 +257,7 @@ def check_run_record(fs: pafs.FileSystem, root: str, record: Dict[str, Any], *, 
         return False
     changed = _differences(old, record)
     if changed:
-        raise RunMismatch(f"{label} holds results of another run ({'; '.join(changed)}); rerun "
-                          f"with --overwrite or write to a new --output")
+        raise RunMismatch(f"{label} holds results of another run ({'; '.join(changed)}); {advice}")
     return True
 
 

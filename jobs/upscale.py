@@ -26,6 +26,9 @@ PROBE_BLOCK = 64  # rows per probe task
 IO_BATCH = 4  # rows per decode / write task call
 PROGRESS_EVERY_S = 10.0
 STEADY_MIN_FACTOR = 3  # report a steady rate only with this many times the first batch's rows
+# UpscaleJobConfig fields that change the output pixels or names (the run record's params).
+RESULT_FIELDS = ("scale", "steps", "tile", "tile_overlap", "vae_tile", "color_fix", "format", "suffix",
+                 "dtype", "pretrained", "weights")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class UpscaleJobConfig:
     weights: str = "student"  # student | target (EMA)
     address: Optional[str] = None
     fail_after: int = -1  # test switch: an upscaler actor crashes after this many images
+    overwrite: bool = False  # replace the output's earlier results instead of resuming them
 
     def __post_init__(self):
         from flowsr.sample import COLOR_FIXES
@@ -69,6 +73,14 @@ class UpscaleJobConfig:
             raise ValueError(f"unknown color_fix: {self.color_fix!r} (choose from {', '.join(COLOR_FIXES)})")
         if min(self.batch_size, self.tile_batch, self.bucket, self.pool_size) < 1:
             raise ValueError("batch_size, tile_batch, bucket and pool_size must be >= 1")
+
+    def record(self) -> dict:
+        """The run record (`pipeline.output`): what decides the output pixels, and the checkpoint's
+        digest. A rerun into the same OUT with other values is refused (`--overwrite` to replace)."""
+        from pipeline import output as out
+
+        params = {name: getattr(self, name) for name in RESULT_FIELDS}
+        return out.run_record("upscale", self.input, params, out.checkpoint_digest(self.checkpoint))
 
     def upscaler_options(self) -> dict:
         return dict(scale=self.scale, steps=self.steps, tile=self.tile or None, tile_overlap=self.tile_overlap,
@@ -105,6 +117,17 @@ def _bucket_order(row: dict, bucket: int):
 
 
 def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
+    """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path).
+
+    Holds OUT's lease and checks its run record (`pipeline.output`) first: a concurrent run or a
+    rerun with another checkpoint / settings is refused with one line (OutputError)."""
+    from pipeline import output as out
+
+    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False):
+        return _upscale_corpus(cfg)
+
+
+def _upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path)."""
     import ray
 
@@ -120,7 +143,7 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     try:
         if rows:
             probed = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / PROBE_BLOCK)))
-            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale), batch_format="pyarrow",
+            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale, resume=not cfg.overwrite), batch_format="pyarrow",
                                         batch_size=PROBE_BLOCK).take_all()
             todo = sorted((r for r in probed if r["status"] == io.PENDING), key=lambda r: _bucket_order(r, cfg.bucket))
             done = [r for r in probed if r["status"] != io.PENDING]
@@ -203,6 +226,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache-dir", default=None, help="inductor cache shared by the actors")
     p.add_argument("--pretrained", default=None, help="override the SD base model location")
     p.add_argument("--weights", choices=("student", "target"), default=d["weights"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT's earlier results (another checkpoint or settings) instead of refusing")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     add_ray_args(p)
 

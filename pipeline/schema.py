@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 PAIR_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),  # stable hash of source + crop
+    pa.field("sample_id", pa.string(), nullable=False),  # content_sample_id: bytes digest + crop index
     pa.field("source_uri", pa.string(), nullable=False),
     pa.field("crop", pa.string()),  # JSON {"y", "x", "size"} in source pixels
     pa.field("hr", pa.binary(), nullable=False),  # PNG, uint8 RGB, patch x patch
@@ -127,3 +127,9 @@ def shard_metadata(schema: pa.Schema) -> dict:
     """The `flowsr` metadata of a shard's schema ({} for shards written before it existed)."""
     raw = (schema.metadata or {}).get(FLOWSR_METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def content_sample_id(digest: str, crop_index: int) -> str:
+    """Stable id of crop `crop_index` of a source whose bytes hash to `digest` (hex): the first
+    16 hex digits of sha1(digest|index). Moved, renamed or symlinked copies of a file share it."""
+    return hashlib.sha1(f"{digest}|{crop_index}".encode()).hexdigest()[:16]

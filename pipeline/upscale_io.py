@@ -199,10 +199,11 @@ def is_valid_output(uri: str, size: Tuple[int, int]) -> bool:
         return False
 
 
-def probe_batch(batch: Dict[str, Sequence], *, scale: float) -> Dict[str, list]:
-    """Rows {input, output} -> + in/out sizes and status: skipped when a valid output exists,
-    error when the header does not parse, else pending. JPEG targets of images with alpha
-    become PNG targets."""
+def probe_batch(batch: Dict[str, Sequence], *, scale: float, resume: bool = True) -> Dict[str, list]:
+    """Rows {input, output} -> + in/out sizes and status: skipped when a valid output exists
+    (and `resume`; the run record guarantees it was made with the same settings), error when
+    the header does not parse, else pending. JPEG targets of images with alpha become PNG
+    targets."""
     out = {k: [] for k in ("input", "output", "in_height", "in_width", "out_height", "out_width",
                            "status", "error")}
     for uri, target in zip(batch["input"], batch["output"]):
@@ -213,7 +214,7 @@ def probe_batch(batch: Dict[str, Sequence], *, scale: float) -> Dict[str, list]:
             H, W = output_size(h, w, scale)
             if alpha and os.path.splitext(target)[1] in (".jpg", ".jpeg"):
                 target = os.path.splitext(target)[0] + ".png"
-            if is_valid_output(target, (H, W)):
+            if resume and is_valid_output(target, (H, W)):
                 status = SKIPPED
         except Exception as err:  # noqa: BLE001 — a bad file becomes an error row
             status, error = ERROR, f"probe: {type(err).__name__}: {err}"

@@ -416,7 +416,7 @@ def section_upscale_4096(ctx: Context, rec: Record) -> None:
             sync(ctx.device)
             seconds = time.perf_counter() - start
         assert out.shape == (size * SCALE, size * SCALE, 3), out.shape
-        runs[size] = {"seconds": rnd(seconds, 2), "output_megapixels": rnd(out.shape[0] * out.shape[1] / 1e6, 2),
+        runs[size] = {"seconds": rnd(seconds, 2), "output_megapixels": out.shape[0] * out.shape[1] / 1e6,
                       "peak_gpu_gb": peak_gb(ctx.device),
                       "gpu_extra_mb": rnd((torch.cuda.max_memory_allocated() - base_gpu) / 2**20, 1) if ctx.gpu else None,
                       "host_extra_mb": rnd((rss.peak - base_rss) / 2**20, 1)}
@@ -425,6 +425,8 @@ def section_upscale_4096(ctx: Context, rec: Record) -> None:
     extra_mp = runs[big]["output_megapixels"] - runs[small]["output_megapixels"]
     per_mp = {kind: rnd((runs[big][f"{kind}_extra_mb"] - runs[small][f"{kind}_extra_mb"]) / extra_mp, 2)
               for kind in ("gpu", "host") if runs[big][f"{kind}_extra_mb"] is not None}
+    for run in runs.values():
+        run["output_megapixels"] = rnd(run["output_megapixels"], 4)
     rec["mb_per_extra_output_megapixel"] = per_mp
     rec["anchor"] = {"mb_per_extra_output_megapixel": UPSCALE_MB_PER_MP,
                      "source": "DESIGN.md goal: upscale memory bounded by tiles (ratio <= 1 meets it)"}
@@ -656,18 +658,20 @@ def section_pixel_quality(ctx: Context, rec: Record) -> None:
     train: Dict[str, list] = {k: [] for k in ("sample_id", "hr", "lr")}
     held_out = []
     images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
-    for i in range(n_train):  # random crops of the top 3/4 of each photo
+    def split(image) -> int:  # rows above: training crops; below (>= one tile, ~1/4): held out
+        return image.shape[0] - max(image.shape[0] // 4, hr_size)
+
+    for i in range(n_train):
         image = images[i % len(images)]
-        split = image.shape[0] * 3 // 4
-        y, x = int(rng.integers(0, split - hr_size)), int(rng.integers(0, image.shape[1] - hr_size))
+        y, x = int(rng.integers(0, split(image) - hr_size)), int(rng.integers(0, image.shape[1] - hr_size))
         hr = np.ascontiguousarray(image[y:y + hr_size, x:x + hr_size])
         lr, _ = degrade(hr, seed=0, sample_id=f"train-{i}", scale=SCALE)
         train["sample_id"].append(f"train-{i}")
         train["hr"].append(png_bytes(hr))
         train["lr"].append(png_bytes(lr))
-    for i in range(n_eval):  # tiles of the bottom quarter, never seen in training
+    for i in range(n_eval):  # tiles of the held-out rows, never seen in training
         image = images[i % len(images)]
-        y = image.shape[0] * 3 // 4 + (image.shape[0] // 4 - hr_size) // 2
+        y = split(image) + (image.shape[0] - split(image) - hr_size) // 2
         x = (i // len(images) * hr_size) % max(1, image.shape[1] - hr_size)
         hr = np.ascontiguousarray(image[y:y + hr_size, x:x + hr_size])
         held_out.append((hr, degrade(hr, seed=1, sample_id=f"eval-{i}", scale=SCALE)[0]))

@@ -354,9 +354,9 @@ def section_upscale_job(ctx: Context, rec: Record) -> None:
     rec["setup"] = f"{n} PNGs {lr_size}^2 -> {lr_size * SCALE}^2 PNG, batch {batch}, compile {ctx.args.compile_job}"
     rec["plain_loop_img_per_s"] = rnd(plain_loop(ckpt, paths[:loop_n], os.path.join(work, "loop"), ctx), 2)
     ensure_ray(ctx)
-    tile = lr_size * SCALE
     cfg = UpscaleJobConfig(input=os.path.join(work, "in"), output=os.path.join(work, "out"), checkpoint=ckpt,
-                           scale=SCALE, tile=tile, tile_overlap=tile // 8, vae_tile=tile, batch_size=batch,
+                           scale=SCALE, tile=lr_size, tile_overlap=lr_size // 8, vae_tile=lr_size * SCALE,
+                           batch_size=batch,
                            tile_batch=batch, pool_size=1, compile=ctx.args.compile_job,
                            compile_cache_dir=os.path.join(ctx.workdir, "inductor"), format="png")
     summary = upscale_corpus(cfg)

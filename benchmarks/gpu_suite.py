@@ -518,11 +518,13 @@ def pair_rows(n: int, hr_size: int, seed: int = 0) -> Dict[str, list]:
 
 
 def steady_img_per_s(csv_path: str, skip: int = 2) -> Optional[float]:
+    """Median img/s of a run's steps after the first `skip` (the last step when there are fewer)."""
     import statistics
 
     from flowsr.metrics_log import read_csv
 
-    values = [float(r["img_per_s"]) for r in read_csv(csv_path)[skip:] if r.get("img_per_s")]
+    rows = read_csv(csv_path)
+    values = [float(r["img_per_s"]) for r in rows[min(skip, len(rows) - 1):] if r.get("img_per_s")]
     return statistics.median(values) if values else None
 
 

@@ -122,6 +122,11 @@ def rnd(x: Optional[float], digits: int = 3) -> Optional[float]:
     return None if x is None or not math.isfinite(x) else round(float(x), digits)
 
 
+def sig(x: Optional[float], digits: int = 4) -> Optional[float]:
+    """`x` to `digits` significant digits (a ratio far from 1 keeps its size)."""
+    return None if x is None or not math.isfinite(x) else float(f"{x:.{digits}g}")
+
+
 def sync(device) -> None:
     import torch
 
@@ -292,7 +297,7 @@ def section_infer(ctx: Context, rec: Record) -> None:
             start = time.perf_counter()
             speed = rate(lambda: len(upscaler.upscale_images(images[:b])[0]), ctx.device, ctx.pick(3.0, 0.0),
                          min_calls=ctx.pick(2, 1))
-            result[f"batch{b}_img_per_s"] = rnd(speed, 2)
+            result[f"batch{b}_img_per_s"] = sig(speed)
             result[f"batch{b}_peak_gb"] = peak_gb(ctx.device)
             result[f"batch{b}_seconds_incl_warmup"] = rnd(time.perf_counter() - start, 1)
             rec[mode] = dict(result)
@@ -306,11 +311,11 @@ def finish_infer(rec: Dict) -> None:
     if compiled:
         rec["anchor"] = {"img_per_s": INFER_COMPILED_B16, "of": "compiled.batch16",
                          "source": "DESIGN.md: torch.compile, channels_last, batch 16, one H200"}
-        rec["ratio"] = rnd(compiled / INFER_COMPILED_B16)
+        rec["ratio"] = sig(compiled / INFER_COMPILED_B16)
     else:
         rec["anchor"] = {"img_per_s": INFER_EAGER[16], "of": "eager.batch16",
                          "source": "DESIGN.md: plain diffusers eager, batch 16, one H200"}
-        rec["ratio"] = rnd(eager / INFER_EAGER[16]) if eager else None
+        rec["ratio"] = sig(eager / INFER_EAGER[16]) if eager else None
 
 
 def plain_loop(ckpt: str, paths: List[str], out_dir: str, ctx: Context) -> float:
@@ -352,7 +357,7 @@ def section_upscale_job(ctx: Context, rec: Record) -> None:
     work = tempfile.mkdtemp(prefix="upscale_job_", dir=ctx.workdir)
     paths = write_pngs(os.path.join(work, "in"), n, lr_size)
     rec["setup"] = f"{n} PNGs {lr_size}^2 -> {lr_size * SCALE}^2 PNG, batch {batch}, compile {ctx.args.compile_job}"
-    rec["plain_loop_img_per_s"] = rnd(plain_loop(ckpt, paths[:loop_n], os.path.join(work, "loop"), ctx), 2)
+    rec["plain_loop_img_per_s"] = sig(plain_loop(ckpt, paths[:loop_n], os.path.join(work, "loop"), ctx))
     ensure_ray(ctx)
     cfg = UpscaleJobConfig(input=os.path.join(work, "in"), output=os.path.join(work, "out"), checkpoint=ckpt,
                            scale=SCALE, tile=lr_size, tile_overlap=lr_size // 8, vae_tile=lr_size * SCALE,
@@ -362,10 +367,10 @@ def section_upscale_job(ctx: Context, rec: Record) -> None:
     summary = upscale_corpus(cfg)
     rec["job"] = {k: summary.get(k) for k in ("ok", "error", "seconds", "images_per_s", "steady_images_per_s")}
     steady = summary.get("steady_images_per_s") or summary.get("images_per_s")
-    rec["job_img_per_s"] = rnd(steady, 2)
+    rec["job_img_per_s"] = sig(steady)
     rec["vs_plain_loop"] = rnd(steady / rec["plain_loop_img_per_s"]) if rec["plain_loop_img_per_s"] else None
     rec["anchor"] = {"img_per_s": UPSCALE_GOAL, "source": "DESIGN.md goal: jobs.upscale, 512^2 out, one H200"}
-    rec["ratio"] = rnd(steady / UPSCALE_GOAL) if steady else None
+    rec["ratio"] = sig(steady / UPSCALE_GOAL) if steady else None
 
 
 class RssSampler:
@@ -430,7 +435,7 @@ def section_upscale_4096(ctx: Context, rec: Record) -> None:
     rec["mb_per_extra_output_megapixel"] = per_mp
     rec["anchor"] = {"mb_per_extra_output_megapixel": UPSCALE_MB_PER_MP,
                      "source": "DESIGN.md goal: upscale memory bounded by tiles (ratio <= 1 meets it)"}
-    rec["ratio"] = rnd(max(max(per_mp.values()), 0.0) / UPSCALE_MB_PER_MP)
+    rec["ratio"] = sig(max(max(per_mp.values()), 0.0) / UPSCALE_MB_PER_MP)
 
 
 def train_batch(n: int, size: int, device):
@@ -478,7 +483,7 @@ def _train_section(ctx: Context, rec: Record, stage: int) -> None:
             batch = train_batch(b, size, ctx.device)
             reset_peak(ctx.device)
             speed = rate(lambda: (step(batch), b)[1], ctx.device, ctx.pick(4.0, 0.0), min_calls=ctx.pick(3, 1))
-            rec[f"batch{b}"] = {"img_per_s": rnd(speed, 2), "seconds_per_step": rnd(b / speed), "peak_gb": peak_gb(ctx.device)}
+            rec[f"batch{b}"] = {"img_per_s": sig(speed), "seconds_per_step": rnd(b / speed), "peak_gb": peak_gb(ctx.device)}
             best = max(best or 0.0, speed)
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
             if not is_oom(exc):
@@ -487,7 +492,7 @@ def _train_section(ctx: Context, rec: Record, stage: int) -> None:
             free_gpu()
     goal = STAGE1_GOAL if stage == 1 else STAGE2_GOAL
     rec["anchor"] = {"img_per_s": goal, "source": f"DESIGN.md goal: stage {stage} per H200, every loss term"}
-    rec["ratio"] = rnd(best / goal) if best else None
+    rec["ratio"] = sig(best / goal) if best else None
 
 
 def section_train_stage1(ctx: Context, rec: Record) -> None:
@@ -563,16 +568,16 @@ def section_ray_train(ctx: Context, rec: Record) -> None:
     session = LocalSession(os.path.join(work, "bare"), device=ctx.device)
     run_stage(cfg, 1, session, batches, metrics_dir=os.path.join(work, "bare", "metrics"))
     bare = steady_img_per_s(os.path.join(work, "bare", "metrics", "stage1.csv"))
-    rec["bare_loop_img_per_s"] = rnd(bare, 2)
+    rec["bare_loop_img_per_s"] = sig(bare)
     free_gpu()
     ensure_ray(ctx)
     start = time.perf_counter()
     out = train(cfg, shards, storage_path=os.path.join(work, "runs"), name="suite", stage=1)
     rec["torch_trainer_wall_s"] = rnd(time.perf_counter() - start, 1)
     ray_rate = steady_img_per_s(out["metrics_csv"])
-    rec["torch_trainer_img_per_s"] = rnd(ray_rate, 2)
-    rec["anchor"] = {"img_per_s": rnd(bare, 2), "source": "the bare step loop (flowsr.trainer.run_stage) in this run"}
-    rec["ratio"] = rnd(ray_rate / bare) if ray_rate and bare else None
+    rec["torch_trainer_img_per_s"] = sig(ray_rate)
+    rec["anchor"] = {"img_per_s": sig(bare), "source": "the bare step loop (flowsr.trainer.run_stage) in this run"}
+    rec["ratio"] = sig(ray_rate / bare) if ray_rate and bare else None
 
 
 def section_caption(ctx: Context, rec: Record) -> None:
@@ -609,11 +614,11 @@ def section_caption(ctx: Context, rec: Record) -> None:
             continue
         assert len(out["hr_caption"]) == b and len(out["lr_caption"]) == b
         speed = 2 * b / seconds
-        rec[f"batch{b}"] = {"captions_per_s": rnd(speed, 2), "seconds": rnd(seconds, 2), "peak_gb": peak_gb(ctx.device)}
+        rec[f"batch{b}"] = {"captions_per_s": sig(speed), "seconds": rnd(seconds, 2), "peak_gb": peak_gb(ctx.device)}
         if b > ctx.pick(8, 0):  # batch 8 warms the GPU up
             best = max(best or 0.0, speed)
     rec["anchor"] = {"captions_per_s": CAPTION_GOAL, "source": "DESIGN.md goal: Qwen2-VL-2B, caption stage, one H200"}
-    rec["ratio"] = rnd(best / CAPTION_GOAL) if best else None
+    rec["ratio"] = sig(best / CAPTION_GOAL) if best else None
 
 
 BUNDLED_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
@@ -703,7 +708,7 @@ def section_pixel_quality(ctx: Context, rec: Record) -> None:
     rec["flowsr_1step"] = mean["flowsr_1step"]
     rec["gain_db"] = rnd(mean["flowsr_1step"]["psnr_y"] - mean["bicubic"]["psnr_y"], 2)
     rec["anchor"] = {**mean["bicubic"], "source": "bicubic on the same held-out tiles"}
-    rec["ratio"] = rnd(mean["flowsr_1step"]["psnr_y"] / mean["bicubic"]["psnr_y"], 4)
+    rec["ratio"] = sig(mean["flowsr_1step"]["psnr_y"] / mean["bicubic"]["psnr_y"])
 
 
 def section_data_cpu_scaling(ctx: Context, rec: Record) -> None:
@@ -740,12 +745,12 @@ def section_data_cpu_scaling(ctx: Context, rec: Record) -> None:
     rates = {}
     for n in counts:
         rates[n] = run(n, f"cpu{n}", files_per_cpu * n)
-        rec["pairs_per_s"] = {str(k): rnd(v, 2) for k, v in rates.items()}
+        rec["pairs_per_s"] = {str(k): sig(v) for k, v in rates.items()}
     rec["load_average"] = rnd(os.getloadavg()[0], 2)
     top = max(rates)
-    rec["anchor"] = {"pairs_per_s": rnd(rates[1], 2), "source": "the 1-CPU rate of this run",
+    rec["anchor"] = {"pairs_per_s": sig(rates[1]), "source": "the 1-CPU rate of this run",
                      "goal_ratio": {"2": 1.7, "16": DATA_GOAL_16}}
-    rec["ratio"] = rnd(rates[top] / rates[1])
+    rec["ratio"] = sig(rates[top] / rates[1])
     rec["ratio_at"] = top
 
 

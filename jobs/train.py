@@ -300,10 +300,11 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
     import ray
 
     run = run_uri(storage_path, name)
-    check_resume(run, cfg, data_uri, val_uri, init_from)
+    check_resume(run, cfg, data_uri, val_uri, init_from, write=False)  # a mismatch: refused before Ray starts
     init_ray(address)
     cluster = ray.cluster_resources()
     check_resources(cfg, cluster, can_grow=bool(address or os.environ.get("RAY_ADDRESS")))
+    check_resume(run, cfg, data_uri, val_uri, init_from)  # records the run once the workers can run
     datasets = load_datasets(cfg, data_uri, val_uri, read_cpus=ingest_cpus(cfg, cluster))
     previous = Checkpoint(init_from) if init_from else None
     out: Dict[str, str] = {"run_dir": run}
@@ -370,11 +371,17 @@ def train_record(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None
 
 
 def check_resume(run: str, cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None,
-                 init_from: Optional[str] = None) -> bool:
+                 init_from: Optional[str] = None, *, write: bool = True) -> bool:
     """Record this run's config and data, or refuse a rerun of `run` with others (RunMismatch).
 
-    Writes config.json on the first run only. Returns True when the run resumes."""
+    Writes config.json on the first run only; with `write=False` only compares with a record
+    already there (nothing is written). Returns True when the run resumes."""
     fs, root = resolve_fs(run)
+    if not write:
+        if out.read_json(fs, f"{root}/{out.RUN_FILE}") is None:
+            return False
+        return out.check_run_record(fs, root, train_record(cfg, data_uri, val_uri, init_from), label=run,
+                                    advice="rerun with the recorded config and data, or use a new --name")
     fs.create_dir(root, recursive=True)
     resumed = out.check_run_record(fs, root, train_record(cfg, data_uri, val_uri, init_from), label=run,
                                    advice="rerun with the recorded config and data, or use a new --name")

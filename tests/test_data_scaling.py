@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from jobs import prepare_data as P
+from pipeline import output as out
 
 
 def test_degrade_tasks_follow_files_per_task(ray_local, tmp_path):
@@ -21,9 +22,10 @@ def test_degrade_tasks_follow_files_per_task(ray_local, tmp_path):
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(src / f"f{i}.png")
     cfg = P.PrepareConfig(input=str(src), output=str(tmp_path / "out"), patch_size=32, crops_per_image=1,
                           shard_rows=500, files_per_task=2, captioner="template")
-    items = P.plan_work(P.list_sources(cfg.input), {}, set(), cfg.crops_per_image)
-    ds = P.build_dataset(items, cfg)
-    written = list(ds.iter_rows())
+    with out.open_output(cfg.output, cfg.record()) as output:
+        work, _ = P.write_work_listing(cfg, output)
+        ds = P.build_dataset(work, cfg)
+        written = list(ds.iter_rows())
     assert sum(r["rows"] for r in written) == 6 and len(written) == 1  # one shard of <= shard_rows rows
     stats = ds.stats()
     degrade = re.search(r"MapBatches\(degrade_batch\)[^\n:]*: (\d+) tasks executed", stats)

@@ -2,9 +2,25 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+import sys
+from typing import Callable, Optional, TypeVar
 
 from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
+
+
+T = TypeVar("T")
+
+
+def config_or_exit(build: Callable[[], T]) -> T:
+    """`build()`, with a config mistake (`flowsr.config.ConfigError`: a bad `--set` value, an
+    unknown key, an unreadable config file) turned into one line on stderr and exit status 2."""
+    from flowsr.config import ConfigError
+
+    try:
+        return build()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,

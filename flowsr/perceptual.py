@@ -87,7 +87,7 @@ def uses_quick_gelu(arch: str, pretrained: str, quick_gelu: Optional[bool] = Non
     GELU unless asked (a warning for the `openai` tag, nothing for a file): the features are then
     quietly wrong. `quick_gelu` true / false decides; None (auto) follows open_clip's table of
     pretrained tags (`openai` -> QuickGELU), and for a checkpoint file recognises OpenAI's weights
-    by "openai" in the path (the hub repo of open_clip's `openai` tag is named
+    by ".openai" in the path (the hub repo of open_clip's `openai` tag is named
     `timm/vit_large_patch14_clip_224.openai`) or by OpenAI's TorchScript release format.
     Another file is ambiguous and raises: set loss.clip_quick_gelu. A `local-dir:` model follows
     the `quick_gelu` of its own open_clip_config.json (nothing is forced).
@@ -101,7 +101,7 @@ def uses_quick_gelu(arch: str, pretrained: str, quick_gelu: Optional[bool] = Non
     tag = open_clip.get_pretrained_cfg(arch, pretrained)
     if tag:
         return bool(tag.get("quick_gelu", False))
-    if "openai" in pretrained.lower() or _is_torchscript(pretrained):
+    if ".openai" in pretrained.lower() or _is_torchscript(pretrained):
         return True
     raise ValueError(f"cannot tell whether the CLIP weights {pretrained} were trained with QuickGELU "
                      f"(OpenAI's were): set loss.clip_quick_gelu=true or false")

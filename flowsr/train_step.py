@@ -151,6 +151,8 @@ def stage2_losses(batch: Dict, models: Models, cfg: FlowSRConfig, pair_sampler, 
     """
     student, teacher, target, dist = models.student, models.teacher, models.target, models.distance
     mode = cfg.loss.consistency
+    use_iqa = models.iqa is not None and cfg.loss.lambda_iqa > 0
+    c_pos, c_neg = quality_captions(batch) if use_iqa else (None, None)  # fail before any forward
     hr, lr = batch["hr"], batch["lr"]
     n = hr.shape[0]
     n_flow = int(round(n * cfg.schedule.flow_fraction))
@@ -200,8 +202,7 @@ def stage2_losses(batch: Dict, models: Models, cfg: FlowSRConfig, pair_sampler, 
             losses["adv"] = generator_adversarial_loss(discriminator_logits(student, heads, z_noisy, ts))
         finally:
             heads.requires_grad_(True)
-    if models.iqa is not None and cfg.loss.lambda_iqa > 0:
-        c_pos, c_neg = quality_captions(batch)
+    if use_iqa:
         losses["iqa"] = quality_alignment_loss(models.iqa.image_features(img_fake), models.iqa.text_features(c_pos),
                                                models.iqa.text_features(c_neg), cfg.loss.iqa_temperature)
     return losses, z_fake.detach(), z_hr

@@ -183,6 +183,11 @@ _SECTIONS = {"model": ModelConfig, "loss": LossConfig, "schedule": ScheduleConfi
 def _build(cls, d: dict):
     if not isinstance(d, dict):
         raise ConfigError(f"config section {cls.__name__} must be a mapping, got {d!r}")
+    if cls is ModelConfig and "caption_conditioning" in d:  # removed field: old configs still load
+        d = dict(d)
+        if d.pop("caption_conditioning"):
+            raise ConfigError("model.caption_conditioning is no longer supported: the UNet is conditioned on the "
+                              "empty prompt (an HR caption does not exist at inference)")
     names = {f.name: f for f in fields(cls)}
     unknown = set(d) - set(names)
     if unknown:

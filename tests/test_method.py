@@ -448,8 +448,20 @@ BAD_OVERRIDES = [
     ("model.lora_rank=2.5", "model.lora_rank must be an integer"), ("train.use_gpu=maybe", "train.use_gpu must be true or false"),
     ("train.num_workers=-1", "train.num_workers must be >= 1"), ("schedule.n_fast=1000", "n_fast < schedule.n_slow"),
     ("optim.betas=[0.9]", "optim.betas must have 2 items"), ("loss.clip_quick_gelu=\"yes\"", "true or false or null"),
-    ("optim.lr=NaN", "optim.lr must be a finite number"), ("model.caption_conditioning=true", "unknown config key"),
+    ("optim.lr=NaN", "optim.lr must be a finite number"),
+    ("model.caption_conditioning=true", "unknown config key"),  # removed: an HR caption leaks ground truth
 ]
+
+
+def test_configs_written_before_caption_conditioning_was_removed_still_load():
+    from flowsr.config import ConfigError
+
+    old = preset("paper").to_dict()
+    old["model"]["caption_conditioning"] = False
+    assert FlowSRConfig.from_dict(old) == preset("paper")
+    old["model"]["caption_conditioning"] = True
+    with pytest.raises(ConfigError, match="empty prompt"):
+        FlowSRConfig.from_dict(old)
 
 
 @pytest.mark.parametrize("override,message", BAD_OVERRIDES)

@@ -340,7 +340,7 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     from jobs.upscale import UpscaleJobConfig, upscale_corpus
 
     (tmp_path / "in").mkdir()
-    n = 12
+    n = 24
     names = [f"img{i:02d}.png" for i in range(n)]
     for i, name in enumerate(names):
         _save(tmp_path / "in" / name, _rgb(64, 48, i))

@@ -326,15 +326,30 @@ def test_job_bad_files_outputs_and_rerun(ray_local, pixel_ckpt, tmp_path):
     assert mtimes == {n: os.stat(tmp_path / "out" / n).st_mtime_ns for n in expected}
 
 
+KILL_AT_FIRST_OUTPUT = """
+import os, signal, sys
+import ray.data
+from jobs import upscale
+
+iter_batches = ray.data.Dataset.iter_batches
+
+def dying_iter_batches(self, *args, **kwargs):
+    for batch in iter_batches(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)  # the first written output reached the driver
+        yield batch
+
+ray.data.Dataset.iter_batches = dying_iter_batches
+upscale.main(sys.argv[1:])
+"""
+
+
 def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_path):
-    """A real crash: `python -m jobs.upscale` in a subprocess on this module's Ray is SIGKILLed as
-    soon as its first output is committed. What exists is complete (atomic writes); the rerun
-    skips exactly those and writes each of the others once."""
-    import os
+    """A real crash: the upscale job runs in a subprocess (on this module's Ray) whose driver
+    SIGKILLs itself when the first committed output reaches it. What exists is complete (atomic
+    writes); the rerun skips exactly those and writes each of the others once."""
     import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from jobs.upscale import UpscaleJobConfig, upscale_corpus
@@ -347,18 +362,12 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     out = tmp_path / "out"
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-m", "jobs.upscale", "--input", str(tmp_path / "in"), "--output", str(out),
+    argv = [sys.executable, "-c", KILL_AT_FIRST_OUTPUT, "--input", str(tmp_path / "in"), "--output", str(out),
             "--checkpoint", pixel_ckpt, "--scale", "4", "--batch-size", "1", "--tile", "0", "--num-gpus", "0",
             "--address", ray_local.get_runtime_context().gcs_address]
-    proc = subprocess.Popen(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    outputs = lambda: [m for m in _files(out) if m.endswith(".png") and not m.startswith(uio.TMP_DIR)] \
-        if out.exists() else []
-    deadline = time.monotonic() + 240
-    while not outputs() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    proc = subprocess.run(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    outputs = lambda: [m for m in _files(out) if m.endswith(".png") and not m.startswith(uio.TMP_DIR)]
     first = outputs()
     assert 1 <= len(first) < n, f"{len(first)} of {n} outputs before the kill"
     for name in first:  # atomic writes: whatever exists is complete

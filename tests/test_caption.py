@@ -285,8 +285,11 @@ import os, signal, sys
 from jobs import caption as J
 from pipeline import caption as C
 
+calls = []
+
 def on_part(index, table):
-    if index == 1:  # the second part is committed: the process dies while the job runs
+    calls.append(index)
+    if len(calls) == 2:  # a second part is committed: the process dies while the job runs
         os.kill(os.getpid(), signal.SIGKILL)
 
 shards, output, address = sys.argv[1:4]
@@ -297,7 +300,7 @@ J.regenerate(J.RegenerateConfig(shards=shards, output=output, address=address, p
 
 def test_caption_job_sigkilled_mid_run_then_rerun_captions_every_sample_once(ray_local, tmp_path):
     """A real kill: the caption job runs in a subprocess (on this module's Ray) that SIGKILLs
-    itself once its second part is committed, so the kill point is the same on every run. The
+    itself once a second part is committed, so parts exist and some are still to come. The
     rerun keeps the committed parts byte for byte and captions the rest: each sample once."""
     import os
     import signal
@@ -314,13 +317,14 @@ def test_caption_job_sigkilled_mid_run_then_rerun_captions_every_sample_once(ray
             ray_local.get_runtime_context().gcs_address]
     proc = subprocess.run(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    first = file_hashes(out_dir)
-    assert len(first) == 2 and sum(pq.read_table(out_dir / name).num_rows for name in first) == 4
+    first = file_hashes(out_dir)  # two parts at least (others may have been committed meanwhile)
+    assert 2 <= len(first) < 6, f"{len(first)} of 6 parts before the kill"
+    before = sum(pq.read_table(out_dir / name).num_rows for name in first)
 
     cfg = caption_job.RegenerateConfig(shards=shards, output=str(out_dir), part_rows=2,
                                        caption=C.CaptionConfig(backend="template", batch_size=2))
     summary = caption_job.regenerate(cfg)
-    assert summary["already_captioned"] == 4 and summary["captioned"] == 8
+    assert summary["already_captioned"] == before and summary["captioned"] == 12 - before
     after = file_hashes(out_dir)
     assert {k: after[k] for k in first} == first  # committed parts are not rewritten
     table = C.read_caption_table(str(out_dir))

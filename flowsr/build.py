@@ -39,7 +39,8 @@ def build_stage2(cfg: FlowSRConfig, device=None, init_from: Optional[str] = None
         disc = disc.to(device) if device is not None else disc
     iqa = None
     if cfg.loss.lambda_iqa > 0:
-        iqa = ClipIQA.from_pretrained(cfg.loss.clip_arch, cfg.loss.clip_pretrained, device=device)
+        iqa = ClipIQA.from_pretrained(cfg.loss.clip_arch, cfg.loss.clip_pretrained, device=device,
+                                      quick_gelu=cfg.loss.clip_quick_gelu)
     return Models(student=student, distance=build_distance(cfg, device), teacher=teacher, target=target,
                   disc=disc, iqa=iqa)
 

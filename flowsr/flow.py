@@ -5,6 +5,11 @@ resized to the HR size). Every function takes `t` as a Python float or a per-sam
 shape (B,), and works on images or latents of shape (B, C, H, W) alike.
 
 A velocity model is anything with the contract `velocity(x_t, t, cond) -> v`.
+
+Precision: the arithmetic here runs in fp32 (fp64 inputs stay fp64) whatever the dtype of the
+network that produced `x` or `v`. In bf16 (8 significant bits) neighbouring slow-grid times
+merge — 0.999 rounds to 1.0, so a teacher step from t' = 1 to t = 0.999 would move nothing.
+Results are fp32; a bf16 network casts its input itself.
 """
 from __future__ import annotations
 
@@ -16,8 +21,13 @@ Time = Union[float, torch.Tensor]
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, Optional[object]], torch.Tensor]
 
 
+def _precise(x: torch.Tensor) -> torch.Tensor:
+    """`x` in fp32, or as it is when it is fp32 / fp64 already."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _as_time(t: Time, x: torch.Tensor) -> torch.Tensor:
-    """`t` as a (B, 1, 1, ...) tensor that broadcasts against `x`."""
+    """`t` as a (B, 1, 1, ...) tensor in `x`'s (fp32 or fp64) dtype that broadcasts against `x`."""
     t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
     if t.ndim == 0:
         t = t.expand(x.shape[0])
@@ -28,7 +38,8 @@ def _as_time(t: Time, x: torch.Tensor) -> torch.Tensor:
 
 # ---- Eq. 1: the straight path between HR (t=0) and LR (t=1) ------------------------------
 def interpolate(x_hr: torch.Tensor, x_lr: torch.Tensor, t: Time) -> torch.Tensor:
-    """X_t = (1 - t) X_HR + t X_LR."""
+    """X_t = (1 - t) X_HR + t X_LR, in fp32."""
+    x_hr, x_lr = _precise(x_hr), _precise(x_lr)
     t = _as_time(t, x_hr)
     return (1 - t) * x_hr + t * x_lr
 
@@ -41,13 +52,15 @@ def target_velocity(x_hr: torch.Tensor, x_lr: torch.Tensor) -> torch.Tensor:
 
 # ---- Euler solver (Sec. 4.1) and teacher step (Eq. 3) -------------------------------------
 def euler_step(x: torch.Tensor, v: torch.Tensor, t_from: Time, t_to: Time) -> torch.Tensor:
-    """X_{t_to} = X_{t_from} + (t_to - t_from) v; with t_to < t_from this moves towards HR."""
+    """X_{t_to} = X_{t_from} + (t_to - t_from) v, in fp32; with t_to < t_from this moves towards HR."""
+    x, v = _precise(x), _precise(v)
     return x + (_as_time(t_to, x) - _as_time(t_from, x)) * v
 
 
 # ---- Eq. 4: the consistency function ------------------------------------------------------
 def consistency(x_t: torch.Tensor, t: Time, v: torch.Tensor) -> torch.Tensor:
-    """f(X_t, t) = X_t - t v: the HR estimate reached in one Euler step; f(x, 0) = x."""
+    """f(X_t, t) = X_t - t v, in fp32: the HR estimate reached in one Euler step; f(x, 0) = x."""
+    x_t, v = _precise(x_t), _precise(v)
     return x_t - _as_time(t, x_t) * v
 
 
@@ -64,6 +77,6 @@ def sample(velocity: VelocityFn, x_lr: torch.Tensor, steps: int = 1, cond=None) 
     grid = time_grid(steps, device=x_lr.device)
     x = x_lr
     for t_from, t_to in zip(grid[:-1], grid[1:]):
-        t = t_from.expand(x.shape[0]).to(x.dtype)
-        x = euler_step(x, velocity(x, t, cond), t_from.item(), t_to.item())
+        t = t_from.expand(x.shape[0])  # fp32 whatever x's dtype
+        x = euler_step(x, velocity(x, t, cond), t_from, t_to)
     return x

@@ -65,8 +65,8 @@ class FastSlowSampler:
     """
 
     def __init__(self, n_fast: int = 4, n_slow: int = 1000, p_fast: float = 0.5):
-        if not 1 <= n_fast <= n_slow:
-            raise ValueError(f"need 1 <= n_fast <= n_slow, got n_fast={n_fast}, n_slow={n_slow}")
+        if not 1 <= n_fast < n_slow:  # n_fast == n_slow: the first fast step would give t == t'
+            raise ValueError(f"need 1 <= n_fast < n_slow, got n_fast={n_fast}, n_slow={n_slow}")
         if not 0.0 <= p_fast <= 1.0:
             raise ValueError(f"p_fast must be in [0, 1], got {p_fast}")
         self.n_fast, self.n_slow = n_fast, n_slow

@@ -50,10 +50,16 @@ def flow_source(z_lr: torch.Tensor, cfg: FlowSRConfig, generator=None):
     raise ValueError(f"unknown flow source: {kind!r}")
 
 
-def _text_cond(student, captions, cond):
-    if cond is not None or not captions:
-        return cond
-    return student.text_condition(captions)
+def quality_captions(batch: Dict):
+    """(c_pos, c_neg) of Eq. 9: the HR and LR captions, each non-empty. An empty caption would make
+    the IQA term a constant (log 2 when both are empty) with zero gradient, silently."""
+    pos, neg = batch.get("hr_caption"), batch.get("lr_caption")
+    n = len(batch["hr"])
+    for name, texts in (("hr_caption", pos), ("lr_caption", neg)):
+        if texts is None or len(texts) != n or any(not str(c).strip() for c in texts):
+            raise ValueError(f"loss.lambda_iqa > 0 needs a non-empty {name} for every sample (caption the "
+                             f"data with jobs.caption, or set loss.lambda_iqa=0)")
+    return list(pos), list(neg)
 
 
 def _autocast(cfg: FlowSRConfig, device: torch.device):
@@ -114,7 +120,6 @@ def stage1_losses(batch: Dict, models: Models, cfg: FlowSRConfig, generator=None
     with torch.no_grad():
         z_hr, z_lr = student.encode(hr), student.encode(lr)
     x1, cond = flow_source(z_lr, cfg, generator)
-    cond = _text_cond(student, batch.get("hr_caption"), cond)
     t = sample_flow_time(hr.shape[0], cfg.schedule.n_slow, cfg.schedule.flow_t1_share, generator).to(hr.device)
     z_t = flow.interpolate(z_hr, x1, t)
     sr = student.decode(flow.consistency(z_t, t, student.velocity(z_t, t, cond)))
@@ -146,6 +151,8 @@ def stage2_losses(batch: Dict, models: Models, cfg: FlowSRConfig, pair_sampler, 
     """
     student, teacher, target, dist = models.student, models.teacher, models.target, models.distance
     mode = cfg.loss.consistency
+    use_iqa = models.iqa is not None and cfg.loss.lambda_iqa > 0
+    c_pos, c_neg = quality_captions(batch) if use_iqa else (None, None)  # fail before any forward
     hr, lr = batch["hr"], batch["lr"]
     n = hr.shape[0]
     n_flow = int(round(n * cfg.schedule.flow_fraction))
@@ -153,7 +160,6 @@ def stage2_losses(batch: Dict, models: Models, cfg: FlowSRConfig, pair_sampler, 
     with torch.no_grad():
         z_hr, z_lr = student.encode(hr), student.encode(lr)
     x1, cond = flow_source(z_lr, cfg, generator)
-    cond = _text_cond(student, batch.get("hr_caption"), cond)
     device = hr.device
 
     t_flow = sample_flow_time(n_flow, cfg.schedule.n_slow, cfg.schedule.flow_t1_share, generator).to(device)
@@ -196,11 +202,9 @@ def stage2_losses(batch: Dict, models: Models, cfg: FlowSRConfig, pair_sampler, 
             losses["adv"] = generator_adversarial_loss(discriminator_logits(student, heads, z_noisy, ts))
         finally:
             heads.requires_grad_(True)
-    if models.iqa is not None and cfg.loss.lambda_iqa > 0:
-        losses["iqa"] = quality_alignment_loss(models.iqa.image_features(img_fake),
-                                               models.iqa.text_features(batch["hr_caption"]),
-                                               models.iqa.text_features(batch["lr_caption"]),
-                                               cfg.loss.iqa_temperature)
+    if use_iqa:
+        losses["iqa"] = quality_alignment_loss(models.iqa.image_features(img_fake), models.iqa.text_features(c_pos),
+                                               models.iqa.text_features(c_neg), cfg.loss.iqa_temperature)
     return losses, z_fake.detach(), z_hr
 
 

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from flowsr.config import FlowSRConfig, apply_overrides, preset
-from jobs.common import add_ray_args, init_ray
+from jobs.common import add_ray_args, config_or_exit, init_ray
 from jobs.evaluate import format_metric, markdown_table, write_csv
 
 TRAIN_IMAGES = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
@@ -557,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    config_or_exit(lambda: base_config(args.size, args.overrides))  # a bad --set: one line, exit 2
     if args.dry_run:
         base = base_config(args.size, args.overrides)
         plan = {name: {"stage": stage, "config": cfg.to_dict()} for name, (stage, cfg) in run_configs(base).items()}

@@ -9,12 +9,27 @@ import os
 import re
 import sys
 import threading
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
 
 log = logging.getLogger("flowsr")
 SUBMISSION_SCHEMES = ("http://", "https://")  # the dashboard / Jobs API, used by `ray job submit`
+
+
+T = TypeVar("T")
+
+
+def config_or_exit(build: Callable[[], T]) -> T:
+    """`build()`, with a config mistake (`flowsr.config.ConfigError`: a bad `--set` value, an
+    unknown key, an unreadable config file) turned into one line on stderr and exit status 2."""
+    from flowsr.config import ConfigError
+
+    try:
+        return build()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,

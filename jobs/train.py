@@ -35,7 +35,7 @@ from typing import Dict, Optional, Sequence
 import pyarrow.fs as pafs
 
 from flowsr.config import FlowSRConfig, apply_overrides, resolve
-from jobs.common import add_ray_args, init_ray, resolve_fs
+from jobs.common import add_ray_args, config_or_exit, init_ray, resolve_fs
 from pipeline import output as out
 
 STAGES = {"1": (1,), "2": (2,), "all": (1, 2)}
@@ -423,7 +423,7 @@ def config_from_args(args) -> FlowSRConfig:
         overrides.append(f"train.num_workers={args.num_workers}")
     if args.use_gpu is not None:
         overrides.append(f"train.use_gpu={json.dumps(args.use_gpu)}")
-    return apply_overrides(resolve(args.config), overrides)
+    return config_or_exit(lambda: apply_overrides(resolve(args.config), overrides))
 
 
 def run_from_args(args) -> int:

@@ -160,8 +160,7 @@ SEVERE = {"scale": 4, "stage1": {"blur": {"family": "aniso", "sigma_x": 3.0, "si
 
 
 def test_template_captions_reflect_params_and_are_deterministic():
-    mild, severe = C.template_lr_caption(MILD), C.template_lr_caption(SEVERE)
-    assert mild == "image quality is mediocre, low-resolution."
+    severe = C.template_lr_caption(SEVERE)
     assert severe.startswith("image quality is very poor")
     for phrase in ("heavily blurred", "missing most fine detail", "strong poisson gray noise",
                    "heavy JPEG compression artifacts", "ringing"):
@@ -176,6 +175,37 @@ def test_template_captions_reflect_params_and_are_deterministic():
     assert set(out["hr_caption"]) == {C.TEMPLATES["v1"]["hr"]}
     assert set(out["caption_model"]) == {"template"} and set(out["caption_prompt_version"]) == {"v1"}
     assert len(set(out["lr_caption"])) == 3  # the rows' params differ
+
+
+def test_template_caption_derived_from_the_parameters():
+    """Each defect's level worked out by hand from the parameters and the documented thresholds:
+    blur sigma in LR pixels (0.25 / 0.5 / 0.8), the smallest size passed through as a fraction of
+    LR (0.85 / 0.55), noise std at LR (3 / 8 / 18), lowest JPEG quality (80 / 60 / 40), a sinc
+    cut-off below pi/2 (ringing); the overall word from the summed levels (>= 8 very poor, >= 6
+    poor, else mediocre)."""
+    # MILD: blur 0.3 / 4 = 0.075 (0), sizes 1, 4 x 1.0 (0), noise 1.0 / 4 and 1.0 (0), JPEG 90 (0)
+    assert C.template_lr_caption(MILD) == "image quality is mediocre, low-resolution."
+    params = {"scale": 4,
+              "stage1": {"blur": {"family": "iso", "sigma_x": 2.4, "sigma_y": 2.4},  # 2.4 / 4 = 0.6: level 2
+                         "resize": {"factor": 0.1},  # passes through 4 x 0.1 = 0.4 of LR: level 2
+                         "jpeg_quality": 50.0,  # below 80 and 60: level 2
+                         "noise": {"kind": "gaussian", "sigma": 1.0, "gray": False}},
+              "stage2": {"blur": None, "resize": None,
+                         "noise": {"kind": "gaussian", "sigma": 20.0, "gray": False}},  # >= 18: level 3
+              "final": {"sinc": {"family": "sinc", "size": 11, "omega_c": 1.0}, "jpeg_quality": 95.0}}  # ringing: 1
+    # 2 + 2 + 3 + 2 + 1 = 10 >= 8
+    assert C.template_lr_caption(params) == (
+        "image quality is very poor, low-resolution, blurry and missing most fine detail, with strong gaussian "
+        "color noise, visible JPEG compression artifacts and ringing around edges.")
+    # lower the noise to 10 (level 2) and drop the sinc: 2 + 2 + 2 + 2 = 8, still very poor; JPEG 70
+    # (level 1) makes 7: poor
+    calmer = {**params, "stage2": {**params["stage2"], "noise": {"kind": "gaussian", "sigma": 10.0}},
+              "final": {"jpeg_quality": 95.0}}
+    assert C.template_lr_caption(calmer).startswith("image quality is very poor,")
+    calmer["stage1"] = {**calmer["stage1"], "jpeg_quality": 70.0}
+    assert C.template_lr_caption(calmer) == (
+        "image quality is poor, low-resolution, blurry and missing most fine detail, with visible gaussian "
+        "color noise and mild JPEG artifacts.")
 
 
 @pytest.mark.parametrize("params", [None, "", "{}", {"stage1": None}, {"stage1": {"noise": {}}},
@@ -248,6 +278,59 @@ def test_regenerate_template_resumes_after_kill(ray_local, tmp_path):
                                          caption=C.CaptionConfig(backend="template", prompt_version="v1",
                                                                  model="x"), part_rows=4)
     assert caption_job.regenerate(other)["captioned"] == 0  # template ignores `model`
+
+
+KILL_AFTER_TWO_PARTS = """
+import os, signal, sys
+from jobs import caption as J
+from pipeline import caption as C
+
+calls = []
+
+def on_part(index, table):
+    calls.append(index)
+    if len(calls) == 2:  # a second part is committed: the process dies while the job runs
+        os.kill(os.getpid(), signal.SIGKILL)
+
+shards, output, address = sys.argv[1:4]
+J.regenerate(J.RegenerateConfig(shards=shards, output=output, address=address, part_rows=2,
+                                caption=C.CaptionConfig(backend="template", batch_size=2)), on_part=on_part)
+"""
+
+
+def test_caption_job_sigkilled_mid_run_then_rerun_captions_every_sample_once(ray_local, tmp_path):
+    """A real kill: the caption job runs in a subprocess (on this module's Ray) that SIGKILLs
+    itself once a second part is committed, so parts exist and some are still to come. The
+    rerun keeps the committed parts byte for byte and captions the rest: each sample once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows = make_rows(12)
+    shards = write_shards(tmp_path / "shards", rows, per_file=4)
+    out_dir = tmp_path / "captions"
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-c", KILL_AFTER_TWO_PARTS, shards, str(out_dir),
+            ray_local.get_runtime_context().gcs_address]
+    proc = subprocess.run(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    first = file_hashes(out_dir)  # two parts at least (others may have been committed meanwhile)
+    assert 2 <= len(first) < 6, f"{len(first)} of 6 parts before the kill"
+    before = sum(pq.read_table(out_dir / name).num_rows for name in first)
+
+    cfg = caption_job.RegenerateConfig(shards=shards, output=str(out_dir), part_rows=2,
+                                       caption=C.CaptionConfig(backend="template", batch_size=2))
+    summary = caption_job.regenerate(cfg)
+    assert summary["already_captioned"] == before and summary["captioned"] == 12 - before
+    after = file_hashes(out_dir)
+    assert {k: after[k] for k in first} == first  # committed parts are not rewritten
+    table = C.read_caption_table(str(out_dir))
+    assert sorted(table["sample_id"].to_pylist()) == sorted(r["sample_id"] for r in rows)  # each exactly once
+    expected = {r["sample_id"]: C.template_lr_caption(json.loads(r["degradation"])) for r in rows}
+    assert dict(zip(table["sample_id"].to_pylist(), table["lr_caption"].to_pylist())) == expected
 
 
 def test_regenerate_qwen2vl_cli_on_actor_pool(ray_local, tmp_path, tiny_qwen, qwen_captioner):

@@ -295,6 +295,79 @@ def test_launcher_yaml():
     assert any("boto3" in c for c in cfg.get("head_setup_commands", [])), "the AWS autoscaler needs boto3"
 
 
+# ---- manifests against the real schemas ----------------------------------------------------------
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def crd_schema(name: str) -> dict:
+    """The openAPIV3Schema of KubeRay's CRD `name` (tests/data, vendored from KubeRay v1.7.0) as a
+    JSON schema. The API server prunes unknown fields silently, so objects with declared
+    properties get `additionalProperties: false` here (a typo fails instead of vanishing), and
+    OpenAPI's `nullable` becomes a "null" type."""
+    crd = json.loads((DATA / f"ray.io_{name}.json").read_text())
+    assert "v1.7.0" in crd["metadata"]["annotations"]["source-commit"]
+
+    def convert(node):
+        if isinstance(node, list):
+            return [convert(n) for n in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: (({p: convert(v) for p, v in node[k].items()}) if k == "properties" else convert(node[k]))
+               for k in node if not k.startswith("x-kubernetes-") or k == "x-kubernetes-int-or-string"}
+        if node.get("nullable") and "type" in out:
+            out["type"] = [out["type"], "null"]
+        if ("properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+
+    (version,) = crd["spec"]["versions"]
+    return convert(version["schema"]["openAPIV3Schema"])
+
+
+def schema_errors(schema: dict, doc: dict) -> List[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(doc)]
+
+
+def test_kuberay_manifests_validate_against_the_crds():
+    clusters, jobs = crd_schema("rayclusters"), crd_schema("rayjobs")
+    docs = [(p.name, d) for p in sorted(KUBERAY.glob("*.yaml")) for d in load_docs(p)]
+    checked = 0
+    for where, doc in docs:
+        schema = {"RayCluster": clusters, "RayJob": jobs}.get(doc["kind"])
+        if schema is not None:
+            assert doc["apiVersion"] == "ray.io/v1", where
+            assert not schema_errors(schema, doc), f"{where}: {schema_errors(schema, doc)[:5]}"
+            checked += 1
+    assert checked == 1 + len(RAYJOBS)
+    # the schemas can fail: a misspelt field, a wrong type, a missing required field
+    cluster = the_raycluster()
+    bad = json.loads(json.dumps(cluster))
+    bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    assert any("maxReplica" in e for e in schema_errors(clusters, bad))
+    bad = json.loads(json.dumps(cluster))
+    bad["spec"]["workerGroupSpecs"][0]["replicas"] = "2"
+    assert schema_errors(clusters, bad)
+    bad = json.loads(json.dumps(cluster))
+    del bad["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["name"]
+    assert schema_errors(clusters, bad)
+
+
+def test_launcher_yaml_validates_against_rays_schema():
+    """cluster/launcher/aws.yaml against the cluster-launcher schema Ray itself validates with
+    (ray/autoscaler/ray-schema.json of the installed Ray)."""
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((CLUSTER / "launcher" / "aws.yaml").read_text())
+    assert not schema_errors(schema, cfg), schema_errors(schema, cfg)[:5]
+    bad = {**cfg, "max_worker": 3}
+    assert schema_errors(schema, bad)
+
+
 def test_dockerfile_pins_match_pyproject():
     text = (CLUSTER / "Dockerfile").read_text()
     pins = pyproject_pins()
@@ -334,19 +407,31 @@ def load_sizing():
 
 
 def test_sizing_closed_forms():
+    """The sizing arithmetic against numbers worked out by hand from the anchors (57 captions/s,
+    2 captions/pair, 47 img/s, 0.24 s / 0.39 s stage-1 steps at batch 4 / 8, stage 2 = 35/12 x,
+    30.6M LoRA params, 25 GB/s ring, 80% utilisation, 24 h deadline, 8 GPUs/node)."""
     s = load_sizing()
     f = s.FIGURES
-    n = 10**6
-    row = s.caption_row(n, f)
-    assert math.isclose(row["gpu_hours"], n * 2 / 57.0 / 0.8 / 3600)
-    assert row["gpus"] == max(1, math.ceil(row["gpu_hours"] / 24)) and row["nodes"] == math.ceil(row["gpus"] / 8)
+    # caption 10^8 pairs: 1e8 * 2 / 57 / 0.8 / 3600 = 1218.32 GPU-h -> ceil(1218.32 / 24) = 51 GPUs, 7 nodes
+    row = s.caption_row(10**8, f)
+    assert math.isclose(row["gpu_hours"], 1218.3236, rel_tol=1e-6)
+    assert (row["gpus"], row["nodes"]) == (51, 7) and math.isclose(row["wall_h"], 1218.3236 / 51, rel_tol=1e-6)
+    assert s.caption_row(10**6, f)["gpus"] == 1  # 12.18 GPU-h fit one GPU's day
+    assert s.caption_row(10**7, f)["gpus"] == 6  # 121.8 GPU-h: 5.08 GPU-days round up to 6 GPUs
+    # upscale 10^9 images: 1e9 / 47 / 0.8 / 3600 = 7387.71 GPU-h -> 308 GPUs on 39 nodes
     up = s.upscale_row(10**9, f)
-    assert math.isclose(up["gpu_hours"], 10**9 / 47.0 / 0.8 / 3600)
-    assert up["wall_h"] <= 24
-    # The step-time line passes through both stage-1 anchors.
-    assert math.isclose(s.train_step_s(8, 1, f)["stage1"], 0.39) and math.isclose(s.train_step_s(4, 1, f)["stage1"], 0.24)
-    one, eight = s.train_row(1, f), s.train_row(8, f)
-    assert eight["wall_h"] < one["wall_h"] and eight["gpu_hours"] > one["gpu_hours"]
+    assert math.isclose(up["gpu_hours"], 7387.7069, rel_tol=1e-6) and (up["gpus"], up["nodes"]) == (308, 39)
+    # training, 1 GPU at batch 16: step = 0.09 + 0.0375 * 16 = 0.69 s, stage 2 0.69 * 35 / 12 = 2.0125 s;
+    # (10k * 0.69 + 20k * 2.0125) / 0.8 / 3600 = 16.3715 h
+    one = s.train_row(1, f)
+    assert math.isclose(one["stage1_s"], 0.69) and math.isclose(one["stage2_s"], 2.0125)
+    assert math.isclose(one["wall_h"], 16.371528, rel_tol=1e-6) and one["nodes"] == 1
+    # 8 GPUs at batch 2 each: 0.09 + 0.075 s plus a ring all-reduce of 4 * 30.6M bytes,
+    # 2 * 7/8 * 122.4 MB / 25 GB/s = 8.568 ms, on every step of both stages
+    eight = s.train_row(8, f)
+    assert math.isclose(eight["stage1_s"], 0.173568) and math.isclose(eight["stage2_s"], 0.489818)
+    assert math.isclose(eight["wall_h"], 4.0041806, rel_tol=1e-6)
+    assert math.isclose(eight["gpu_hours"], 8 * 4.0041806, rel_tol=1e-6)
     assert all(fig.kind in {"anchor", "measured", "paper", "estimate", "assumption"} for fig in f.values())
 
 

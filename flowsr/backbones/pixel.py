@@ -70,7 +70,8 @@ def load_net(net: nn.Module, directory: str) -> None:
 
 def _velocity(net, cfg: ModelConfig, x_t, t, cond):
     x = x_t if cfg.flow_source == "sr_flow" else torch.cat([x_t, cond], dim=1)
-    return net(x, t.to(x_t.dtype) * cfg.timestep_scale).sample
+    dtype = next(net.parameters()).dtype  # the flow math hands over fp32; timesteps stay fp32
+    return net(x.to(dtype), t.float() * cfg.timestep_scale).sample
 
 
 class PixelBackbone(nn.Module):
@@ -100,9 +101,6 @@ class PixelBackbone(nn.Module):
         return z
 
     latent_factor = 1
-
-    def text_condition(self, captions):
-        return None
 
     def trainable_parameters(self):
         return list(self.net.parameters())

@@ -29,6 +29,13 @@ def lora_config(cfg: ModelConfig):
                       target_modules=list(cfg.lora_targets))
 
 
+def timestep(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """The network's timestep `t * scale`, in fp32 whatever dtype `t` or the network has: bf16 keeps
+    8 significant bits, so only ~half of the 1000 slow-grid times would stay distinct and t = 1
+    would reach the UNet as 1000 instead of 999. diffusers' sinusoidal embedding takes fp32."""
+    return t.float() * scale
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts) -> torch.Tensor:
     """CLIP text hidden states (B, 77, D) as SD conditions on them."""
@@ -60,14 +67,12 @@ class AdapterView:
 class SDLatentBackbone(nn.Module):
     """SD 2.1-base as an SR-flow velocity model in VAE latent space (DESIGN.md, "Latent space")."""
 
-    def __init__(self, vae, unet, noise_scheduler, empty_embedding, cfg: ModelConfig,
-                 tokenizer=None, text_encoder=None):
+    def __init__(self, vae, unet, noise_scheduler, empty_embedding, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.vae = vae.requires_grad_(False).eval()
         self.unet = unet.requires_grad_(False)
         self.noise_scheduler = noise_scheduler
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
         self.register_buffer("empty_embedding", empty_embedding, persistent=False)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -97,10 +102,7 @@ class SDLatentBackbone(nn.Module):
         except (OSError, ValueError, EnvironmentError) as err:
             raise missing("Stable Diffusion (vae, unet, tokenizer, text_encoder, scheduler)", source, hint, err) from err
         empty = encode_prompts(tokenizer, text_encoder.eval(), [""])
-        keep_text = cfg.caption_conditioning
-        backbone = cls(vae, unet, scheduler, empty, cfg,
-                       tokenizer if keep_text else None,
-                       text_encoder.requires_grad_(False) if keep_text else None)
+        backbone = cls(vae, unet, scheduler, empty, cfg)
         if cfg.gradient_checkpointing:
             backbone.unet.enable_gradient_checkpointing()
         if with_lora:
@@ -113,15 +115,10 @@ class SDLatentBackbone(nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         """v(x_t, t) with the active adapter; `cond` = text hidden states or None (empty prompt)."""
         ehs = cond if cond is not None else self.empty_embedding.expand(x_t.shape[0], -1, -1)
-        timesteps = t.to(x_t.dtype) * self.cfg.timestep_scale
+        timesteps = timestep(t, self.cfg.timestep_scale)
+        dtype = self.unet.dtype  # the flow math hands over fp32; a bf16 UNet gets bf16 inputs
         forward = self.student_forward if (self.student_forward is not None and self._active() == STUDENT) else self.unet
-        return forward(x_t, timesteps, encoder_hidden_states=ehs.to(x_t.dtype)).sample
-
-    def text_condition(self, captions):
-        """Hidden states of `captions` (caption conditioning), or None when it is off."""
-        if self.text_encoder is None:
-            return None
-        return encode_prompts(self.tokenizer, self.text_encoder, captions)
+        return forward(x_t.to(dtype), timesteps, encoder_hidden_states=ehs.to(dtype)).sample
 
     # ---- image <-> latent ----------------------------------------------------------------------
     def encode(self, image: torch.Tensor) -> torch.Tensor:

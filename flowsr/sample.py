@@ -2,9 +2,10 @@
 
 `super_resolve` runs the flow on a batch already resized to the HR size. `upscale` adds what a
 real image needs: any input size and scale factor (the LR is resized bicubically to the target
-size, as the paper does), overlapping tiles blended with Gaussian weights for the velocity net
-(MultiDiffusion / StableSR) and for the VAE encoder and decoder, so memory is bounded by the tile
-size, and colour correction against the upscaled LR (wavelet or AdaIN, as StableSR / OSEDiff).
+size, as the paper does), overlapping tiles run end to end and blended with Gaussian weights
+(MultiDiffusion / StableSR), and colour correction against the upscaled LR (wavelet or AdaIN, as
+StableSR / OSEDiff). `upscale_stream` never holds an image-sized float buffer: the LR is resized
+per tile, and rows are blended, colour-corrected and handed on in bands as they become final.
 `Upscaler` is the stateful batch callable of Ray's batch-inference template; it also runs in a
 plain loop without Ray.
 
@@ -120,6 +121,8 @@ def tiled_apply(fn: Callable[[torch.Tensor, Sequence[Box]], torch.Tensor], x: to
     size = (min(tile, gh), min(tile, gw))
     grid = [(y, c) for y in tile_starts(gh, tile, overlap) for c in tile_starts(gw, tile, overlap)]
     boxes = [(b, y, c) for b in range(B) for y, c in grid]
+    if len(grid) == 1:  # one tile per image: the blend is the identity
+        return torch.cat([fn(x[i:i + tile_batch], boxes[i:i + tile_batch]).float() for i in range(0, B, tile_batch)])
     weight = gaussian_weights(size[0] * unit_out, size[1] * unit_out, device=x.device)
     th, tw = size[0] * unit_out, size[1] * unit_out
     wsum = torch.zeros(1, 1, gh * unit_out, gw * unit_out, device=x.device)
@@ -542,7 +545,8 @@ class Upscaler:
     Batch in: {"image": sequence of HxWxC uint8 / uint16 arrays (C = 1 or 3), ...}.
     Batch out: the same dict with "image" replaced by the SR arrays (same dtype and channel count)
     and "upscale_seconds" (per image; a group's time split evenly). Images are grouped by
-    output size rounded up to `bucket` pixels; each group runs as one padded batch.
+    output size rounded up to `bucket` pixels; each group runs as one padded batch, streamed tile by
+    tile (`upscale_stream`): memory is bounded by the tiles plus the output arrays themselves.
     LoRA adapters are merged into the base weights (in fp32, before the cast), then bf16 on GPU
     (`dtype`), channels_last, optional `torch.compile` (the inductor cache in `compile_cache_dir`,
     shared by the actors of a node, is reused across runs).

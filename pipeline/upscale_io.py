@@ -10,6 +10,11 @@ upscaled separately (bicubic) and kept (a JPEG target for an image with alpha is
 as Real-ESRGAN does); grayscale stays grayscale (except WebP, which has no gray mode); EXIF
 orientation is applied on decode. Writes are atomic (temporary file in `TMP_DIR`, then a move);
 an output that exists, opens and has the expected size counts as done on a rerun.
+
+Safety rules (`scan_inputs`, `plan_outputs`, `probe_batch`): only regular files are read, folder
+links are followed once per real folder, a path that exists is never read as a glob, files that
+are not images by extension are `unsupported` rows, sizes and pixel counts are capped before any
+decode; every output resolves inside the output folder and no two inputs share one.
 """
 from __future__ import annotations
 

@@ -3,12 +3,11 @@ evaluation report's escaping. One test (or a few) per promise; each runs without
 exit-code test."""
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
-import signal
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -60,18 +59,23 @@ def _png(path, array, **kw):
     Image.fromarray(array).save(path, **kw)
 
 
-@contextlib.contextmanager
-def _deadline(seconds):
-    """Fail (instead of hanging the suite) when the block runs longer than `seconds`."""
-    def expire(*_):
-        raise TimeoutError(f"took more than {seconds} s")
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+def _within(seconds, fn):
+    """fn() run in a daemon thread; fails (instead of hanging the suite) when it takes more than
+    `seconds` — a reader blocked on a named pipe is left blocked there."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 — re-raised below
+            result["error"] = err
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _run(stage, rows, output_root, **probe):
@@ -91,14 +95,12 @@ def test_pipes_and_devices_are_error_rows_and_never_hang(stage, tmp_path):
     _png(root / "good.png", _rgb(8, 8))
     os.mkfifo(root / "pipe.png")
     os.symlink("/dev/zero", root / "zero.png")
-    with _deadline(30):
-        scanned = {i.relative: i for i in uio.scan_inputs(str(root))}
-        rows = uio.plan_outputs(list(scanned.values()), str(tmp_path / "out"), "same")
-        out = _run(stage, rows, str(tmp_path / "out"))
-        # a Parquet list naming them explicitly is probed, and refused there
-        pq.write_table(pa.table({"path": [str(root / "pipe.png"), str(root / "zero.png")]}), tmp_path / "l.parquet")
-        listed = uio.plan_outputs(uio.scan_inputs(str(tmp_path / "l.parquet")), str(tmp_path / "out2"), "same")
-        probed = uio.probe_batch({k: [r[k] for r in listed] for k in listed[0]}, scale=2)
+    rows = _within(30, lambda: uio.plan_outputs(uio.scan_inputs(str(root)), str(tmp_path / "out"), "same"))
+    out = _within(60, lambda: _run(stage, rows, str(tmp_path / "out")))
+    # a Parquet list naming them explicitly is probed, and refused there
+    pq.write_table(pa.table({"path": [str(root / "pipe.png"), str(root / "zero.png")]}), tmp_path / "l.parquet")
+    listed = uio.plan_outputs(uio.scan_inputs(str(tmp_path / "l.parquet")), str(tmp_path / "out2"), "same")
+    probed = _within(30, lambda: uio.probe_batch({k: [r[k] for r in listed] for k in listed[0]}, scale=2))
     status = dict(zip(out["input"], zip(out["status"], out["error"])))
     assert status[str(root / "good.png")] == ("ok", "")
     for name, kind in (("pipe.png", "named pipe"), ("zero.png", "character device")):
@@ -117,8 +119,7 @@ def test_symlink_loops_end_and_each_real_folder_is_listed_once(tmp_path):
     os.symlink(".", root / "self")
     os.symlink(tmp_path / "elsewhere", root / "linked")
     os.symlink(tmp_path / "elsewhere", root / "sub" / "again")  # a second link to the same folder
-    with _deadline(30):
-        listed = uio.list_inputs(str(root))
+    listed = _within(30, lambda: uio.list_inputs(str(root)))
     assert [rel for _, rel in listed] == ["a.png", "linked/c.png", "sub/b.png"]
 
 

@@ -72,8 +72,10 @@ def measure(code_dir: str, ckpt: str, megapixels: int, args) -> dict:
                              args.color_fix], env=env, cwd=code_dir, capture_output=True, text=True)
     if result.returncode != 0:
         return {"failed": result.stderr.strip().splitlines()[-1:] or [f"exit {result.returncode}"]}
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
-    return {**figures, "out_mp": (side * SCALE) ** 2 / 1e6}
+    figures = {**json.loads(result.stdout.strip().splitlines()[-1]), "out_mp": (side * SCALE) ** 2 / 1e6}
+    print(f"  {code_dir}: {figures['out_mp']:.1f} MP out: peak RSS {figures['peak_mb']:.0f} MB "
+          f"({figures['before_mb']:.0f} before the call), {figures['seconds']:.0f} s", flush=True)
+    return figures
 
 
 def report(label: str, rows: dict) -> None:

@@ -1,7 +1,7 @@
 """The `flowsr` command. Each subcommand is registered by a small function that adds its parser
 and sets `func` (called with the parsed args); add yours with `@command`.
 
-    flowsr upscale IN OUT --checkpoint CKPT [-s 4] [--steps 1] [-t 512]
+    flowsr upscale -i IN -o OUT -m MODEL [-s 4] [--steps 1] [-t 128]
 """
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ def _upscale(subparsers) -> None:
 
     p = subparsers.add_parser("upscale", help="upscale a folder, glob, file or Parquet list of images "
                                               "(a local Ray, or --address)")
-    p.add_argument("input", help="folder, glob, file, URI or Parquet file with a path column")
-    p.add_argument("output", help="output folder (mirrors the input names)")
     add_upscale_options(p)
     p.set_defaults(func=run_from_args)
 

@@ -1,7 +1,7 @@
 """Evaluation job: the paper's Table-1 metrics for a checkpoint (or folders of SR outputs).
 
     python -m jobs.evaluate --data PAIRS [--lr-dir LR_DIR] --out OUT
-        (--checkpoint CKPT [--steps 1 4] | --sr NAME=DIR ...)
+        (--checkpoint CKPT [--steps 1 4] | --sr NAME=DIR ...) [--baseline NAME=WEIGHTS ...]
         [--metrics lpips dists fid niqe musiq maniqa clipiqa] [--allow-download]
         [--dataset-name NAME] [--limit N] [--num-actors N] [--num-gpus G] [--address ...]
 
@@ -9,17 +9,22 @@ PAIRS is a folder (or URI) of Parquet pair shards in the `pipeline.schema` layou
 of HR images matched by file stem with the LR images in `--lr-dir`. Each pair is evaluated by
 an actor pool of Ray Data (`PairEvaluator`: the model and the learned metrics are loaded once
 per actor): bicubic, the model at every step count in `--steps` (`flowsr.sample.upscale`, no
-colour fix unless `--color-fix`), and every `--sr` folder, each against HR with PSNR / SSIM on Y
+colour fix unless `--color-fix`), every `--baseline` model (a weights file spandrel reads, such
+as Real-ESRGAN, SwinIR, HAT or DAT, or another FlowSR checkpoint, run in the job through
+`pipeline.sr_models`, its output resized to the HR size when its native scale differs) and
+every `--sr` folder, each against HR with PSNR / SSIM on Y
 (BasicSR, border = scale) and the learned metrics of `flowsr.metrics.MetricSuite` that have
 weights here; a metric without weights is reported as unavailable with the reason. FID is
 computed over the saved image folders on the driver. Local Ray by default, `--address` for a
 cluster (then OUT, the data and the checkpoint must be reachable from every node).
 
-OUT/ gets: table1.md, table1.csv (the paper's Table-1 layout), per_image.csv, summary.json,
-config.json, images/{hr,lr,bicubic,<method>}/<sample_id>.png and report.html with
-LR / bicubic / 1-step / 4-step / HR crops (PNG files in OUT/report/). File names are `safe_name`s
-of the sample ids and method names (a name with other characters than letters, digits, `.`, `_`
-and `-` gets them replaced and a hash of the original appended); the report escapes all it prints.
+OUT/ gets: table1.md, table1.csv (the paper's Table-1 layout), per_image.csv (with the method that
+wins each image on PSNR and on SSIM), summary.json, config.json,
+images/{hr,lr,bicubic,<method>}/<sample_id>.png and report.html with
+LR / bicubic / each baseline / 1-step / 4-step / HR crops (PNG files in OUT/report/). File names
+are `safe_name`s of the sample ids and method names (a name with other characters than letters,
+digits, `.`, `_` and `-` gets them replaced and a hash of the original appended); the report
+escapes all it prints.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ BICUBIC = "bicubic"
 # Table-1 column headers and number formats, as printed in the paper
 HEADERS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "dists": "DISTS", "fid": "FID", "niqe": "NIQE",
            "musiq": "MUSIQ", "maniqa": "MANIQA", "clipiqa": "CLIPQA"}
+WINNER_METRICS = ("psnr", "ssim")  # per image, the method with the highest value is named
+WINNER_COLUMNS = tuple(f"best_{m}" for m in WINNER_METRICS)
+BASELINE_NAME = re.compile(r"[A-Za-z0-9._+-]+")
 DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "dists": 4, "fid": 2, "niqe": 2, "musiq": 2, "maniqa": 4, "clipiqa": 4}
 
 
@@ -81,6 +89,7 @@ class EvalConfig:
     lr_dir: Optional[str] = None  # LR folder when `data` is an HR folder
     checkpoint: Optional[str] = None
     sr: Tuple[Tuple[str, str], ...] = ()  # (method name, folder of SR outputs named like the HR files)
+    baselines: Tuple[Tuple[str, str], ...] = ()  # (method name, model run in the job: pipeline.sr_models)
     steps: Tuple[int, ...] = (1, 4)
     scale: int = 4
     metrics: Tuple[str, ...] = LEARNED_METRICS
@@ -100,8 +109,10 @@ class EvalConfig:
     address: Optional[str] = None
 
     def __post_init__(self):
-        if (self.checkpoint is None) == (not self.sr):
-            raise ValueError("give exactly one of checkpoint or sr folders")
+        if self.checkpoint is not None and self.sr:
+            raise ValueError("give exactly one of checkpoint or SR folders (plus any baseline models)")
+        if self.checkpoint is None and not self.sr and not self.baselines:
+            raise ValueError("give exactly one of checkpoint or SR folders, or baseline models")
         if self.scale < 1 or not self.steps or min(self.steps) < 1:
             raise ValueError(f"need scale >= 1 and step counts >= 1, got {self.scale}, {self.steps}")
         unknown = set(self.metrics) - set(PAPER_METRICS)
@@ -109,13 +120,19 @@ class EvalConfig:
             raise ValueError(f"unknown metrics: {sorted(unknown)} (choose from {', '.join(PAPER_METRICS)})")
         if min(self.batch_size, self.num_actors) < 1:
             raise ValueError("batch_size and num_actors must be >= 1")
-        names = [n for n, _ in self.sr]
-        if len(set(names)) != len(names) or set(names) & {BICUBIC, "hr", "lr"}:
-            raise ValueError(f"SR folder names must be unique and not bicubic/hr/lr, got {names}")
+        names = [n for n, _ in self.sr + self.baselines]
+        reserved = {BICUBIC, "hr", "lr", *WINNER_COLUMNS, *(step_key(s) for s in self.steps)}
+        if len(set(names)) != len(names) or set(names) & reserved:
+            raise ValueError(f"SR folder and baseline names must be unique and not {', '.join(sorted(reserved))}, "
+                             f"got {names}")
+        bad = [n for n, _ in self.baselines if not BASELINE_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"baseline names are folder names: letters, digits, '.', '_', '+' or '-', got {bad}")
 
     def methods(self) -> List[Tuple[str, str, str]]:
         """(key, Table-1 method, #steps) per evaluated row, bicubic first."""
         rows = [(BICUBIC, "Bicubic", "-")]
+        rows += [(name, name, "-") for name, _ in self.baselines]
         if self.checkpoint is not None:
             rows += [(step_key(s), self.method_name, str(s)) for s in self.steps]
         rows += [(name, name, "-") for name, _ in self.sr]
@@ -230,6 +247,14 @@ class PairEvaluator:
             from flowsr.checkpoint import load_for_inference
 
             self.backbone, _ = load_for_inference(self.cfg.checkpoint, device=self.device, weights=self.cfg.weights)
+        self.baselines = {}
+        if self.cfg.baselines:
+            from pipeline.sr_models import load_upscaler
+
+            tile = self.cfg.tile // self.cfg.scale if self.cfg.tile else None  # input pixels
+            self.baselines = {name: load_upscaler(model, scale=self.cfg.scale, tile=tile, device=self.device,
+                                                  dtype="fp32", color_fix=self.cfg.color_fix)
+                              for name, model in self.cfg.baselines}
         self.suite = MetricSuite(metrics, device=str(self.device), allow_download=self.cfg.allow_download,
                                  crop_border=self.cfg.scale)
         self.images_dir = os.path.join(self.cfg.out, "images")
@@ -250,6 +275,8 @@ class PairEvaluator:
         c = self.cfg
         outputs = method_outputs(self.backbone, lr, hr, c.steps, scale=c.scale, seed=c.seed, sample_id=sample_id,
                                  color_fix=c.color_fix, tile=c.tile)
+        for name, upscaler in self.baselines.items():
+            (outputs[name],), _ = upscaler.upscale_images([lr])
         for name, image in sr.items():
             if image.shape != hr.shape:
                 raise ValueError(f"{sample_id}: SR '{name}' {image.shape} does not match HR {hr.shape}")
@@ -360,6 +387,33 @@ def table1(summary: Dict) -> Tuple[List[str], List[List[str]], List[List]]:
     return headers, shown, raw
 
 
+def best_method(row: Mapping, keys: Sequence[str], metric: str) -> str:
+    """The method key with the highest `metric` in a per-image row (the first of equals; "" if none)."""
+    scores = [(row.get(f"{k}/{metric}", np.nan), k) for k in keys]
+    scores = [(v, k) for v, k in scores if np.isfinite(v)]
+    return max(scores, key=lambda s: s[0])[1] if scores else ""
+
+
+def add_winners(per_image: List[Dict], keys: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """Adds "best_psnr" / "best_ssim" to every per-image row; returns {metric: {method key: images won}}."""
+    wins = {m: {k: 0 for k in keys} for m in WINNER_METRICS}
+    for row in per_image:
+        for metric in WINNER_METRICS:
+            row[f"best_{metric}"] = best = best_method(row, keys, metric)
+            if best:
+                wins[metric][best] += 1
+    return wins
+
+
+def wins_table(summary: Dict) -> Tuple[List[str], List[List[str]]]:
+    """(headers, rows): per method, the images on which it has the highest PSNR and SSIM."""
+    wins = summary.get("wins", {})
+    headers = ["Methods", "#Steps"] + [f"{HEADERS[m]} wins" for m in WINNER_METRICS]
+    rows = [[method, steps] + [str(wins.get(m, {}).get(key, 0)) for m in WINNER_METRICS]
+            for key, method, steps in summary["methods"]]
+    return headers, rows
+
+
 def table1_markdown(summary: Dict) -> str:
     headers, shown, _ = table1(summary)
     arrows = {m: "↓" if m in LOWER_BETTER else "↑" for m in summary["metrics_order"]}
@@ -369,6 +423,9 @@ def table1_markdown(summary: Dict) -> str:
     text += f"\n\nPSNR / SSIM on the Y channel (BasicSR), border {summary['scale']} px; {summary['n_images']} images."
     if notes:
         text += "\n\nn/a = unavailable here (never estimated):\n" + "\n".join(notes)
+    if summary.get("wins"):
+        text += f"\n\nPer-image wins (highest value of {summary['n_images']} images):\n\n"
+        text += markdown_table(*wins_table(summary))
     return text + "\n"
 
 
@@ -417,12 +474,20 @@ def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:
             src = html.escape(urllib.parse.quote(name), quote=True)
             cells.append(f'<figure><img src="{src}" width="{shown}" height="{shown}"><figcaption>{caption}'
                          f"</figcaption></figure>")
-        blocks.append(f"<h3>{html.escape(sid)}</h3><div class='row'>{''.join(cells)}</div>")
+        best = {m: dict((k, t) for k, t in columns).get(row.get(f"best_{m}", ""), "") for m in WINNER_METRICS}
+        heading = html.escape(sid) + "".join(f" &middot; best {HEADERS[m]}: {html.escape(best[m])}"
+                                             for m in WINNER_METRICS if best[m])
+        blocks.append(f"<h3>{heading}</h3><div class='row'>{''.join(cells)}</div>")
     headers, shown, _ = table1(summary)
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in shown)
     table += "</table>"
-    notes = "".join(f"<li>{html.escape(HEADERS.get(m, m))}: {html.escape(str(r))}</li>" for m, r in summary["unavailable"].items())
+    wins_headers, wins_rows = wins_table(summary)
+    table += "<h2>Per-image wins</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in wins_headers)
+    table += "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                               for r in wins_rows) + "</table>"
+    notes = "".join(f"<li>{html.escape(HEADERS.get(m, m))}: {html.escape(str(r))}</li>"
+                    for m, r in summary["unavailable"].items())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>FlowSR evaluation: {html.escape(summary['dataset'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -466,6 +531,7 @@ def evaluate(cfg: EvalConfig) -> Dict:
         raise ValueError(f"no pairs in {cfg.data}")
     per_image = [{k: (str(v) if k == "sample_id" else float(v)) for k, v in r.items()} for r in rows]
     methods = cfg.methods()
+    wins = add_winners(per_image, [key for key, _, _ in methods])
     mean = {key: {m: float(np.nanmean([r[f"{key}/{m}"] for r in per_image]))
                   for m in PAPER_METRICS if f"{key}/{m}" in per_image[0]} for key, _, _ in methods}
     if "fid" in suite.available:
@@ -475,7 +541,7 @@ def evaluate(cfg: EvalConfig) -> Dict:
     order = [m for m in PAPER_METRICS if m in suite.names]
     summary = {"dataset": cfg.dataset_name or os.path.basename(cfg.data.rstrip("/")), "n_images": len(per_image),
                "scale": cfg.scale, "methods": [list(m) for m in methods], "metrics_order": order, "mean": mean,
-               "status": suite.status(), "unavailable": dict(suite.unavailable)}
+               "status": suite.status(), "unavailable": dict(suite.unavailable), "wins": wins}
     headers, _, raw = table1(summary)
     write_csv(os.path.join(cfg.out, "table1.csv"), headers, raw)
     with open(os.path.join(cfg.out, "table1.md"), "w") as f:
@@ -497,6 +563,22 @@ def _named_folder(item: str) -> Tuple[str, str]:
     return os.path.basename(item.rstrip("/")), item
 
 
+def _check_baselines(cfg: EvalConfig) -> None:
+    """Every baseline names a model these jobs can run (a one-line `ModelError` otherwise)."""
+    from pipeline.sr_models import describe
+
+    for _, model in cfg.baselines:
+        describe(model)
+
+
+def _named_model(item: str) -> Tuple[str, str]:
+    """NAME=MODEL, or MODEL alone (named after its file stem)."""
+    if "=" in item:
+        name, path = item.split("=", 1)
+        return name, path
+    return os.path.splitext(os.path.basename(item.rstrip("/")))[0], item
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="Parquet pair shards, or a folder of HR images")
@@ -504,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="local output folder")
     p.add_argument("--checkpoint", default=None, help="a flowsr checkpoint directory")
     p.add_argument("--sr", action="append", default=[], metavar="NAME=DIR", help="a folder of SR outputs (repeatable)")
+    p.add_argument("--baseline", action="append", default=[], metavar="NAME=WEIGHTS",
+                   help="a model run in the job beside FlowSR (repeatable): an SR weights file that spandrel reads "
+                        "(.pth/.safetensors: Real-ESRGAN, SwinIR, HAT, DAT, ...) or a FlowSR checkpoint")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 4])
     p.add_argument("--scale", type=int, default=4)
     p.add_argument("--metrics", nargs="*", default=list(LEARNED_METRICS), help="learned metrics (PSNR/SSIM always)")
@@ -527,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> EvalConfig:
     return EvalConfig(data=args.data, out=args.out, lr_dir=args.lr_dir, checkpoint=args.checkpoint,
-                      sr=tuple(_named_folder(s) for s in args.sr), steps=tuple(args.steps), scale=args.scale,
+                      sr=tuple(_named_folder(s) for s in args.sr),
+                      baselines=tuple(_named_model(b) for b in args.baseline), steps=tuple(args.steps),
+                      scale=args.scale,
                       metrics=tuple(args.metrics), allow_download=args.allow_download,
                       dataset_name=args.dataset_name, method_name=args.method_name, weights=args.weights,
                       color_fix=args.color_fix, tile=args.tile or None, seed=args.seed, limit=args.limit,
@@ -537,7 +624,12 @@ def config_from_args(args) -> EvalConfig:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
+    try:
+        cfg = config_from_args(args)
+        _check_baselines(cfg)
+    except ValueError as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0

@@ -1,8 +1,15 @@
 """Bulk upscaling with Ray Data batch inference.
 
-    python -m jobs.upscale --input IN --output OUT --checkpoint CKPT [--scale 4] [--steps 1]
-        [--tile 512] [--tile-overlap 64] [--format same|png|jpg|webp] [--batch-size 8]
-        [--num-gpus 1] [--pool-size 1] [--allow-errors] [--address ...]
+    python -m jobs.upscale -i IN -o OUT -m MODEL [-s SCALE] [--steps 1] [-t 128] [--tile_pad 16]
+        [--ext auto|png|jpg|webp] [--suffix S] [--batch-size 8] [--num-gpus 1] [--pool-size 1]
+        [--allow-errors] [--address ...]
+    (also `python -m jobs.upscale IN OUT -m MODEL`)
+
+MODEL is a FlowSR checkpoint (folder or URI) or an SR weights file that spandrel reads
+(Real-ESRGAN / ESRGAN, SwinIR, HAT, DAT, ...: `pipeline.sr_models`); both run through the same
+job. Real-ESRGAN's spellings keep Real-ESRGAN's meanings: `-i/-o`, `--model_path`, `--tile` and
+`--tile_pad` in input pixels, `--outscale`, `--ext auto`, `--suffix` joined with `_`,
+`--pre_pad`, `--fp32`; where the job differs, the option's help says so.
 
 list inputs and plan output names (driver) -> probe headers, skip valid outputs (CPU tasks)
 -> sort by output-size bucket (driver) -> read + decode (CPU tasks) -> upscale (actor pool,
@@ -26,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from jobs.common import add_ray_args, init_ray
+from jobs.common import add_ray_args, init_ray, is_local
 
 PROBE_BLOCK = 64  # rows per probe task
 MAX_SCALE = 16.0  # output / input size; beyond it the bicubic start carries no information
@@ -44,12 +51,13 @@ STEADY_MIN_FACTOR = 3  # report a steady rate only with this many times the firs
 class UpscaleJobConfig:
     input: str
     output: str
-    checkpoint: str
-    scale: float = 4.0
+    checkpoint: str  # a FlowSR checkpoint or an SR weights file (pipeline.sr_models)
+    scale: Optional[float] = None  # None: the model's native scale (4 for FlowSR)
     steps: int = 1
-    tile: int = 512  # output pixels; 0 = whole images
-    tile_overlap: int = 64
-    vae_tile: int = 512
+    tile: int = 128  # input (LR) pixels, as Real-ESRGAN's --tile; 0 = whole images
+    tile_overlap: int = 16  # input pixels, as Real-ESRGAN's --tile_pad
+    pre_pad: int = 0  # input pixels of reflection at the bottom and right (weights files)
+    vae_tile: int = 512  # output pixels (FlowSR)
     color_fix: str = "wavelet"
     format: str = "same"
     suffix: str = ""
@@ -78,29 +86,51 @@ class UpscaleJobConfig:
         from flowsr.sample import COLOR_FIXES
         from pipeline.upscale_io import OUTPUT_FORMATS
 
-        if not (math.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
+        if self.scale is not None and not (math.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
             raise ValueError(f"scale must be a finite number in (0, {MAX_SCALE:g}], got {self.scale}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.tile < 0 or self.vae_tile < 0 or self.tile_overlap < 0:
-            raise ValueError("tile, vae_tile and tile_overlap must be >= 0")
-        for name in ("tile", "vae_tile"):
-            if getattr(self, name) and getattr(self, name) <= self.tile_overlap:
-                raise ValueError(f"{name}={getattr(self, name)} must be larger than tile_overlap={self.tile_overlap}")
+        if self.vae_tile < 0:
+            raise ValueError(f"vae_tile must be >= 0, got {self.vae_tile}")
         if min(self.max_pixels, self.max_output_pixels, self.max_bytes) < 1:
             raise ValueError("max_pixels, max_output_pixels and max_bytes must be >= 1")
+        if self.format == "auto":  # Real-ESRGAN's name for "the input's format"
+            object.__setattr__(self, "format", "same")
         if self.format not in OUTPUT_FORMATS:
             raise ValueError(f"unknown format: {self.format!r} (choose from {', '.join(OUTPUT_FORMATS)})")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown color_fix: {self.color_fix!r} (choose from {', '.join(COLOR_FIXES)})")
         if min(self.batch_size, self.tile_batch, self.bucket, self.pool_size) < 1:
             raise ValueError("batch_size, tile_batch, bucket and pool_size must be >= 1")
+        if min(self.tile, self.tile_overlap, self.pre_pad) < 0 or (self.tile and self.tile <= self.tile_overlap):
+            raise ValueError(f"need tile > tile_overlap >= 0 (or tile 0) and pre_pad >= 0, got tile={self.tile}, "
+                             f"tile_overlap={self.tile_overlap}, pre_pad={self.pre_pad}")
 
     def upscaler_options(self) -> dict:
+        """Keyword arguments of `pipeline.sr_models.load_upscaler` (tiles in input pixels)."""
         return dict(scale=self.scale, steps=self.steps, tile=self.tile or None, tile_overlap=self.tile_overlap,
-                    vae_tile=self.vae_tile or None, color_fix=self.color_fix, tile_batch=self.tile_batch,
-                    bucket=self.bucket, dtype=self.dtype, compile=self.compile,
+                    pre_pad=self.pre_pad, vae_tile=self.vae_tile or None, color_fix=self.color_fix,
+                    tile_batch=self.tile_batch, bucket=self.bucket, dtype=self.dtype, compile=self.compile,
                     compile_cache_dir=self.compile_cache_dir, pretrained=self.pretrained, weights=self.weights)
+
+    @property
+    def name_suffix(self) -> str:
+        """What output stems get: `_` + suffix, as Real-ESRGAN names img.png -> img_out.png."""
+        return f"_{self.suffix}" if self.suffix else ""
+
+
+def resolve_model(cfg: UpscaleJobConfig) -> UpscaleJobConfig:
+    """`cfg` with the scale resolved from the model (its native scale unless given); a model
+    argument that names nothing runnable raises `pipeline.sr_models.ModelError` (one line)."""
+    from pipeline.sr_models import describe
+
+    info = describe(cfg.checkpoint)
+    scale = info.scale(cfg.scale)
+    native = f"native x{info.native_scale}" if info.native_scale else "any scale"
+    hint = {"discouraged": "; spandrel discourages tiling it (--tile 0 if memory allows)",
+            "internal": "; it tiles internally (run on whole images)"}.get(info.tiling, "")
+    print(f"[upscale] model: {info.name}, {native}; output x{scale:g}{hint}", file=sys.stderr, flush=True)
+    return dataclasses.replace(cfg, scale=scale)
 
 
 def _arrow(fn, **kwargs):
@@ -137,6 +167,8 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     from pipeline import upscale_io as io
 
     start = time.perf_counter()
+    if cfg.scale is None:
+        cfg = resolve_model(cfg)
     check_before_run(cfg)
     try:
         inputs = io.scan_inputs(cfg.input, path_column=cfg.path_column, glob=cfg.glob)
@@ -144,7 +176,7 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         raise UsageError(f"input {cfg.input}: {err}") from err
     started_ray = init_ray(cfg.address)
     manifest = cfg.manifest or io.join_uri(cfg.output, io.MANIFEST_NAME)
-    rows = io.plan_outputs(inputs, cfg.output, cfg.format, cfg.suffix)
+    rows = io.plan_outputs(inputs, cfg.output, cfg.format, cfg.name_suffix)
     io.clear_tmp(cfg.output)
     done, results, steady = [], [], None
     try:
@@ -177,12 +209,14 @@ def check_before_run(cfg: UpscaleJobConfig) -> None:
     """Usage mistakes found before the corpus is touched, as UsageError: a missing or unreadable
     checkpoint (config and weights), an output folder that is a file."""
     from flowsr.checkpoint import check_checkpoint
+    from pipeline.sr_models import FLOWSR, model_kind
     from pipeline.storage import resolve_fs
 
     try:
-        check_checkpoint(cfg.checkpoint, weights=cfg.weights)
+        if model_kind(cfg.checkpoint) == FLOWSR and is_local(cfg.checkpoint):  # weights files: describe()
+            check_checkpoint(cfg.checkpoint, weights=cfg.weights)
     except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"checkpoint: {err}") from err
+        raise UsageError(f"model: {err}") from err
     import pyarrow.fs as pafs
 
     fs, path = resolve_fs(cfg.output)
@@ -230,19 +264,43 @@ def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, 
 
 
 # ---- command line ---------------------------------------------------------------------------
+ALPHA_UPSAMPLERS = ("bicubic", "realesrgan")
+
+
 def add_upscale_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `python -m jobs.upscale` and `flowsr upscale` (Real-ESRGAN-style names
-    are accepted as aliases)."""
+    """Options shared by `python -m jobs.upscale` and `flowsr upscale`: input and output as IN OUT
+    or -i/-o, and Real-ESRGAN's spellings with Real-ESRGAN's meanings."""
     d = {f.name: f.default for f in dataclasses.fields(UpscaleJobConfig)}
-    p.add_argument("--checkpoint", "-m", required=True, help="FlowSR checkpoint directory")
-    p.add_argument("--scale", "-s", "--outscale", type=float, default=d["scale"], help=f"output / input size, in (0, {MAX_SCALE:g}]")
-    p.add_argument("--steps", type=int, default=d["steps"], help="Euler steps (1 = one-step SR)")
-    p.add_argument("--tile", "-t", type=int, default=d["tile"], help="tile size in output pixels (0: none)")
-    p.add_argument("--tile-overlap", "--tile_pad", type=int, default=d["tile_overlap"], help="tile overlap, output pixels")
-    p.add_argument("--vae-tile", type=int, default=d["vae_tile"], help="VAE tile size in output pixels (0: none)")
-    p.add_argument("--color-fix", choices=("wavelet", "adain", "none"), default=d["color_fix"])
-    p.add_argument("--format", "--ext", choices=("same", "png", "jpg", "webp"), default=d["format"])
-    p.add_argument("--suffix", default=d["suffix"], help="appended to each output file's stem")
+    p.add_argument("input_arg", nargs="?", metavar="IN", help="same as -i/--input")
+    p.add_argument("output_arg", nargs="?", metavar="OUT", help="same as -o/--output")
+    p.add_argument("--input", "-i", default=None, help="folder, glob, file, URI or Parquet file with a path column")
+    p.add_argument("--output", "-o", default=None, help="output folder (mirrors the input names)")
+    p.add_argument("--model", "-m", "--model_path", "--model-path", "--checkpoint", dest="checkpoint", required=True,
+                   metavar="MODEL", help="a FlowSR checkpoint folder (or URI), or an SR weights file that spandrel "
+                                         "reads (.pth/.pt/.ckpt/.safetensors: Real-ESRGAN, SwinIR, HAT, DAT, ...)")
+    p.add_argument("--scale", "-s", "--outscale", type=float, default=None,
+                   help=f"output / input size in (0, {MAX_SCALE:g}] (default: the model's native scale; 4 for FlowSR); a weights "
+                        "file's output is resized to it (bicubic, antialiased; Real-ESRGAN's --outscale: Lanczos)")
+    p.add_argument("--steps", type=int, default=d["steps"], help="Euler steps, 1 = one-step SR (FlowSR)")
+    p.add_argument("--tile", "-t", type=int, default=d["tile"],
+                   help="tile size in input (LR) pixels, 0: whole images (as Real-ESRGAN's --tile, but the tile "
+                        "includes its overlap)")
+    p.add_argument("--tile-overlap", "--tile_pad", type=int, default=d["tile_overlap"],
+                   help="overlap of neighbouring tiles in input pixels, blended with Gaussian weights (Real-ESRGAN's "
+                        "--tile_pad: context around each tile, cropped)")
+    p.add_argument("--pre-pad", "--pre_pad", type=int, default=d["pre_pad"],
+                   help="input pixels of reflection added at the bottom and right, then cropped (weights files)")
+    p.add_argument("--vae-tile", type=int, default=d["vae_tile"],
+                   help="VAE tile size in output pixels, 0: none (FlowSR)")
+    p.add_argument("--color-fix", choices=("wavelet", "adain", "none"), default=d["color_fix"],
+                   help="colour correction against the upscaled LR (FlowSR)")
+    p.add_argument("--format", "--ext", choices=("same", "auto", "png", "jpg", "webp"), default=d["format"],
+                   help="output format; same = auto: the input's (PNG/JPEG/WebP; other inputs become PNG)")
+    p.add_argument("--suffix", default=d["suffix"],
+                   help="added to each output's stem after '_' (img.png -> img_SUFFIX.png, as Real-ESRGAN; "
+                        "default: none, where Real-ESRGAN adds _out)")
+    p.add_argument("--alpha-upsampler", "--alpha_upsampler", choices=ALPHA_UPSAMPLERS, default="bicubic",
+                   help="how alpha is upscaled: bicubic only (Real-ESRGAN's default, realesrgan, is not supported)")
     p.add_argument("--path-column", default=d["path_column"], help="path column of a Parquet input")
     p.add_argument("--manifest", default=None, help="manifest Parquet (default OUT/manifest.parquet)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
@@ -251,12 +309,13 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-size", type=int, default=d["pool_size"], help="upscaler actors")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--cpus-per-actor", type=float, default=d["cpus_per_actor"])
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="default: bf16 on GPU (fp16 or fp32 for a weights file without bf16), fp32 on CPU")
     p.add_argument("--fp32", dest="dtype", action="store_const", const="fp32", help="same as --dtype fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks")
     p.add_argument("--compile-cache-dir", default=None, help="inductor cache shared by the actors")
-    p.add_argument("--pretrained", default=None, help="override the SD base model location")
-    p.add_argument("--weights", choices=("student", "target"), default=d["weights"])
+    p.add_argument("--pretrained", default=None, help="override the SD base model location (FlowSR)")
+    p.add_argument("--weights", choices=("student", "target"), default=d["weights"], help="FlowSR weights to run")
     p.add_argument("--max-pixels", type=int, default=d["max_pixels"],
                    help="input pixel cap, checked from the header before decoding (per-item error above it)")
     p.add_argument("--max-output-pixels", type=int, default=d["max_output_pixels"], help="output pixel cap")
@@ -268,36 +327,49 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     add_ray_args(p)
 
 
-class ConfigError(UsageError):
-    """An option value the config refuses."""
+def _one_of(positional: Optional[str], option: Optional[str], name: str) -> str:
+    if positional and option and positional != option:
+        raise ValueError(f"two {name}s given: {positional} and {option}")
+    if not (positional or option):
+        raise ValueError(f"give the {name} as -{name[0]}/--{name} (or positionally: IN OUT)")
+    return positional or option
 
 
 def config_from_args(args: argparse.Namespace) -> UpscaleJobConfig:
+    if args.alpha_upsampler != "bicubic":
+        raise ValueError(f"--alpha_upsampler {args.alpha_upsampler} is not supported: alpha is upscaled bicubically")
     names = {f.name for f in dataclasses.fields(UpscaleJobConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["input"] = _one_of(args.input_arg, args.input, "input")
+    values["output"] = _one_of(args.output_arg, args.output, "output")
+    return UpscaleJobConfig(**values)
+
+
+def _usage_error(err: Exception) -> None:
+    print(f"upscale: error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USAGE) from None
+
+
+def run_from_args(args: argparse.Namespace):
+    """Run the job; returns the exit status: 0, or 1 when inputs failed (`--allow-errors`: 0).
+    Config errors, a model argument that names nothing runnable, a checkpoint or input that is
+    not there: one line on stderr, exit 2 (SystemExit)."""
     try:
-        return UpscaleJobConfig(**{k: v for k, v in vars(args).items() if k in names})
+        cfg = resolve_model(config_from_args(args))
     except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the job; the exit status (0, 1 when inputs failed, 2 for a usage mistake, told in one line)."""
+        _usage_error(err)
+    if args.dry_run:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return EXIT_OK
     try:
-        cfg = config_from_args(args)
-        if args.dry_run:
-            print(json.dumps(dataclasses.asdict(cfg), indent=2))
-            return EXIT_OK
         summary = upscale_corpus(cfg)
-    except (UsageError, ConfigError) as err:
-        print(f"flowsr upscale: error: {err}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+    except UsageError as err:
+        _usage_error(err)
     return exit_status(summary, cfg.allow_errors)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", "-i", required=True, help="folder, glob, file, URI or Parquet file with a path column")
-    p.add_argument("--output", "-o", required=True, help="output folder (mirrors the input names)")
     add_upscale_options(p)
     return run_from_args(p.parse_args(argv))
 

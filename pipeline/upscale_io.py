@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 
 from pipeline.storage import join_uri, resolve_fs
 
-from flowsr.sample import Upscaler, output_size
+from flowsr.sample import output_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga")  # what pipeline.images.load_image decodes
@@ -523,13 +523,16 @@ class SimulatedCrash(RuntimeError):
 
 
 class UpscaleStage:
-    """`flowsr.sample.Upscaler` over raw-bytes rows: pending rows get SR `pixels` and the new
+    """The model's upscaler (`pipeline.sr_models.load_upscaler`: a FlowSR checkpoint or a spandrel
+    weights file) over raw-bytes rows: pending rows get SR `pixels` and the new
     `height` / `width`, plus `seconds`. If a batch fails, its images are retried one by one and
     only the failing ones become error rows. `fail_after` >= 0 (a test switch) makes the call
     after that many upscaled images crash."""
 
     def __init__(self, checkpoint: str, *, fail_after: int = -1, **upscaler_options):
-        self.upscaler = Upscaler(checkpoint, **upscaler_options)
+        from pipeline.sr_models import load_upscaler
+
+        self.upscaler = load_upscaler(checkpoint, **upscaler_options)
         self.fail_after, self.upscaled = fail_after, 0
 
     def __call__(self, batch: Dict[str, Sequence]) -> Dict[str, list]:

@@ -343,13 +343,18 @@ def test_exit_codes_early_checks_and_summary(ray_local, pixel_ckpt, tmp_path, ca
     listed = []
     real_scan = uio.scan_inputs
     monkeypatch.setattr(uio, "scan_inputs", lambda *a, **k: listed.append(a) or real_scan(*a, **k))
+    def status(*argv):
+        try:
+            return main(["upscale", *argv])
+        except SystemExit as exit_:
+            return exit_.code
     for args in (["--checkpoint", str(tmp_path / "nope")], ["--checkpoint", str(root)],
                  ["--checkpoint", pixel_ckpt, "--scale", "1e6"], ["--checkpoint", pixel_ckpt, "--weights", "target"]):
-        assert main(["upscale", str(root), out, *args]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("flowsr upscale: error:") and "Traceback" not in err[0]
+        assert status(str(root), out, *args) == 2
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[upscale]")]
+        assert len(err) == 1 and err[0].startswith("upscale: error:") and "Traceback" not in err[0]
     assert listed == [] and not os.path.exists(out)  # refused before the corpus was touched
-    assert main(["upscale", str(tmp_path / "missing"), out, "--checkpoint", pixel_ckpt]) == 2
+    assert status(str(tmp_path / "missing"), out, "--checkpoint", pixel_ckpt) == 2
     capsys.readouterr()
     assert main(["upscale", str(root), out, "--checkpoint", pixel_ckpt, "-s", "2", "--tile", "0"]) == 1
     summary = capsys.readouterr().err.strip().splitlines()[-1]

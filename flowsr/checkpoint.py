@@ -1,7 +1,10 @@
 """Checkpoint directories: trainable weights in safetensors (LoRA in peft/diffusers format),
 EMA target, discriminator heads, optimiser and RNG state, and the resolved config.
 
-Layout:  config.json  meta.json  student/  target/  disc_heads.safetensors  train_state.pt
+Layout:  README.md (model card)  config.json  meta.json  student/  target/
+         disc_heads.safetensors  train_state.pt
+`student/` and `target/` hold `pytorch_lora_weights.safetensors` in diffusers' SD LoRA layout:
+`StableDiffusionPipeline.from_pretrained(base).load_lora_weights("CKPT/student")` loads it.
 """
 from __future__ import annotations
 
@@ -18,11 +21,16 @@ from .config import FlowSRConfig
 CONFIG_NAME = "config.json"
 META_NAME = "meta.json"
 STATE_NAME = "train_state.pt"
+CARD_NAME = "README.md"
 DISC_NAME = "disc_heads.safetensors"
+INFERENCE_OPTION = "--pretrained"  # how upscale / evaluate override the base model (weight hints)
 
 
 def save_checkpoint(directory: str, *, cfg: FlowSRConfig, stage: int, step: int, models, optimizers,
-                    generator: Optional[torch.Generator] = None, extra: Optional[dict] = None) -> None:
+                    generator: Optional[torch.Generator] = None, extra: Optional[dict] = None,
+                    metrics: Optional[dict] = None) -> None:
+    """Write checkpoint `directory`; `metrics` (loss terms, validation PSNR at this step) go into
+    its model card."""
     from safetensors.torch import save_file
 
     from .backbones.common import unwrap
@@ -40,6 +48,47 @@ def save_checkpoint(directory: str, *, cfg: FlowSRConfig, stage: int, step: int,
     torch.save(state, os.path.join(directory, STATE_NAME))
     with open(os.path.join(directory, META_NAME), "w") as f:
         json.dump({"stage": stage, "step": step, **(extra or {})}, f)
+    with open(os.path.join(directory, CARD_NAME), "w") as f:
+        f.write(model_card(cfg, stage=stage, step=step, metrics=metrics))
+
+
+def model_card(cfg: FlowSRConfig, *, stage: int, step: int, metrics: Optional[dict] = None) -> str:
+    """A Hugging Face model card (README.md) for a checkpoint: what it is, what it needs, how to run it."""
+    m = cfg.model
+    sd = m.backbone == "sd"
+    steps = 1 if stage == 2 else cfg.schedule.n_fast
+    front = ["---", "library_name: diffusers" if sd else "library_name: pytorch",
+             *([f"base_model: {m.pretrained}"] if sd else []),
+             "pipeline_tag: image-to-image", "tags:", "- super-resolution", "- flowsr",
+             *(["- lora"] if sd else []), "---", ""]
+    base = (f"LoRA (rank {m.lora_rank}, alpha {m.lora_alpha}) on the UNet of `{m.pretrained}`; "
+            f"the base model is loaded from there (pass `--pretrained DIR` to use a local copy)."
+            if sd else "A pixel-space UNet trained from scratch (no base model).")
+    lines = [*front, f"# FlowSR x{cfg.data.scale} ({cfg.name}, stage {stage}, step {step})", "",
+             "One-step image super-resolution via consistency rectified flow (FlowSR), trained with "
+             "FlowSR on Ray.", "",
+             "| | |", "|---|---|",
+             f"| preset | `{cfg.name}` |", f"| stage | {stage} ({'flow' if stage == 1 else 'consistency distillation'}) |",
+             f"| training steps | {step} |", f"| scale | x{cfg.data.scale} |",
+             f"| backbone | `{m.backbone}` |", f"| suggested sampling steps | {steps} |", "", base, ""]
+    known = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and k not in ("stage", "step")}
+    if known:
+        lines += ["## Metrics at this step", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {v:.4g} |" for k, v in sorted(known.items())], ""]
+    else:
+        lines += ["## Metrics", "", "Not measured at this step (run `flowsr evaluate --checkpoint CKPT`).", ""]
+    lines += ["## How to run it", "", "```bash",
+              f"flowsr upscale -i IN -o OUT --checkpoint CKPT --steps {steps}",
+              f"python -m jobs.upscale -i IN -o OUT --checkpoint CKPT --steps {steps}", "```", "",
+              "```python", "from PIL import Image", "from flowsr.api import FlowSRUpscaler", "",
+              f"upscaler = FlowSRUpscaler.from_pretrained(\"CKPT\", steps={steps})",
+              "upscaler(Image.open(\"in.png\")).save(\"out.png\")", "```", ""]
+    if sd:
+        lines += ["The LoRA alone, in a stock diffusers pipeline (its sampler is not FlowSR's):", "",
+                  "```python", "from diffusers import StableDiffusionPipeline", "",
+                  f"pipe = StableDiffusionPipeline.from_pretrained(\"{m.pretrained}\")",
+                  "pipe.load_lora_weights(\"CKPT/student\")", "```", ""]
+    return "\n".join(lines)
 
 
 def read_meta(directory: str) -> dict:
@@ -99,6 +148,6 @@ def load_for_inference(directory: str, *, device=None, pretrained: Optional[str]
     cfg = FlowSRConfig.load(path)
     if pretrained:
         cfg = replace(cfg, model=replace(cfg.model, pretrained=pretrained))
-    backbone = build_backbone(cfg.model, device=device)
+    backbone = build_backbone(cfg.model, device=device, option=INFERENCE_OPTION)
     backbone.load_trainable(os.path.join(directory, weights))
     return backbone.eval().requires_grad_(False), cfg

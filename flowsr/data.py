@@ -73,13 +73,21 @@ def paired_hflip(hr: torch.Tensor, lr: torch.Tensor, generator: torch.Generator,
     return hr, lr
 
 
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Encoded image bytes (the shards' PNG columns) -> uint8 HxWx3 RGB."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def prepare_pair(hr_png: bytes, lr_png: bytes, cfg: DataConfig,
                  generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decode one pair, crop (random with a generator, centred without), flip (training only).
     Returns HR float32 (3, P, P) and LR float32 (3, P/scale, P/scale), both in [-1, 1]."""
-    from pipeline.schema import decode_png
-
-    hr, lr = to_tensor(decode_png(hr_png)), to_tensor(decode_png(lr_png))
+    hr, lr = to_tensor(decode_rgb(hr_png)), to_tensor(decode_rgb(lr_png))
     hr, lr = paired_crop(hr, lr, cfg.patch_size, cfg.scale, generator)
     if generator is not None and cfg.hflip:
         hr, lr = paired_hflip(hr, lr, generator)

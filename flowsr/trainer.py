@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import shutil
+import logging
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from .build import build_stage1, build_stage2, make_optimizer
 from .checkpoint import load_checkpoint, read_meta, save_checkpoint
 from .config import FlowSRConfig
 from .data import collate
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsLog, progress_text
 from .sample import super_resolve
 from .schedules import make_pair_sampler
 from .train_step import Models, lr_at, set_lr, stage1_step, stage2_step
@@ -41,6 +42,8 @@ from .train_step import Models, lr_at, set_lr, stage1_step, stage2_step
 VAL_STEPS = (1, 4)  # validation PSNR of 1-step and 4-step sampling (the paper's two settings)
 
 RowBatches = Callable[[int], Iterable[Dict]]  # epoch -> row batches (dicts of arrays, flowsr.data)
+
+logger = logging.getLogger("flowsr.train")
 
 
 class InjectedFailure(RuntimeError):
@@ -251,7 +254,7 @@ def _checkpoint(session: Session, cfg: FlowSRConfig, stage: int, step: int, epoc
     with tempfile.TemporaryDirectory(prefix="flowsr-ckpt-") as tmp:
         if session.rank == 0:
             save_checkpoint(tmp, cfg=cfg, stage=stage, step=step, models=models, optimizers=optimizers,
-                            generator=generator, extra={"epoch": epoch})
+                            generator=generator, extra={"epoch": epoch}, metrics=metrics)
         session.report({**metrics, "stage": stage, "step": step}, tmp if session.rank == 0 else None)
 
 
@@ -289,7 +292,7 @@ def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatch
     pair_sampler = make_pair_sampler(s.sampler, n_fast=s.n_fast, n_slow=s.n_slow, n_intervals=s.n_intervals)
     generator = step_generator(cfg.train.seed, stage, rank, start)
     step, metrics = start, {}
-    tick = time.perf_counter()
+    tick = loop_start = time.perf_counter()
     while step < total:
         seen = 0
         for batch in data or epoch_batches(epoch):
@@ -311,8 +314,11 @@ def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatch
             if log is not None:
                 log.log(step, metrics)
                 if step % cfg.train.log_every == 0 or step == total:
-                    print(f"stage {stage} step {step}/{total} " + " ".join(
-                        f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("epoch", "resumed_from")), flush=True)
+                    progress = progress_text(step - start, total - start, now - loop_start, "img",
+                                             cfg.optim.batch_size)
+                    logger.info("stage %d step %d/%d | %s | %s", stage, step, total, progress, " ".join(
+                        f"{k}={v:.4g}" for k, v in metrics.items()
+                        if k not in ("epoch", "resumed_from", "img_per_s", "elapsed_s")))
             if step % cfg.train.checkpoint_every == 0 or step == total:
                 if log is not None:
                     log.flush()

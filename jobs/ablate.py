@@ -537,7 +537,8 @@ def ablate(size: str = "small", out: str = "runs/ablate", *, seed: int = 0, over
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.ablate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs.ablate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", default="small", choices=sorted(SIZES))
     p.add_argument("--out", default="runs/ablate")
     p.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,15 @@ TRAIN_IMAGES = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistr
 HELDOUT_IMAGES = ("chelsea", "coffee")
 
 
+def ray_logs_dir() -> str:
+    import ray
+
+    try:
+        return ray._private.worker._global_node.get_logs_dir_path()
+    except AttributeError:  # a Ray without that internal: its documented default
+        return "/tmp/ray/session_latest/logs"
+
+
 def phase(name: str):
     print(f"\n== {name}", flush=True)
     return time.perf_counter()
@@ -138,6 +147,7 @@ def demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAG
     # the training workers take every core (torch threads = cpus_per_worker); one logical CPU
     # more lets Ray Data's short read tasks run beside them instead of waiting for a free CPU
     init_ray(None, num_cpus=cores + 1, object_store_memory=1 << 30)
+    print(f"full logs of every Ray process: {ray_logs_dir()}", flush=True)
 
     t0 = phase(f"1/5 prepare pairs ({DEGRADATION_TEXT[degradation]}, template captions)")
     write_samples(TRAIN_IMAGES, os.path.join(out, "images", "train"))
@@ -199,24 +209,31 @@ def demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAG
 
 def add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/demo", help="output folder (report, pairs, runs, upscaled)")
-    p.add_argument("--stage1-steps", type=int, default=STAGE1_STEPS)
-    p.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS)
-    p.add_argument("--crops-per-image", type=int, default=CROPS_PER_IMAGE)
+    p.add_argument("--stage1-steps", type=int, default=STAGE1_STEPS, help="stage-1 (flow) training steps")
+    p.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS, help="stage-2 (consistency) training steps")
+    p.add_argument("--crops-per-image", type=int, default=CROPS_PER_IMAGE,
+                   help="random training crops per bundled image, each with its own degradation")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the training and the evaluation")
     p.add_argument("--degradation", choices=tuple(DEGRADATION_TEXT), default="bicubic",
                    help="how the LR images are made (realesrgan: the paper's data, far harder)")
 
 
 def run_from_args(args) -> int:
-    demo(args.out, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-         crops_per_image=args.crops_per_image, num_workers=args.num_workers, seed=args.seed,
-         degradation=args.degradation)
+    from jobs.common import filter_native_stderr, quiet_console, setup_logging
+
+    setup_logging()
+    filter_native_stderr()  # Ray's C++ lines ("core_worker.cc ... E") bypass Python's sys.stderr
+    with quiet_console():  # Ray's known noise off the console; every log stays in the Ray session's folder
+        demo(args.out, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+             crops_per_image=args.crops_per_image, num_workers=args.num_workers, seed=args.seed,
+             degradation=args.degradation)
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="jobs.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_demo_options(p)
     return run_from_args(p.parse_args(argv))
 

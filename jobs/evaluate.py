@@ -97,6 +97,7 @@ class EvalConfig:
     dataset_name: str = ""  # Table-1 "Datasets" column; default: the data folder's name
     method_name: str = "FlowSR"
     weights: str = "student"  # student | target (EMA)
+    pretrained: Optional[str] = None  # override the SD base model location in the checkpoint
     color_fix: str = "none"  # none | wavelet | adain (what jobs.upscale applies by default: wavelet)
     tile: Optional[int] = None  # output pixels; None: whole images
     seed: int = 0  # noise of the Table-2 flow variants, per image from (seed, sample_id, steps)
@@ -246,13 +247,18 @@ class PairEvaluator:
         if self.cfg.checkpoint is not None:
             from flowsr.checkpoint import load_for_inference
 
-            self.backbone, _ = load_for_inference(self.cfg.checkpoint, device=self.device, weights=self.cfg.weights)
+            from pipeline.storage import cached_copy
+
+            pretrained = cached_copy(self.cfg.pretrained) if self.cfg.pretrained else None
+            self.backbone, _ = load_for_inference(cached_copy(self.cfg.checkpoint), device=self.device,
+                                                  weights=self.cfg.weights, pretrained=pretrained)
         self.baselines = {}
         if self.cfg.baselines:
             from pipeline.sr_models import load_upscaler
+            from pipeline.storage import cached_copy
 
             tile = self.cfg.tile // self.cfg.scale if self.cfg.tile else None  # input pixels
-            self.baselines = {name: load_upscaler(model, scale=self.cfg.scale, tile=tile, device=self.device,
+            self.baselines = {name: load_upscaler(cached_copy(model), scale=self.cfg.scale, tile=tile, device=self.device,
                                                   dtype="fp32", color_fix=self.cfg.color_fix)
                               for name, model in self.cfg.baselines}
         self.suite = MetricSuite(metrics, device=str(self.device), allow_download=self.cfg.allow_download,
@@ -580,11 +586,12 @@ def _named_model(item: str) -> Tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="Parquet pair shards, or a folder of HR images")
     p.add_argument("--lr-dir", default=None, help="LR images named like the HR files (with an HR folder)")
     p.add_argument("--out", required=True, help="local output folder")
-    p.add_argument("--checkpoint", default=None, help="a flowsr checkpoint directory")
+    p.add_argument("--checkpoint", default=None, help="a flowsr checkpoint directory (path or URI: s3://, gs://, file://)")
     p.add_argument("--sr", action="append", default=[], metavar="NAME=DIR", help="a folder of SR outputs (repeatable)")
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=WEIGHTS",
                    help="a model run in the job beside FlowSR (repeatable): an SR weights file that spandrel reads "
@@ -596,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-name", default="")
     p.add_argument("--method-name", default="FlowSR")
     p.add_argument("--weights", default="student", choices=["student", "target"])
+    p.add_argument("--pretrained", default=None, help="override the SD base model location recorded in the checkpoint")
     p.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
     p.add_argument("--tile", type=int, default=0, help="tile size in output pixels (0: whole images)")
     p.add_argument("--seed", type=int, default=0)
@@ -617,6 +625,7 @@ def config_from_args(args) -> EvalConfig:
                       scale=args.scale,
                       metrics=tuple(args.metrics), allow_download=args.allow_download,
                       dataset_name=args.dataset_name, method_name=args.method_name, weights=args.weights,
+                      pretrained=args.pretrained,
                       color_fix=args.color_fix, tile=args.tile or None, seed=args.seed, limit=args.limit,
                       batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
                       report_images=args.report_images, crop_size=args.crop_size, address=args.address)

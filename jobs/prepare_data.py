@@ -1,39 +1,52 @@
 """Data stage: image files -> (HR patch, Real-ESRGAN LR) pairs in Parquet shards, on Ray Data.
 
-    python -m jobs.prepare_data --input DIR|GLOB|URI --output URI [--patch-size 512]
+    python -m jobs.prepare_data --input DIR|FILE|URI --output URI [--glob] [--patch-size 512]
         [--crops-per-image N] [--crop-mode random|grid] [--degradation realesrgan|bicubic]
-        [--scale 4] [--seed 0] [--shard-rows N]
-        [--captioner off|template|qwen2vl] [--address ...] [--num-cpus ...]
+        [--scale 4] [--seed 0] [--shard-rows N] [--max-pixels N] [--max-bytes N]
+        [--captioner off|template|qwen2vl] [--overwrite] [--address ...] [--num-cpus ...]
 
-Pipeline: list files -> [read, decode, crop, degrade] (Ray tasks, `files_per_task` files each)
--> [captions] -> [write one shard per `shard_rows` rows]. Layout of `--output`:
+Pipeline: list files (streamed into `_work/` Parquet chunks) -> [read, digest, skip finished,
+decode, crop, degrade] (Ray tasks, `files_per_task` files each) -> [captions] -> [write one
+shard per `shard_rows` rows]. Layout of `--output` (written through `pipeline.output`):
 
-    run_config.json             the settings that define the pairs; a rerun must match them
+    _run.json                   run record: the settings that define the pairs; a rerun must match
+    _lease.json                 held while a run writes; a second concurrent run refuses
     shards/part-<hash>.parquet  PAIR_SCHEMA rows (pipeline/schema.py), at most shard_rows each
-    errors/part-<hash>.parquet  ERROR_SCHEMA rows of the files that failed, during a run
-    errors.parquet              all ERROR_SCHEMA rows, one per bad file (written at the end)
-    manifest.json               every finished shard with its row count, and totals
+    errors/part-<hash>.parquet  ERROR_SCHEMA rows: one per file that failed or is unsupported
+    manifest.json               every committed shard with its row count, and totals
 
-Every file is written under a hidden temporary name (`.tmp-...`, skipped by pyarrow and Ray
-readers) and renamed when complete, so a killed run leaves no partial shard. A rerun reads the
-`sample_id`s of the finished shards and skips them, so each sample_id is written once; files
-already in the errors table are skipped too (delete errors.parquet to retry them). One run per
-output at a time: a run deletes the temporary files it finds there. Each pair depends only on (seed, source_uri, crop): the output
-is the same for any worker count or batch size.
+Identity: `sample_id` = hash of the file's bytes (sha256) and the crop's index, so the same
+image reached through a moved, renamed or symlinked path has the same ids and is not redone;
+crops and degradations are drawn from (seed, content digest, crop index), so each pair depends
+only on the bytes, never on the path, worker count or batch size.
+
+Resume: every part is committed atomically (dot-prefixed temp file, then rename); a killed run
+leaves no partial shard. A rerun builds a hash-partitioned index of the finished sample_ids
+(and errored source_uris) inside Ray Data from the committed parts; each task skips the crops
+(and files) found there. Delete errors/ to retry failed files.
+
+Inputs: a literal path (file or directory) is never read as a glob; `--glob` (or a path that
+does not exist) makes it one. Directories are walked recursively, following directory
+symlinks once per real directory. Only regular files are read (a FIFO or a device is an error
+row); a file above `--max-bytes` or an image whose header says more than `--max-pixels` pixels
+is an error row before it is decoded; a file without an image extension is an "unsupported"
+row. Hidden files are skipped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
-import glob
+import glob as globlib
 import hashlib
+import io
 import json
 import os
+import stat
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -42,22 +55,29 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
+from pipeline import output as out
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, load_image, to_rgb8
-from pipeline.schema import CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, encode_png, make_sample_id
+from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, content_sample_id, dataset_card,
+                             encode_png, with_shard_metadata)
 
 CROP_MODES = ("random", "grid")
 CAPTIONERS = ("off", "template", "qwen2vl")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
                     ".pgm", ".jfif")
-SHARDS_DIR, ERRORS_DIR = "shards", "errors"
-ERRORS_FILE, MANIFEST_FILE, RUN_CONFIG_FILE = "errors.parquet", "manifest.json", "run_config.json"
-PART_PREFIX, TMP_PREFIX, PARQUET_SUFFIX = "part-", ".tmp-", ".parquet"
-ROW_GROUP_ROWS = 64  # pairs per Parquet row group: readers stream a shard in small steps
+SHARDS_DIR, ERRORS_DIR, WORK_DIR = "shards", "errors", "_work"
+ERRORS_FILE, MANIFEST_FILE = ERRORS_DIR, "manifest.json"  # errors: a directory of parts
+PART_PREFIX, TMP_PREFIX, PARQUET_SUFFIX = out.PART_PREFIX, out.TMP_PREFIX, out.PARQUET_SUFFIX
+ROW_GROUP_ROWS = out.ROW_GROUP_ROWS  # pairs per Parquet row group: readers stream a shard in small steps
 CROP_STREAM = 1  # keeps the crop generator's seed apart from the degradation's
 GLOB_CHARS = "*?["
+WORK_CHUNK_ROWS = 50_000  # listed files per `_work` chunk: the listing never sits whole in memory
+DEFAULT_MAX_PIXELS = 40_000_000  # ~1.6 GB peak per task at the decode + composite
+DEFAULT_MAX_BYTES = 256 << 20
 # Fields of PrepareConfig that change the pairs: a rerun into the same output must keep them.
-DATA_FIELDS = ("patch_size", "crops_per_image", "crop_mode", "scale", "seed", "alpha", "degradation")
+DATA_FIELDS = ("patch_size", "crops_per_image", "crop_mode", "scale", "seed", "alpha", "degradation",
+               "captioner")
+WORK_SCHEMA = pa.schema([("source_uri", pa.string()), ("reject", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,10 @@ class PrepareConfig:
     num_workers: Optional[int] = None  # concurrent decode/degrade tasks; None: as many as CPUs
     alpha: str = "white"  # transparent pixels: composited on "white", or the alpha "drop"ped
     extensions: Tuple[str, ...] = IMAGE_EXTENSIONS
+    glob: bool = False  # read `input` as a glob pattern even when such a path exists
+    max_pixels: int = DEFAULT_MAX_PIXELS  # header check before decode
+    max_bytes: int = DEFAULT_MAX_BYTES
+    overwrite: bool = False  # delete the output's earlier results instead of resuming
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # CPUs of a local Ray started by the job
 
@@ -90,7 +114,8 @@ class PrepareConfig:
             raise ValueError(f"unknown degradation: {self.degradation!r} (choose from {DEGRADATION_KINDS})")
         if self.alpha not in ALPHA_MODES:
             raise ValueError(f"unknown alpha mode: {self.alpha!r} (choose from {ALPHA_MODES})")
-        for name in ("patch_size", "crops_per_image", "scale", "shard_rows", "files_per_task"):
+        for name in ("patch_size", "crops_per_image", "scale", "shard_rows", "files_per_task",
+                     "max_pixels", "max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patch_size % self.scale:
@@ -103,9 +128,12 @@ class PrepareConfig:
             raise ValueError("input and output must be given")
 
     def data_settings(self) -> Dict[str, Any]:
-        """The settings that define the pairs (recorded in run_config.json)."""
+        """The settings that define the pairs (the run record's params)."""
         return {**{name: getattr(self, name) for name in DATA_FIELDS},
                 "degradation_params_version": PARAMS_VERSION}
+
+    def record(self) -> Dict[str, Any]:
+        return out.run_record("prepare_data", self.input, self.data_settings())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,76 +141,196 @@ class PrepareConfig:
 # ---------------------------------------------------------------------------------------------
 
 def _has_extension(path: str, extensions: Sequence[str]) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return not name.startswith(".") and name.lower().endswith(tuple(extensions))
+    return path.rsplit("/", 1)[-1].lower().endswith(tuple(extensions))
 
 
-def _list_local(pattern: str) -> List[str]:
+def _hidden(path: str) -> bool:
+    return path.rsplit("/", 1)[-1].startswith(".")
+
+
+def walk_files(root: str, exclude: Sequence[str] = ()) -> Iterator[str]:
+    """Files under a local directory, recursively, sorted per directory; directory symlinks are
+    followed, each real directory once (a link loop ends). Directories in `exclude` (e.g. the
+    job's own output) are not entered."""
+    seen = set()
+    for path in exclude:
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            seen.add((info.st_dev, info.st_ino))
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            info = os.stat(directory)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                subdirs.append(entry.path)
+            else:
+                yield entry.path
+        stack.extend(reversed(subdirs))
+
+
+def _list_local(pattern: str, as_glob: bool, exclude: Sequence[str] = ()) -> Iterator[str]:
     path = os.path.abspath(os.path.expanduser(pattern))
-    if any(c in pattern for c in GLOB_CHARS):
-        return [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
-    if os.path.isfile(path):
-        return [path]
-    if os.path.isdir(path):
-        return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-    raise FileNotFoundError(f"input not found: {pattern!r}")
+    if not as_glob and os.path.lexists(path):
+        if os.path.isdir(path):
+            yield from walk_files(path, exclude)
+        else:
+            yield path
+        return
+    if not as_glob and not any(c in pattern for c in GLOB_CHARS):
+        raise FileNotFoundError(f"input not found: {pattern!r}")
+    matches = sorted(globlib.iglob(path, recursive=True))
+    if not matches:
+        raise FileNotFoundError(f"input not found: no path matches the glob {pattern!r}")
+    for match in matches:  # a matching directory is walked
+        if os.path.isdir(match):
+            yield from walk_files(match, exclude)
+        else:
+            yield match
 
 
-def _list_remote(uri: str) -> List[str]:
+def _list_remote(uri: str, as_glob: bool = True) -> List[str]:
     scheme = uri.split("://", 1)[0]
-    pattern_at = min((uri.find(c) for c in GLOB_CHARS if c in uri), default=-1)
-    base = uri if pattern_at < 0 else uri[:pattern_at].rsplit("/", 1)[0]
-    fs, root = pafs.FileSystem.from_uri(base)
+    fs, root = resolve_fs(uri)
     info = fs.get_file_info(root)
+    pattern_at = -1
+    if info.type == pafs.FileType.NotFound and (as_glob or any(c in uri for c in GLOB_CHARS)):
+        pattern_at = min((uri.find(c) for c in GLOB_CHARS if c in uri), default=-1)
+        if pattern_at >= 0:
+            fs, root = resolve_fs(uri[:pattern_at].rsplit("/", 1)[0])
+            info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         paths = [root]
     elif info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = [i.path for i in infos if i.type == pafs.FileType.File]
+        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
     else:
         raise FileNotFoundError(f"input not found: {uri!r}")
     uris = [f"{scheme}://{p}" for p in paths]
     return uris if pattern_at < 0 else [u for u in uris if fnmatch.fnmatchcase(u, uri)]
 
 
-def list_sources(input_uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[str]:
-    """Sorted image files of a local dir / glob / file, or of a pyarrow URI (s3://, gs://...).
+def iter_listing(input_uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 as_glob: bool = False, exclude: Sequence[str] = ()
+                 ) -> Iterator[Tuple[str, Optional[str]]]:
+    """(uri, reject reason or None) for every non-hidden file of the input, in a stable order.
 
-    Local files are returned as absolute paths, remote ones as URIs. Directories are walked
-    recursively; hidden files and files without an image extension are skipped.
+    A single file given literally is always a candidate; other files without an image extension
+    come with the reason "unsupported: ...".
     """
     local = is_local(input_uri)
     pattern = input_uri[len("file://"):] if input_uri.startswith("file://") else input_uri
-    files = _list_local(pattern) if local else _list_remote(input_uri)
-    single = len(files) == 1 and not any(c in input_uri for c in GLOB_CHARS)
-    return sorted(f for f in files if single or _has_extension(f, extensions))
+    files = _list_local(pattern, as_glob, exclude) if local else iter(_list_remote(input_uri, as_glob))
+    first = next(files, None)
+    if first is None:
+        return
+    second = next(files, None)
+    if second is None and not as_glob and not any(c in input_uri for c in GLOB_CHARS):
+        yield first, None  # one file asked for by name
+        return
+    for path in ([first, second] if second is not None else [first]):
+        if not _hidden(path):
+            yield path, None if _has_extension(path, extensions) else (
+                f"unsupported: not an image file extension ({os.path.splitext(path)[1] or 'none'})")
+    for path in files:
+        if not _hidden(path):
+            yield path, None if _has_extension(path, extensions) else (
+                f"unsupported: not an image file extension ({os.path.splitext(path)[1] or 'none'})")
 
 
-def read_bytes(uri: str) -> bytes:
-    """The bytes of a local path or a pyarrow URI."""
+def list_sources(input_uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 as_glob: bool = False) -> List[str]:
+    """Sorted image files of a local dir / file / glob, or of a pyarrow URI (s3://, gs://...).
+
+    Local files are returned as absolute paths, remote ones as URIs. Unsupported files are left
+    out here (the job records them as error rows).
+    """
+    return sorted(uri for uri, reject in iter_listing(input_uri, extensions, as_glob) if reject is None)
+
+
+class InputTooLarge(OSError):
+    """A file above the byte cap, or not a regular file."""
+
+
+def read_bytes(uri: str, max_bytes: Optional[int] = None) -> bytes:
+    """The bytes of a regular file (local path or pyarrow URI), at most `max_bytes`.
+
+    Raises InputTooLarge for special files (FIFO, device, socket) and files above the cap:
+    neither is ever opened for reading.
+    """
     if is_local(uri):
-        with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as f:
-            return f.read()
-    fs, path = resolve_fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputTooLarge(f"not a regular file ({_file_kind(info.st_mode)})")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise InputTooLarge(f"file too large: {info.st_size} bytes > max_bytes {max_bytes}")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1 if max_bytes is not None else -1)
+    else:
+        fs, path = resolve_fs(uri)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise InputTooLarge(f"not a regular file ({info.type.name})")
+        if max_bytes is not None and info.size is not None and info.size > max_bytes:
+            raise InputTooLarge(f"file too large: {info.size} bytes > max_bytes {max_bytes}")
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1 if max_bytes is not None else None)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InputTooLarge(f"file too large: more than max_bytes {max_bytes} bytes")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def header_pixels(data: bytes) -> Optional[Tuple[int, int]]:
+    """(width, height) from the image header, without decoding pixels; None when unreadable
+    (the decode then says why). Sizes past Pillow's own bomb limit give (-1, -1)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Image.DecompressionBombError:
+        return -1, -1
+    except Exception:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-file stage (pure functions; no Ray)
 # ---------------------------------------------------------------------------------------------
 
-def _uri_key(uri: str) -> int:
-    return int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "little")
-
-
-def plan_crops(height: int, width: int, source_uri: str, *, patch_size: int, count: int,
+def plan_crops(height: int, width: int, key: str, *, patch_size: int, count: int,
                mode: str, seed: int) -> List[Tuple[int, int]]:
     """Top-left corners (y, x) of up to `count` patch_size crops of a height x width image.
 
-    random: crop i is drawn from a generator seeded by (seed, source_uri, i); repeated corners
-    (possible on small images) are kept once. grid: non-overlapping tiles in raster order.
-    Returns [] when the image is smaller than one patch.
+    random: crop i is drawn from a generator seeded by (seed, key, i), `key` being the
+    source's content digest (hex); repeated corners (possible on small images) are kept once.
+    grid: non-overlapping tiles in raster order. Returns [] when the image is smaller than one
+    patch. A crop's index in the returned list is part of its sample_id and does not change
+    when more crops are asked for.
     """
     if height < patch_size or width < patch_size:
         return []
@@ -192,9 +340,10 @@ def plan_crops(height: int, width: int, source_uri: str, *, patch_size: int, cou
         return tiles[:count]
     if mode != "random":
         raise ValueError(f"unknown crop mode: {mode!r}")
+    stream = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
     corners: List[Tuple[int, int]] = []
     for index in range(count):
-        rng = np.random.default_rng([seed, CROP_STREAM, _uri_key(source_uri), index])
+        rng = np.random.default_rng([seed, CROP_STREAM, stream, index])
         corner = (int(rng.integers(height - patch_size + 1)), int(rng.integers(width - patch_size + 1)))
         if corner not in corners:
             corners.append(corner)
@@ -206,11 +355,10 @@ def error_row(source_uri: str, stage: str, error: str) -> Dict[str, str]:
     return {"source_uri": source_uri, "stage": stage, "error": error}
 
 
-def make_pair(hr: np.ndarray, source_uri: str, y: int, x: int, *, scale: int, seed: int,
-              conversion: str, degradation: str = "realesrgan") -> Dict[str, Any]:
+def make_pair(hr: np.ndarray, source_uri: str, y: int, x: int, *, sample_id: str, scale: int,
+              seed: int, conversion: str, degradation: str = "realesrgan") -> Dict[str, Any]:
     """One PAIR_SCHEMA row (caption columns left out) from an HR patch, uint8 PxPx3 RGB."""
     size = hr.shape[0]
-    sample_id = make_sample_id(source_uri, y, x, size)
     lr, params = degrade(hr, seed=seed, sample_id=sample_id, scale=scale, kind=degradation)
     return {"sample_id": sample_id, "source_uri": source_uri,
             "crop": json.dumps({"y": y, "x": x, "size": size}), "hr": encode_png(hr),
@@ -219,48 +367,75 @@ def make_pair(hr: np.ndarray, source_uri: str, y: int, x: int, *, scale: int, se
             "conversion": conversion}
 
 
-def process_source(source_uri: str, data: bytes, cfg: PrepareConfig,
-                   skip_ids: Iterable[str] = ()) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
+def candidate_ids(digest: str, cfg: PrepareConfig) -> List[str]:
+    """sample_ids of crops 0..crops_per_image-1 of the content `digest` (some may not exist)."""
+    return [content_sample_id(digest, i) for i in range(cfg.crops_per_image)]
+
+
+def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: Iterable[str] = (),
+                   digest: Optional[str] = None
+                   ) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
     """Decode one file, crop and degrade it: (pair rows, None) or ([], error row).
 
     Crops whose sample_id is in `skip_ids` are not produced (they are already written).
+    The pixel count is checked from the header before anything is decoded.
     """
+    size = header_pixels(data)
+    if size == (-1, -1):
+        return [], error_row(source_uri, "limit", "too many pixels: past Pillow's decompression-bomb "
+                                                  f"limit (max_pixels {cfg.max_pixels})")
+    if size is not None and size[0] * size[1] > cfg.max_pixels:
+        return [], error_row(source_uri, "limit", f"too many pixels: {size[0]}x{size[1]} = "
+                                                  f"{size[0] * size[1]} > max_pixels {cfg.max_pixels}")
+    digest = digest or out.bytes_digest(data)
     try:
         rgb, conversion = to_rgb8(load_image(data, source_uri), alpha=cfg.alpha)
     except (ImageDecodeError, ValueError) as exc:
         return [], error_row(source_uri, "decode", str(exc))
     height, width = rgb.shape[:2]
-    corners = plan_crops(height, width, source_uri, patch_size=cfg.patch_size,
+    corners = plan_crops(height, width, digest, patch_size=cfg.patch_size,
                          count=cfg.crops_per_image, mode=cfg.crop_mode, seed=cfg.seed)
     if not corners:
         return [], error_row(source_uri, "crop", f"too small: {width}x{height} < patch "
                                                  f"{cfg.patch_size}x{cfg.patch_size}")
     skip, size = set(skip_ids), cfg.patch_size
     rows = []
-    for y, x in corners:
-        if make_sample_id(source_uri, y, x, size) in skip:
+    for index, (y, x) in enumerate(corners):
+        sample_id = content_sample_id(digest, index)
+        if sample_id in skip:
             continue
         hr = np.ascontiguousarray(rgb[y:y + size, x:x + size])
-        rows.append(make_pair(hr, source_uri, y, x, scale=cfg.scale, seed=cfg.seed,
-                              conversion=conversion, degradation=cfg.degradation))
+        rows.append(make_pair(hr, source_uri, y, x, sample_id=sample_id, scale=cfg.scale,
+                              seed=cfg.seed, conversion=conversion, degradation=cfg.degradation))
     return rows, None
 
 
-def process_uri(source_uri: str, cfg: PrepareConfig,
-                skip_ids: Iterable[str] = ()) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
-    """`process_source` on a file read from its URI; unreadable files give an error row."""
+def process_uri(source_uri: str, cfg: PrepareConfig, done: out.DoneIndex = out.EMPTY_INDEX
+                ) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
+    """`process_source` on a file read from its URI, skipping the crops `done` holds.
+
+    Unreadable, special or oversized files give an error row; a file whose crops are all done
+    is not decoded.
+    """
     try:
-        data = read_bytes(source_uri)
-    except OSError as exc:
+        data = read_bytes(source_uri, cfg.max_bytes)
+    except InputTooLarge as exc:
+        return [], error_row(source_uri, "read", str(exc))
+    except (OSError, MemoryError) as exc:
         return [], error_row(source_uri, "read", f"{type(exc).__name__}: {exc}")
+    digest = out.bytes_digest(data)
+    ids = candidate_ids(digest, cfg)
+    finished = done.done(ids)
+    if finished.all():
+        return [], None
     try:
-        return process_source(source_uri, data, cfg, skip_ids)
+        return process_source(source_uri, data, cfg, [i for i, f in zip(ids, finished) if f], digest)
     except Exception as exc:  # one bad file must not stop the job; the reason is recorded
         return [], error_row(source_uri, "degrade", f"{type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables and atomic writes
+# Tables and parts
 # ---------------------------------------------------------------------------------------------
 
 PAIR_COLUMNS_BEFORE_CAPTIONS = tuple(n for n in PAIR_SCHEMA.names if n not in CAPTION_COLUMNS)
@@ -285,71 +460,53 @@ def conform_pairs(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=PAIR_SCHEMA)
 
 
-def content_name(keys: Iterable[str]) -> str:
-    """part-<hash>.parquet named by its keys: a retried write replaces, never duplicates."""
-    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:20]
-    return f"{PART_PREFIX}{digest}{PARQUET_SUFFIX}"
-
-
 def _join(root: str, *names: str) -> str:
     return "/".join([root.rstrip("/"), *names])
 
 
-def write_atomic(fs: pafs.FileSystem, path: str, write: Callable[[Any], None]) -> None:
-    """Write `path` through a hidden temporary file in the same directory, then rename it."""
-    directory, name = path.rsplit("/", 1)
-    fs.create_dir(directory, recursive=True)
-    tmp = _join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
-    try:
-        with fs.open_output_stream(tmp) as stream:
-            write(stream)
-        fs.move(tmp, path)
-    except BaseException:
-        if fs.get_file_info(tmp).type == pafs.FileType.File:
-            fs.delete_file(tmp)
-        raise
-
-
-def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
-    write_atomic(fs, path, lambda stream: pq.write_table(table, stream,
-                                                         row_group_size=ROW_GROUP_ROWS))
-
-
-def write_json_atomic(obj: Any, fs: pafs.FileSystem, path: str) -> None:
-    write_atomic(fs, path, lambda stream: stream.write(json.dumps(obj, indent=2).encode()))
-
-
 def write_shard(table: pa.Table, output: str) -> Optional[Dict[str, Any]]:
-    """Write one shard of pair rows under output/shards; its {"shard", "rows"} or None if empty."""
+    """Commit one shard of pair rows under output/shards; its {"shard", "rows"} or None if empty."""
     if table.num_rows == 0:
         return None
     fs, root = resolve_fs(output)
-    table = conform_pairs(table)
-    name = content_name(table.column("sample_id").to_pylist())
-    write_parquet_atomic(table, fs, _join(root, SHARDS_DIR, name))
+    table = with_shard_metadata(conform_pairs(table), params_version=PARAMS_VERSION)
+    name = out.content_part_name(table.column("sample_id").to_pylist())
+    out.write_parquet_atomic(fs, _join(root, SHARDS_DIR, name), table)
     return {"shard": f"{SHARDS_DIR}/{name}", "rows": table.num_rows}
 
 
 def write_errors(rows: List[Dict[str, str]], output: str) -> None:
-    """Write error rows as one part of output/errors (named by their sources)."""
+    """Commit error rows as one part of output/errors (named by their sources)."""
     if rows:
         fs, root = resolve_fs(output)
-        name = content_name(r["source_uri"] for r in rows)
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), fs,
-                             _join(root, ERRORS_DIR, name))
+        name = out.content_part_name(r["source_uri"] for r in rows)
+        out.write_parquet_atomic(fs, _join(root, ERRORS_DIR, name),
+                                 pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray Data adapters (thin: the work is in the functions above)
 # ---------------------------------------------------------------------------------------------
 
-def degrade_batch(batch: pa.Table, cfg: Dict[str, Any]) -> pa.Table:
-    """Batch of {source_uri, done_ids} -> pair rows; the batch's bad files go to output/errors."""
+def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneIndex = out.EMPTY_INDEX,
+                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> pa.Table:
+    """Batch of listed files {source_uri, reject} -> pair rows; its bad files go to output/errors.
+
+    Files with an error row already (`errors_done`) and crops already in a shard
+    (`shards_done`) are skipped.
+    """
     cv2.setNumThreads(1)  # a Ray task holds one CPU; OpenCV would otherwise start a thread per core
     config = PrepareConfig(**cfg)
+    items = batch.to_pylist()
+    recorded = errors_done.done([item["source_uri"] for item in items])
     pairs, errors = [], []
-    for item in batch.to_pylist():
-        rows, error = process_uri(item["source_uri"], config, item["done_ids"] or ())
+    for item, has_error in zip(items, recorded):
+        if has_error:
+            continue
+        if item.get("reject"):
+            errors.append(error_row(item["source_uri"], "unsupported", item["reject"]))
+            continue
+        rows, error = process_uri(item["source_uri"], config, shards_done)
         pairs.extend(rows)
         if error is not None:
             errors.append(error)
@@ -377,14 +534,18 @@ def add_captions(ds, captioner: str):
     return add_caption_stage(ds, CaptionConfig(backend=captioner))
 
 
-def build_dataset(items: List[Dict[str, Any]], cfg: PrepareConfig):
-    """items ({source_uri, done_ids}) -> a Ray Dataset of written shards ({shard, rows})."""
+def build_dataset(work: Sequence[str], cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
+                  errors_done: out.DoneIndex = out.EMPTY_INDEX, filesystem=None):
+    """Listing chunks (Parquet of WORK_SCHEMA) -> a Ray Dataset of written shards ({shard, rows})."""
     import ray
 
     compute = ray.data.TaskPoolStrategy(size=cfg.num_workers) if cfg.num_workers else None
-    ds = ray.data.from_items(items)
-    ds = ds.map_batches(degrade_batch, fn_kwargs={"cfg": asdict(cfg)}, batch_size=cfg.files_per_task,
-                        batch_format="pyarrow", compute=compute)
+    # listing chunks are big; stream them on as one block per task, so tasks spread over the cluster
+    ds = ray.data.read_parquet(list(work), filesystem=filesystem).repartition(
+        target_num_rows_per_block=cfg.files_per_task)
+    ds = ds.map_batches(degrade_batch, fn_kwargs={"cfg": asdict(cfg), "shards_done": shards_done,
+                                                  "errors_done": errors_done},
+                        batch_size=cfg.files_per_task, batch_format="pyarrow", compute=compute)
     if cfg.captioner != "off":
         ds = add_captions(ds, cfg.captioner)
     return ds.map_batches(shard_batch, fn_kwargs={"output": cfg.output}, batch_size=cfg.shard_rows,
@@ -392,155 +553,124 @@ def build_dataset(items: List[Dict[str, Any]], cfg: PrepareConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Output state: what earlier runs finished
+# Output state
 # ---------------------------------------------------------------------------------------------
 
-def _finished_parts(fs: pafs.FileSystem, directory: str) -> List[str]:
-    if fs.get_file_info(directory).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(directory))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File
-                  and i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(PARQUET_SUFFIX))
+def write_work_listing(cfg: PrepareConfig, output: out.Output) -> Tuple[List[str], int]:
+    """Stream the input listing into `_work/listing-NNNNN.parquet` chunks (WORK_SCHEMA).
+
+    Returns (chunk paths, number of listed files); the listing is never held whole.
+    """
+    directory = output.path(WORK_DIR)
+    output.fs.delete_dir_contents(directory, missing_dir_ok=True)
+    paths, chunk, listed = [], [], 0
+
+    def flush():
+        path = output.path(WORK_DIR, f"listing-{len(paths):05d}{PARQUET_SUFFIX}")
+        out.write_parquet_atomic(output.fs, path, pa.Table.from_pylist(chunk, schema=WORK_SCHEMA),
+                                 row_group_size=1 << 16)
+        paths.append(path)
+        chunk.clear()
+
+    exclude = [output.root] if out.is_local(cfg.output) else []
+    for uri, reject in iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude):
+        chunk.append({"source_uri": uri, "reject": reject})
+        listed += 1
+        if len(chunk) >= WORK_CHUNK_ROWS:
+            flush()
+    if chunk:
+        flush()
+    return paths, listed
 
 
-def remove_temp_files(fs: pafs.FileSystem, root: str) -> int:
-    """Delete temporary files a killed run left behind; returns how many."""
-    removed = 0
-    for directory in (root, _join(root, SHARDS_DIR), _join(root, ERRORS_DIR)):
-        if fs.get_file_info(directory).type != pafs.FileType.Directory:
-            continue
-        for info in fs.get_file_info(pafs.FileSelector(directory)):
-            if info.type == pafs.FileType.File and info.base_name.startswith(TMP_PREFIX):
-                fs.delete_file(info.path)
-                removed += 1
-    return removed
+def count_rows(fs: pafs.FileSystem, root: str, directory: str) -> Tuple[List[str], int]:
+    parts = out.list_parts(fs, _join(root, directory))
+    return parts, sum(out.part_rows(fs, parts))
 
 
-def _read_parquet(fs: pafs.FileSystem, path: str, columns=None) -> pa.Table:
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f, columns=columns)
-
-
-def done_sample_ids(fs: pafs.FileSystem, root: str) -> Dict[str, Set[str]]:
-    """source_uri -> sample_ids already in finished shards."""
-    done: Dict[str, Set[str]] = {}
-    for path in _finished_parts(fs, _join(root, SHARDS_DIR)):
-        table = _read_parquet(fs, path, ["source_uri", "sample_id"])
-        for source, sample_id in zip(table.column("source_uri").to_pylist(),
-                                     table.column("sample_id").to_pylist()):
-            done.setdefault(source, set()).add(sample_id)
-    return done
-
-
-def read_errors(fs: pafs.FileSystem, root: str) -> pa.Table:
-    """All error rows so far (errors.parquet and unmerged parts), one per source_uri."""
-    paths = _finished_parts(fs, _join(root, ERRORS_DIR))
-    if fs.get_file_info(_join(root, ERRORS_FILE)).type == pafs.FileType.File:
-        paths.append(_join(root, ERRORS_FILE))
-    tables = [_read_parquet(fs, p).cast(ERROR_SCHEMA) for p in paths]
-    rows = pa.concat_tables(tables).to_pylist() if tables else []
-    unique = {row["source_uri"]: row for row in rows}
-    return pa.Table.from_pylist([unique[k] for k in sorted(unique)], schema=ERROR_SCHEMA)
-
-
-def merge_errors(fs: pafs.FileSystem, root: str) -> int:
-    """Fold output/errors parts into errors.parquet (always written); returns its row count."""
-    parts = _finished_parts(fs, _join(root, ERRORS_DIR))
-    errors = read_errors(fs, root)
-    write_parquet_atomic(errors, fs, _join(root, ERRORS_FILE))
-    for path in parts:
-        fs.delete_file(path)
-    return errors.num_rows
-
-
-def write_manifest(fs: pafs.FileSystem, root: str, cfg: PrepareConfig, n_errors: int) -> Dict[str, Any]:
-    """manifest.json: every finished shard (path relative to the output) and its row count."""
-    shards = []
-    for path in _finished_parts(fs, _join(root, SHARDS_DIR)):
-        with fs.open_input_file(path) as f:
-            shards.append({"path": f"{SHARDS_DIR}/{path.rsplit('/', 1)[-1]}",
-                           "rows": pq.ParquetFile(f).metadata.num_rows})
+def write_manifest(fs: pafs.FileSystem, root: str, cfg: PrepareConfig) -> Dict[str, Any]:
+    """manifest.json: every committed shard (path relative to the output) and its row count."""
+    shards = out.list_parts(fs, _join(root, SHARDS_DIR))
+    rows = out.part_rows(fs, shards)
+    _, n_errors = count_rows(fs, root, ERRORS_DIR)
     manifest = {"format": "flowsr-pairs", "schema": PAIR_SCHEMA.names,
-                "settings": cfg.data_settings(), "shards": shards,
-                "total_rows": sum(s["rows"] for s in shards),
-                "errors": {"path": ERRORS_FILE, "rows": n_errors}}
-    write_json_atomic(manifest, fs, _join(root, MANIFEST_FILE))
+                "settings": cfg.data_settings(),
+                "shards": [{"path": f"{SHARDS_DIR}/{p.rsplit('/', 1)[-1]}", "rows": n}
+                           for p, n in zip(shards, rows)],
+                "total_rows": sum(rows), "errors": {"path": ERRORS_DIR, "rows": n_errors}}
+    out.write_json_atomic(fs, _join(root, MANIFEST_FILE), manifest)
+    card = dataset_card(f"{SHARDS_DIR}/*.parquet", scale=cfg.scale, params_version=PARAMS_VERSION)
+    out.write_bytes_atomic(fs, _join(root, "README.md"), card.encode())
     return manifest
 
 
-def check_run_config(fs: pafs.FileSystem, root: str, cfg: PrepareConfig) -> None:
-    """Record the pair-defining settings, or refuse to mix pairs made with other settings."""
-    path = _join(root, RUN_CONFIG_FILE)
-    settings = cfg.data_settings()
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        with fs.open_input_stream(path) as f:
-            previous = json.loads(f.read())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise ValueError(f"{cfg.output} holds pairs made with other settings ({changed}); "
-                             f"write to a new output or rerun with {previous}")
-        return
-    write_json_atomic(settings, fs, path)
+def read_errors(output: str) -> pa.Table:
+    """All error rows of an output (ERROR_SCHEMA)."""
+    fs, root = resolve_fs(output)
+    tables = []
+    for path in out.list_parts(fs, _join(root, ERRORS_DIR)):
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f).cast(ERROR_SCHEMA))
+    return pa.concat_tables(tables) if tables else ERROR_SCHEMA.empty_table()
 
 
 # ---------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------
 
-def plan_work(sources: Sequence[str], done: Dict[str, Set[str]], failed: Set[str],
-              crops_per_image: int) -> List[Dict[str, Any]]:
-    """{source_uri, done_ids} for every source that may still have crops to write."""
-    return [{"source_uri": s, "done_ids": sorted(done.get(s, ()))} for s in sources
-            if s not in failed and len(done.get(s, ())) < crops_per_image]
-
-
 def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]], None]] = None
             ) -> Dict[str, Any]:
-    """Run the data stage; returns a summary dict. `on_shard` sees each shard as it is written."""
+    """Run the data stage; returns a summary dict. `on_shard` sees each shard as it is written.
+
+    Raises OutputBusy when another run holds the output, RunMismatch when it holds pairs made
+    with other settings (both one-line `pipeline.output.OutputError`s).
+    """
     start = time.perf_counter()
-    sources = list_sources(cfg.input, cfg.extensions)
-    fs, root = resolve_fs(cfg.output)
-    fs.create_dir(root, recursive=True)
-    check_run_config(fs, root, cfg)
-    remove_temp_files(fs, root)
-    done = done_sample_ids(fs, root)
-    errors_before = read_errors(fs, root)
-    failed = set(errors_before.column("source_uri").to_pylist())
-    items = plan_work(sources, done, failed, cfg.crops_per_image)
+    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
+        fs, root = output.fs, output.root
+        work, listed = write_work_listing(cfg, output)
+        shard_parts, pairs_before = count_rows(fs, root, SHARDS_DIR)
+        error_parts, errors_before = count_rows(fs, root, ERRORS_DIR)
+        pairs = shards = 0
+        if work:
+            started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
+            try:
+                shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
+                errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
+                for row in build_dataset(work, cfg, shards_done, errors_done, fs).iter_rows():
+                    pairs, shards = pairs + row["rows"], shards + 1
+                    if on_shard is not None:
+                        on_shard(row)
+            finally:
+                if started:
+                    import ray
 
-    pairs = shards = 0
-    if items:
-        started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
-        try:
-            for row in build_dataset(items, cfg).iter_rows():
-                pairs, shards = pairs + row["rows"], shards + 1
-                if on_shard is not None:
-                    on_shard(row)
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
-    n_errors = merge_errors(fs, root)
-    manifest = write_manifest(fs, root, cfg, n_errors)
+                    ray.shutdown()
+        manifest = write_manifest(fs, root, cfg)
+        fs.delete_dir_contents(output.path(WORK_DIR), missing_dir_ok=True)
+        fs.delete_dir_contents(output.path(out.INDEX_DIR), missing_dir_ok=True)
     seconds = time.perf_counter() - start
-    summary = {"output": cfg.output, "sources": len(sources), "skipped_sources": len(sources) - len(items),
+    n_errors = manifest["errors"]["rows"]
+    summary = {"output": cfg.output, "sources": listed, "resumed": output.resumed,
                "pairs_written": pairs, "shards_written": shards,
-               "errors_new": n_errors - errors_before.num_rows, "total_pairs": manifest["total_rows"],
+               "errors_new": n_errors - errors_before, "total_pairs": manifest["total_rows"],
                "total_shards": len(manifest["shards"]), "total_errors": n_errors,
                "seconds": round(seconds, 3), "pairs_per_s": round(pairs / max(seconds, 1e-9), 2)}
     print(f"prepare_data: wrote {pairs} pairs in {shards} shards ({summary['pairs_per_s']} pairs/s, "
-          f"{seconds:.1f} s); {summary['errors_new']} new errors; {summary['skipped_sources']} of "
-          f"{len(sources)} sources already done; output holds {summary['total_pairs']} pairs in "
-          f"{summary['total_shards']} shards, {n_errors} errors -> {cfg.output}", flush=True)
+          f"{seconds:.1f} s); {summary['errors_new']} new error rows; {listed} files listed; "
+          f"output holds {summary['total_pairs']} pairs in {summary['total_shards']} shards, "
+          f"{n_errors} error rows -> {cfg.output}", flush=True)
     return summary
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, bool]:
     defaults = PrepareConfig(input="-", output="-")
-    p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, help="local dir, glob or file; or a pyarrow URI")
+    p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="local dir or file, or a pyarrow URI (s3://...)")
     p.add_argument("--output", required=True, help="output dir or URI (s3://, gs://, ...)")
+    p.add_argument("--glob", action="store_true",
+                   help="read --input as a glob pattern (a path that exists is otherwise literal)")
     p.add_argument("--patch-size", type=int, default=defaults.patch_size)
     p.add_argument("--crops-per-image", type=int, default=defaults.crops_per_image)
     p.add_argument("--crop-mode", choices=CROP_MODES, default=defaults.crop_mode)
@@ -552,21 +682,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, boo
     p.add_argument("--files-per-task", type=int, default=defaults.files_per_task)
     p.add_argument("--num-workers", type=int, default=defaults.num_workers)
     p.add_argument("--alpha", choices=ALPHA_MODES, default=defaults.alpha)
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                   help="larger images (by their header) are error rows, never decoded")
+    p.add_argument("--max-bytes", type=int, default=defaults.max_bytes,
+                   help="larger files are error rows, never read")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the output's earlier results instead of resuming them")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
     p.add_argument("--dry-run", action="store_true", help="print the config and inputs, write nothing")
     add_ray_args(p)
     args = vars(p.parse_args(argv))
     dry_run = args.pop("dry_run")
-    return PrepareConfig(**args), dry_run
+    try:
+        return PrepareConfig(**args), dry_run
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The CLI: a user mistake (busy or mismatched output, missing input) is one line on stderr
+    and exit status 2."""
     cfg, dry_run = parse_args(argv)
-    if dry_run:
-        sources = list_sources(cfg.input, cfg.extensions)
-        print(json.dumps({**asdict(cfg), "sources": len(sources)}, indent=2))
-        return {"sources": len(sources)}
-    return prepare(cfg)
+    try:
+        if dry_run:
+            sources = list_sources(cfg.input, cfg.extensions, cfg.glob)
+            print(json.dumps({**asdict(cfg), "sources": len(sources)}, indent=2))
+            return {"sources": len(sources)}
+        return prepare(cfg)
+    except (out.OutputError, FileNotFoundError) as exc:
+        print(f"prepare_data: error: {exc}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ use storage every node reaches):
     stage1/ stage2/         Ray Train runs; checkpoint_step*/ hold the `flowsr.checkpoint` layout
     metrics/                stage{S}.csv, stage{S}_loss.png, tb/stage{S}/ (written by rank 0)
     fault_injected_*        markers of `train.fail_at_step` (a failure is injected once)
+    _run.json               run record: the resolved config and the data it trains on
 Rerunning with the same storage path and name resumes each stage from its last checkpoint; a
-stage that already reached its step target is skipped. Stage 2 starts from stage 1's final
+stage that already reached its step target is skipped. A rerun must resolve to the same config
+and data as the run's record (only how it runs may change: `train.num_workers`, `use_gpu`,
+`cpus_per_worker` and the logging / checkpointing cadence); anything else is refused with one
+line and exit status 2, before Ray starts, and config.json is never overwritten. Stage 2 starts from stage 1's final
 checkpoint (or `--init-from`).
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ import pyarrow.fs as pafs
 
 from flowsr.config import FlowSRConfig, apply_overrides, resolve
 from jobs.common import add_ray_args, init_ray, resolve_fs
+from pipeline import output as out
 
 STAGES = {"1": (1,), "2": (2,), "all": (1, 2)}
 SHUFFLE_BATCHES = 4  # local shuffle buffer of each worker, in batches
@@ -126,7 +131,9 @@ def train_loop_per_worker(config: Dict) -> None:
     import torch
 
     from flowsr.trainer import run_stage
+    from jobs.common import setup_logging
 
+    setup_logging()
     cfg = FlowSRConfig.from_dict(config["flowsr"])
     if not cfg.train.use_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -244,9 +251,9 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
     if str(stage) not in STAGES:
         raise ValueError(f"unknown stage: {stage!r} (1 | 2 | all)")
     stages = STAGES[str(stage)]
-    init_ray(address)
     run = run_uri(storage_path, name)
-    write_text(join(run, "config.json"), cfg.to_json())
+    check_resume(run, cfg, data_uri, val_uri, init_from)
+    init_ray(address)
     datasets = load_datasets(cfg, data_uri, val_uri)
     previous = Checkpoint(init_from) if init_from else None
     out: Dict[str, str] = {"run_dir": run}
@@ -266,14 +273,76 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
     return out
 
 
+# ---- run record: a rerun resumes only the same training --------------------------------------
+# How a run executes, not what it computes: these may change between a run and its resumption.
+EXECUTION_FIELDS = ("name", "train.num_workers", "train.use_gpu", "train.cpus_per_worker",
+                    "train.checkpoint_every", "train.val_every", "train.val_images", "train.log_every",
+                    "train.keep_checkpoints", "train.max_failures", "train.fail_at_step")
+
+
+def _flatten(d: Dict, prefix: str = "") -> Dict:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def data_identity(uri: Optional[str]) -> Optional[str]:
+    """Digest of a shard folder's listing (each Parquet file's relative name and size)."""
+    if not uri:
+        return None
+    fs, root = resolve_fs(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        files = [(os.path.basename(root), info.size)]
+    elif info.type == pafs.FileType.Directory:
+        files = sorted((os.path.relpath(i.path, root), i.size)
+                       for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                       and not i.base_name.startswith((".", "_")))
+    else:
+        raise FileNotFoundError(f"training data not found: {uri}")
+    import hashlib
+
+    return hashlib.sha256("\n".join(f"{n}|{size}" for n, size in files).encode()).hexdigest()
+
+
+def train_record(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None,
+                 init_from: Optional[str] = None) -> Dict:
+    """The run record of a training run: every result-defining config field and the data."""
+    params = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in EXECUTION_FIELDS}
+    params["data"] = data_identity(data_uri)  # validation data changes no weight: recorded, not compared
+    return out.run_record("train", {"data": data_uri, "val_data": val_uri}, params,
+                          out.checkpoint_digest(init_from))
+
+
+def check_resume(run: str, cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None,
+                 init_from: Optional[str] = None) -> bool:
+    """Record this run's config and data, or refuse a rerun of `run` with others (RunMismatch).
+
+    Writes config.json on the first run only. Returns True when the run resumes."""
+    fs, root = resolve_fs(run)
+    fs.create_dir(root, recursive=True)
+    resumed = out.check_run_record(fs, root, train_record(cfg, data_uri, val_uri, init_from), label=run,
+                                   advice="rerun with the recorded config and data, or use a new --name")
+    if fs.get_file_info(f"{root}/config.json").type == pafs.FileType.NotFound:
+        out.write_bytes_atomic(fs, f"{root}/config.json", cfg.to_json().encode())
+    return resumed
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """The flags of `python -m jobs.train` and `flowsr train`."""
     p.add_argument("--config", default="tiny", help="preset (paper | tiny | pixel-small) or a config JSON")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config override, repeatable (e.g. --set model.pretrained=DIR --set optim.lr=1e-4)")
     p.add_argument("--data", help="Parquet pair shards (path or URI)")
     p.add_argument("--val-data", default=None, help="held-out Parquet shards for validation PSNR")
-    p.add_argument("--stage", default="all", choices=sorted(STAGES))
+    p.add_argument("--stage", default="all", choices=sorted(STAGES),
+                   help="1: flow training, 2: consistency distillation from stage 1, all: both")
     p.add_argument("--storage-path", default="runs", help="where run directories go (path or URI)")
     p.add_argument("--name", default=None, help="run name (default: the config name)")
     p.add_argument("--init-from", default=None, help="stage-1 checkpoint for --stage 2 (default: this run's)")
@@ -285,7 +354,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_options(p)
     return p
 
@@ -311,8 +381,16 @@ def run_from_args(args) -> int:
         return 0
     if not args.data:
         raise SystemExit("--data is required (unless --dry-run)")
-    result = train(cfg, args.data, storage_path=args.storage_path, name=name, stage=args.stage,
-                   val_uri=args.val_data, address=args.address, init_from=args.init_from)
+    from jobs.common import quiet_console, setup_logging
+
+    setup_logging()
+    try:
+        with quiet_console():  # Ray's known noise and repeated worker lines off the console
+            result = train(cfg, args.data, storage_path=args.storage_path, name=name, stage=args.stage,
+                           val_uri=args.val_data, address=args.address, init_from=args.init_from)
+    except (out.OutputError, FileNotFoundError) as exc:
+        print(f"train: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=2))
     return 0
 

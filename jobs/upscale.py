@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from jobs.common import add_ray_args, init_ray, is_local
+from flowsr.metrics_log import progress_text
+from jobs.common import add_ray_args, init_ray, is_local, log
 
 PROBE_BLOCK = 64  # rows per probe task
 MAX_SCALE = 16.0  # output / input size; beyond it the bicubic start carries no information
@@ -45,6 +46,9 @@ class UsageError(Exception):
 IO_BATCH = 4  # rows per decode / write task call
 PROGRESS_EVERY_S = 10.0
 STEADY_MIN_FACTOR = 3  # report a steady rate only with this many times the first batch's rows
+# UpscaleJobConfig fields that change the output pixels or names (the run record's params).
+RESULT_FIELDS = ("scale", "steps", "tile", "tile_overlap", "pre_pad", "vae_tile", "color_fix", "format",
+                 "suffix", "dtype", "pretrained", "weights")
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class UpscaleJobConfig:
     allow_errors: bool = False  # exit 0 even when some inputs failed
     address: Optional[str] = None
     fail_after: int = -1  # test switch: an upscaler actor crashes after this many images
+    overwrite: bool = False  # replace the output's earlier results instead of resuming them
 
     def __post_init__(self):
         from flowsr.sample import COLOR_FIXES
@@ -105,6 +110,18 @@ class UpscaleJobConfig:
         if min(self.tile, self.tile_overlap, self.pre_pad) < 0 or (self.tile and self.tile <= self.tile_overlap):
             raise ValueError(f"need tile > tile_overlap >= 0 (or tile 0) and pre_pad >= 0, got tile={self.tile}, "
                              f"tile_overlap={self.tile_overlap}, pre_pad={self.pre_pad}")
+
+    def record(self) -> dict:
+        """The run record (`pipeline.output`): what decides the output pixels, and the checkpoint's
+        digest. A rerun into the same OUT with other values is refused (`--overwrite` to replace)."""
+        from pipeline import output as out
+
+        params = {name: getattr(self, name) for name in RESULT_FIELDS}
+        try:
+            checkpoint = out.checkpoint_digest(self.checkpoint)
+        except out.OutputError:  # a model name, not a path: recorded as given
+            checkpoint = self.checkpoint
+        return out.run_record("upscale", self.input, params, checkpoint)
 
     def upscaler_options(self) -> dict:
         """Keyword arguments of `pipeline.sr_models.load_upscaler` (tiles in input pixels)."""
@@ -161,15 +178,26 @@ def _bucket_order(row: dict, bucket: int):
 
 
 def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
+    """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path).
+
+    Holds OUT's lease and checks its run record (`pipeline.output`) first: a concurrent run or a
+    rerun with another checkpoint / settings is refused with one line (OutputError)."""
+    from pipeline import output as out
+
+    if cfg.scale is None:
+        cfg = resolve_model(cfg)
+    check_before_run(cfg)  # before OUT or the corpus is touched
+    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False):
+        return _upscale_corpus(cfg)
+
+
+def _upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path)."""
     import ray
 
     from pipeline import upscale_io as io
 
     start = time.perf_counter()
-    if cfg.scale is None:
-        cfg = resolve_model(cfg)
-    check_before_run(cfg)
     try:
         inputs = io.scan_inputs(cfg.input, path_column=cfg.path_column, glob=cfg.glob)
     except (FileNotFoundError, NotADirectoryError, KeyError) as err:
@@ -182,9 +210,9 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     try:
         if rows:
             probed = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / PROBE_BLOCK)))
-            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale, max_pixels=cfg.max_pixels,
-                                                           max_output_pixels=cfg.max_output_pixels,
-                                                           max_bytes=cfg.max_bytes), batch_format="pyarrow",
+            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale, resume=not cfg.overwrite,
+                                               max_pixels=cfg.max_pixels, max_output_pixels=cfg.max_output_pixels,
+                                               max_bytes=cfg.max_bytes), batch_format="pyarrow",
                                         batch_size=PROBE_BLOCK).take_all()
             todo = sorted((r for r in probed if r["status"] == io.PENDING), key=lambda r: _bucket_order(r, cfg.bucket))
             done = [r for r in probed if r["status"] != io.PENDING]
@@ -255,8 +283,8 @@ def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, 
         first = first or (now, len(results))
         if now - last > PROGRESS_EVERY_S or len(results) == len(todo):
             errors = sum(r["status"] == io.ERROR for r in results)
-            print(f"[upscale] {already + len(results)}/{total} done ({errors} errors this run), "
-                  f"{len(results) / (now - start):.2f} img/s", file=sys.stderr, flush=True)
+            log.info("upscale %s (%d already done, %d errors this run)",
+                     progress_text(len(results), len(todo), now - start), already, errors)
             last = now
     if first is None or len(results) < STEADY_MIN_FACTOR * first[1]:
         return None  # too few batches after the first one to say
@@ -323,6 +351,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--glob", action="store_true", default=None,
                    help="read the input as a glob even if a file or folder of that name exists")
     p.add_argument("--allow-errors", action="store_true", help="exit 0 even when some inputs failed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT's earlier results (another checkpoint or settings) instead of refusing")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     add_ray_args(p)
 
@@ -361,9 +391,11 @@ def run_from_args(args: argparse.Namespace):
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return EXIT_OK
+    from pipeline.output import OutputError
+
     try:
         summary = upscale_corpus(cfg)
-    except UsageError as err:
+    except (UsageError, OutputError) as err:  # OutputError: OUT is leased, or holds other settings' results
         _usage_error(err)
     return exit_status(summary, cfg.allow_errors)
 

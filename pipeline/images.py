@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -49,6 +49,7 @@ class DecodedImage:
     bit_depth: int  # 8 or 16
     has_alpha: bool
     orientation: int  # the EXIF orientation that was applied (1 = none)
+    icc_profile: Optional[bytes] = None  # the embedded ICC profile, kept for the output (None: none)
 
     @property
     def height(self) -> int:
@@ -150,7 +151,7 @@ def load_image(data: bytes, uri: str = "") -> DecodedImage:
     has_alpha = pixels.ndim == 3 and pixels.shape[2] in (2, 4)
     return DecodedImage(pixels=apply_orientation(pixels, orientation), mode=mode,
                         format=im.format or "", bit_depth=bit_depth, has_alpha=has_alpha,
-                        orientation=orientation)
+                        orientation=orientation, icc_profile=im.info.get("icc_profile") or None)
 
 
 def _to_eight_bit(pixels: np.ndarray) -> np.ndarray:

@@ -3,17 +3,29 @@
 Writers (`jobs.prepare_data`, `jobs.caption`) and readers (`jobs.train`, `jobs.evaluate`) import
 from here. Images are stored as encoded PNG bytes (uint8 RGB), never as array columns.
 Captions live in their own columns so that regenerating them is a join on `sample_id`.
+
+Each pair shard carries `flowsr` Parquet schema metadata (`with_shard_metadata`: schema
+version, scale, degradation-parameters version). Hugging Face `datasets` reads `hr` / `lr` as
+`Image` features while pandas and pyarrow still read them as plain PNG bytes:
+`datasets.load_dataset(OUT)` on a `prepare-data` output folder (its `README.md` dataset card,
+`dataset_card`, declares the features and the shard files), or
+`datasets.load_dataset("parquet", data_files=..., features=hf_features())` on shards alone.
+(`datasets` takes the features of a Parquet file's own `huggingface` metadata only when the
+column is stored as its `{bytes, path}` struct, which would change the column for every other
+reader, so the shards do not carry that key.)
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 PAIR_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),  # stable hash of source + crop
+    pa.field("sample_id", pa.string(), nullable=False),  # content_sample_id: bytes digest + crop index
     pa.field("source_uri", pa.string(), nullable=False),
     pa.field("crop", pa.string()),  # JSON {"y", "x", "size"} in source pixels
     pa.field("hr", pa.binary(), nullable=False),  # PNG, uint8 RGB, patch x patch
@@ -28,6 +40,11 @@ PAIR_SCHEMA = pa.schema([
     pa.field("caption_model", pa.string()),
     pa.field("caption_prompt_version", pa.string()),
 ])
+
+SCHEMA_VERSION = 1  # bump on any change of PAIR_SCHEMA's columns or their meaning
+IMAGE_COLUMNS = ("hr", "lr")
+FLOWSR_METADATA_KEY = b"flowsr"
+_HF_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.binary(): "binary"}
 
 CAPTION_COLUMNS = ("hr_caption", "lr_caption", "caption_model", "caption_prompt_version")
 
@@ -66,3 +83,53 @@ def decode_png(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def hf_feature_dict(schema: pa.Schema = PAIR_SCHEMA) -> dict:
+    """`datasets.Features.to_dict()` of `schema`: image columns as `Image`, the rest as `Value`."""
+    return {f.name: {"_type": "Image"} if f.name in IMAGE_COLUMNS else {"dtype": _HF_DTYPES[f.type], "_type": "Value"}
+            for f in schema}
+
+
+def hf_features(schema: pa.Schema = PAIR_SCHEMA):
+    """`datasets.Features` of the pair shards (`hr` / `lr` decode to PIL images); needs `datasets`."""
+    import datasets
+
+    return datasets.Features.from_dict(hf_feature_dict(schema))
+
+
+def dataset_card(shards_glob: str, *, scale: Optional[int] = None, params_version: Optional[int] = None) -> str:
+    """README.md of a pair-dataset folder: `datasets.load_dataset(folder)` reads `shards_glob`
+    (relative to the folder) with `hr` / `lr` as images."""
+    features = "".join(f"  - name: {f.name}\n    dtype: {'image' if f.name in IMAGE_COLUMNS else _HF_DTYPES[f.type]}\n"
+                       for f in PAIR_SCHEMA)
+    return (f"---\ndataset_info:\n  features:\n{features}configs:\n- config_name: default\n  data_files:\n"
+            f"  - split: train\n    path: {shards_glob}\ntask_categories:\n- image-to-image\ntags:\n"
+            f"- super-resolution\n- flowsr\n---\n\n# FlowSR training pairs\n\n"
+            f"HR / LR pairs (x{scale if scale else '?'}, degradation parameters version {params_version}, "
+            f"schema version {SCHEMA_VERSION}) written by `flowsr prepare-data`. `hr` and `lr` are PNG "
+            f"bytes; every drawn degradation parameter is in `degradation` (JSON).\n\n"
+            f"```python\nimport datasets\nds = datasets.load_dataset(\"path/to/this/folder\", split=\"train\")"
+            f"  # hr / lr as PIL images\n```\n")
+
+
+def with_shard_metadata(table: pa.Table, *, params_version: Optional[int] = None) -> pa.Table:
+    """`table` (PAIR_SCHEMA columns) with the `flowsr` schema metadata; `scale` is the table's
+    one scale (None when it holds several)."""
+    scales = set(table.column("scale").to_pylist()) if "scale" in table.column_names else set()
+    flowsr = {"schema_version": SCHEMA_VERSION, "scale": scales.pop() if len(scales) == 1 else None,
+              "degradation_params_version": params_version}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                          FLOWSR_METADATA_KEY: json.dumps(flowsr).encode()})
+
+
+def shard_metadata(schema: pa.Schema) -> dict:
+    """The `flowsr` metadata of a shard's schema ({} for shards written before it existed)."""
+    raw = (schema.metadata or {}).get(FLOWSR_METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def content_sample_id(digest: str, crop_index: int) -> str:
+    """Stable id of crop `crop_index` of a source whose bytes hash to `digest` (hex): the first
+    16 hex digits of sha1(digest|index). Moved, renamed or symlinked copies of a file share it."""
+    return hashlib.sha1(f"{digest}|{crop_index}".encode()).hexdigest()[:16]

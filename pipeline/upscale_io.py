@@ -443,13 +443,14 @@ def is_valid_output(uri: str, size: Tuple[int, int]) -> bool:
         return False
 
 
-def probe_batch(batch: Dict[str, Sequence], *, scale: float, max_pixels: int = MAX_PIXELS,
+def probe_batch(batch: Dict[str, Sequence], *, scale: float, resume: bool = True, max_pixels: int = MAX_PIXELS,
                 max_output_pixels: int = MAX_OUTPUT_PIXELS, max_bytes: int = MAX_BYTES) -> Dict[str, list]:
     """Rows {input, output[, status, error]} -> + in/out sizes and status: rows planned as error or
     unsupported stay so; error when the input is not a regular file, is over a cap (`check_input`,
     `check_pixels`: from the file size and the header, before any decode) or its header does not
-    parse; skipped when a valid output exists; else pending. JPEG targets of images with alpha
-    become PNG targets."""
+    parse; skipped when a valid output exists (and `resume`; the run record guarantees it was
+    made with the same settings); else pending. JPEG targets of images with alpha become PNG
+    targets."""
     out = {k: [] for k in ("input", "output", "in_height", "in_width", "out_height", "out_width",
                            "status", "error")}
     planned = zip(batch.get("status") or [PENDING] * len(batch["input"]),
@@ -467,7 +468,7 @@ def probe_batch(batch: Dict[str, Sequence], *, scale: float, max_pixels: int = M
                 check_pixels(h, w, H, W, max_pixels, max_output_pixels)
                 if alpha and os.path.splitext(target)[1] in (".jpg", ".jpeg"):
                     target = os.path.splitext(target)[0] + ".png"
-                if is_valid_output(target, (H, W)):
+                if resume and is_valid_output(target, (H, W)):
                     status = SKIPPED
             except Exception as err:  # noqa: BLE001 — a bad file becomes an error row
                 status, error = ERROR, f"probe: {type(err).__name__}: {err}"
@@ -491,21 +492,24 @@ def split_channels(array: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]
 
 def decode_batch(batch: Dict[str, Sequence]) -> Dict[str, list]:
     """Pending rows: read and decode (pipeline.images.load_image) into raw `pixels` (HxWxC, C = 1
-    or 3), `alpha` (HxW, or empty), `dtype`, `height`, `width`, `channels`. Failures -> error rows."""
+    or 3), `alpha` (HxW, or empty), `dtype`, `height`, `width`, `channels`, `icc` (the input's ICC
+    profile, or empty). Failures -> error rows."""
     from pipeline.images import load_image
 
     out = {k: list(v) for k, v in batch.items()}
-    cols = {k: [] for k in ("pixels", "alpha", "dtype", "height", "width", "channels")}
+    cols = {k: [] for k in ("pixels", "alpha", "dtype", "height", "width", "channels", "icc")}
     for i, uri in enumerate(batch["input"]):
-        values = (b"", b"", "", 0, 0, 0)
+        values = (b"", b"", "", 0, 0, 0, b"")
         if out["status"][i] == PENDING:
             try:
-                colour, alpha = split_channels(load_image(_read_bytes(uri), uri).pixels)
+                decoded = load_image(_read_bytes(uri), uri)
+                colour, alpha = split_channels(decoded.pixels)
                 if colour.dtype not in (np.uint8, np.uint16):
                     raise ValueError(f"unsupported sample type {colour.dtype}")
                 h, w, c = colour.shape
                 out["in_height"][i], out["in_width"][i] = h, w  # as decoded (EXIF orientation applied)
-                values = (colour.tobytes(), alpha.tobytes() if alpha is not None else b"", colour.dtype.name, h, w, c)
+                values = (colour.tobytes(), alpha.tobytes() if alpha is not None else b"", colour.dtype.name, h, w, c,
+                          decoded.icc_profile or b"")
             except Exception as err:  # noqa: BLE001
                 out["status"][i], out["error"][i] = ERROR, f"decode: {type(err).__name__}: {err}"
         for k, v in zip(cols, values):
@@ -531,8 +535,11 @@ class UpscaleStage:
 
     def __init__(self, checkpoint: str, *, fail_after: int = -1, **upscaler_options):
         from pipeline.sr_models import load_upscaler
+        from pipeline.storage import cached_copy
 
-        self.upscaler = load_upscaler(checkpoint, **upscaler_options)
+        if upscaler_options.get("pretrained"):  # a base model folder at a URI: one copy per node
+            upscaler_options["pretrained"] = cached_copy(upscaler_options["pretrained"])
+        self.upscaler = load_upscaler(cached_copy(checkpoint), **upscaler_options)
         self.fail_after, self.upscaled = fail_after, 0
 
     def __call__(self, batch: Dict[str, Sequence]) -> Dict[str, list]:
@@ -593,14 +600,25 @@ def _png16(array: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESSION)) + chunk(b"IEND", b""))
 
 
-def encode_image(colour: np.ndarray, alpha: Optional[np.ndarray], ext: str) -> bytes:
+def _with_iccp(png: bytes, icc_profile: bytes) -> bytes:
+    """`png` with an iCCP chunk (the ICC profile, zlib-compressed) right after its IHDR chunk."""
+    end_of_ihdr = 8 + 4 + 4 + 13 + 4  # signature, then length, type, 13 data bytes, CRC
+    data = b"ICC profile\x00\x00" + zlib.compress(icc_profile)
+    chunk = struct.pack(">I", len(data)) + b"iCCP" + data + struct.pack(">I", zlib.crc32(b"iCCP" + data))
+    return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
+
+
+def encode_image(colour: np.ndarray, alpha: Optional[np.ndarray], ext: str,
+                 icc_profile: Optional[bytes] = None) -> bytes:
     """HxWxC (C = 1 or 3) uint8 / uint16 colour + optional HxW alpha -> file bytes of format `ext`.
-    16 bits are kept in PNG; JPEG and WebP get 8 bits; JPEG drops alpha."""
+    16 bits are kept in PNG; JPEG and WebP get 8 bits; JPEG drops alpha. `icc_profile` (the
+    input's: the pixels are still in its colour space) is embedded in every format."""
     from PIL import Image
 
     if ext == ".png" and colour.dtype == np.uint16:
         channels = [colour] if alpha is None else [colour, alpha[..., None]]
-        return _png16(np.concatenate(channels, axis=2))
+        png = _png16(np.concatenate(channels, axis=2))
+        return _with_iccp(png, icc_profile) if icc_profile else png
     if colour.dtype == np.uint16:
         colour = (colour.astype(np.uint32) * 255 + 32767) // 65535
         alpha = None if alpha is None else (alpha.astype(np.uint32) * 255 + 32767) // 65535
@@ -609,12 +627,13 @@ def encode_image(colour: np.ndarray, alpha: Optional[np.ndarray], ext: str) -> b
     if alpha is not None and ext != ".jpg" and ext != ".jpeg":
         image.putalpha(Image.fromarray(alpha.astype(np.uint8)))
     buf = io.BytesIO()
+    icc = {"icc_profile": icc_profile} if icc_profile else {}
     if ext == ".png":
-        image.save(buf, format="PNG", compress_level=PNG_COMPRESSION)
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESSION, **icc)
     elif ext in (".jpg", ".jpeg"):
-        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY, **icc)
     elif ext == ".webp":
-        image.save(buf, format="WEBP", quality=WEBP_QUALITY)
+        image.save(buf, format="WEBP", quality=WEBP_QUALITY, **icc)
     else:
         raise ValueError(f"unknown output extension: {ext!r}")
     return buf.getvalue()
@@ -645,7 +664,7 @@ def clear_tmp(output_root: str) -> None:
 
 def write_batch(batch: Dict[str, Sequence], *, output_root: str) -> Dict[str, list]:
     """Pending rows: upscale alpha, encode, write atomically -> status ok; drop the pixel columns."""
-    out = {k: list(v) for k, v in batch.items() if k not in ("pixels", "alpha", "dtype", "channels")}
+    out = {k: list(v) for k, v in batch.items() if k not in ("pixels", "alpha", "dtype", "channels", "icc")}
     for i in range(len(out["input"])):
         if out["status"][i] != PENDING:
             continue
@@ -657,7 +676,8 @@ def write_batch(batch: Dict[str, Sequence], *, output_root: str) -> Dict[str, li
                 alpha = unpack(batch["alpha"][i], batch["dtype"][i], (batch["in_height"][i], batch["in_width"][i]))
                 alpha = resize_alpha(alpha, shape[:2])
             target = out["output"][i]
-            atomic_write(target, encode_image(colour, alpha, os.path.splitext(target)[1].lower()),
+            icc = batch["icc"][i] if "icc" in batch else None
+            atomic_write(target, encode_image(colour, alpha, os.path.splitext(target)[1].lower(), icc or None),
                          tmp_root(output_root))
             out["status"][i], out["out_height"][i], out["out_width"][i] = OK, shape[0], shape[1]
         except Exception as err:  # noqa: BLE001

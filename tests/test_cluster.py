@@ -251,7 +251,7 @@ LOCAL_ONLY = {"demo": "issue 9: the embedded demo runs on a local Ray started in
 def job_modules() -> List[str]:
     """Every cluster job entrypoint in jobs/ (modules with a main, less LOCAL_ONLY)."""
     names = sorted(p.stem for p in (ROOT / "jobs").glob("*.py")
-                   if p.stem not in ("__init__", "common", *LOCAL_ONLY))
+                   if p.stem not in ("__init__", "common", "cli", *LOCAL_ONLY))
     return [f"jobs.{n}" for n in names if "def main(" in (ROOT / "jobs" / f"{n}.py").read_text()]
 
 

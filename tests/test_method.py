@@ -112,7 +112,7 @@ def test_sd_lora_roundtrip_and_stock_diffusers_load(cfg, tmp_path):
         assert not torch.allclose(ref, base)
     # a stock diffusers UNet loads the same file through diffusers' own LoRA loader
     unet = UNet2DConditionModel.from_pretrained(cfg.model.pretrained, subfolder="unet")
-    unet.load_lora_adapter(str(tmp_path / "lora"), prefix=None, adapter_name="flowsr",
+    unet.load_lora_adapter(str(tmp_path / "lora"), prefix="unet", adapter_name="flowsr",
                            weight_name="pytorch_lora_weights.safetensors")
     with torch.no_grad():
         stock = unet(x, t * 999, encoder_hidden_states=bb.empty_embedding.expand(2, -1, -1)).sample

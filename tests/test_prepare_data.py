@@ -1,5 +1,7 @@
 """jobs/prepare_data.py and pipeline/images.py: issue 3's determinism (1), resume (3) and bad
 input (4) acceptance tests, plus the stage functions without Ray."""
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -7,6 +9,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from PIL import Image, ImageOps
 from skimage import data
 
 from jobs import prepare_data as P
+from pipeline import output as out
 from pipeline.images import ImageDecodeError, apply_orientation, load_image, to_rgb8
 from pipeline.schema import ERROR_SCHEMA, PAIR_SCHEMA, decode_png
 
@@ -213,14 +218,24 @@ def test_captions_left_empty_without_caption_module(monkeypatch):
     assert P.add_captions(sentinel, "template") is sentinel
 
 
-def test_rerun_with_other_settings_is_refused(tmp_path):
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    """A rerun with another seed or captioner is refused in one line, exit 2, before any work."""
     cfg = make_cfg(tmp_path, tmp_path, "out")
     fs, root = P.resolve_fs(cfg.output)
     fs.create_dir(root)
-    P.check_run_config(fs, root, cfg)
-    P.check_run_config(fs, root, cfg)  # same settings: fine
-    with pytest.raises(ValueError, match="seed"):
-        P.check_run_config(fs, root, make_cfg(tmp_path, tmp_path, "out", seed=1))
+    assert not out.check_run_record(fs, root, cfg.record(), label=cfg.output)
+    assert out.check_run_record(fs, root, cfg.record(), label=cfg.output)  # same settings: fine
+    moved = make_cfg(tmp_path, tmp_path / "elsewhere", "out")  # another input path: content ids decide
+    assert out.check_run_record(fs, root, moved.record(), label=cfg.output)
+    with pytest.raises(out.RunMismatch, match="seed"):
+        out.check_run_record(fs, root, make_cfg(tmp_path, tmp_path, "out", seed=1).record(), label="o")
+    base = ["--input", str(tmp_path), "--output", cfg.output, "--patch-size", str(PATCH),
+            "--crops-per-image", "2", "--shard-rows", "3"]
+    with pytest.raises(SystemExit) as info:
+        P.main(base + ["--captioner", "template"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "captioner: 'off' -> 'template'" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1 and not (Path(cfg.output) / P.SHARDS_DIR).exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +261,7 @@ def test_determinism_across_workers_and_batch_sizes(tmp_path, ray_local):
     manifest = json.loads((Path(one.output) / P.MANIFEST_FILE).read_text())
     assert manifest["total_rows"] == 8 and all(s["rows"] <= 2 for s in manifest["shards"])
     # the per-batch stage, called without Ray, gives the same bytes
-    items = pa.Table.from_pylist([{"source_uri": s, "done_ids": []} for s in P.list_sources(str(input_dir))])
+    items = pa.Table.from_pylist([{"source_uri": s, "reject": None} for s in P.list_sources(str(input_dir))])
     bare = P.degrade_batch(items, asdict(one))
     assert by_sample_id(bare) == by_sample_id(pairs_one)
 
@@ -258,7 +273,7 @@ def test_bad_input_folder(tmp_path, ray_local):
     files = odd_files()
     for name, (payload, _) in files.items():
         (input_dir / name).write_bytes(payload)
-    (input_dir / "notes.txt").write_text("ignored: not an image extension")
+    (input_dir / "notes.txt").write_text("not an image extension")
     cfg = make_cfg(tmp_path, input_dir, "out", captioner="template")
     summary = P.main(["--input", cfg.input, "--output", cfg.output, "--patch-size", str(PATCH),
                       "--crops-per-image", "2", "--shard-rows", "3", "--captioner", "template"])
@@ -269,7 +284,8 @@ def test_bad_input_folder(tmp_path, ray_local):
     converted = {}
     for row in pairs.select(["source_uri", "conversion"]).to_pylist():
         converted.setdefault(Path(row["source_uri"]).name, set()).add(row["conversion"])
-    assert summary["sources"] == len(files) and not (set(converted) & set(error_stage))
+    assert summary["sources"] == len(files) + 1 and not (set(converted) & set(error_stage))
+    assert error_stage["notes.txt"]["stage"] == "unsupported"  # recorded with its reason, not dropped
     for name, (_, expected) in files.items():
         if expected in ("decode", "crop"):
             assert error_stage[name]["stage"] == expected and error_stage[name]["error"]
@@ -297,14 +313,17 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_resume_after_kill(tmp_path, ray_local):
-    """Issue 3, acceptance 3: kill the job part-way, rerun, each sample_id exactly once."""
-    input_dir = tmp_path / "in"
+    """SIGKILL the job part-way, rerun through a moved (symlinked) path to the same folder: the
+    killed run's lease is taken over, each sample_id is written exactly once (content ids), no
+    partial file remains and the manifest lists every shard."""
+    input_dir = tmp_path / "in[1]"  # a literal folder name with glob characters
     write_good_images(input_dir, 8)
     cfg = make_cfg(tmp_path, input_dir, "out", shard_rows=2, files_per_task=1)
     script = KILL_SCRIPT.format(kill_after=1, cfg=asdict(cfg))
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           timeout=240, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (Path(cfg.output) / out.LEASE_FILE).exists()  # left by the killed run: stale
     shards_dir = Path(cfg.output) / P.SHARDS_DIR
     finished = sorted(shards_dir.glob("part-*.parquet"))
     assert not (Path(cfg.output) / P.MANIFEST_FILE).exists()
@@ -312,11 +331,131 @@ def test_resume_after_kill(tmp_path, ray_local):
     # what a writer killed mid-file leaves: readers and the rerun must ignore it
     (shards_dir / f"{P.TMP_PREFIX}0123-part-partial.parquet").write_bytes(b"PAR1 truncated")
     before = read_pairs(cfg.output).column("sample_id").to_pylist()
+    moved = tmp_path / "moved"
+    moved.symlink_to(input_dir, target_is_directory=True)
 
-    summary = P.prepare(cfg)
+    summary = P.prepare(dataclasses.replace(cfg, input=str(moved)))
     ids = read_pairs(cfg.output).column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == 16 and set(before) <= set(ids)
     assert summary["pairs_written"] == 16 - len(before) and summary["total_pairs"] == 16
     assert not list(shards_dir.glob(P.TMP_PREFIX + "*"))
+    manifest = json.loads((Path(cfg.output) / P.MANIFEST_FILE).read_text())
+    assert manifest["total_rows"] == 16 and sorted(s["path"] for s in manifest["shards"]) == sorted(
+        f"{P.SHARDS_DIR}/{p.name}" for p in shards_dir.glob("part-*.parquet"))
     again = P.prepare(cfg)  # nothing left to do
-    assert again["pairs_written"] == 0 and again["skipped_sources"] == 8
+    assert again["pairs_written"] == 0 and again["total_pairs"] == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe inputs, content identity, one writer per output
+# ---------------------------------------------------------------------------------------------
+
+def test_listing_is_loop_safe_literal_and_reports_unsupported(tmp_path):
+    root = tmp_path / "photos[2024]"
+    good = write_good_images(root / "sub", 2)
+    (root / "sub" / "up").symlink_to("..", target_is_directory=True)  # loop through the parent
+    (root / "self").symlink_to(".", target_is_directory=True)  # loop onto itself
+    (root / "alias").symlink_to(root / "sub", target_is_directory=True)  # a real dir seen twice
+    (root / "notes.txt").write_text("x")
+    (root / ".hidden.png").write_bytes(b"")
+    os.mkfifo(root / "fifo.png")
+    (root / "zero.png").symlink_to("/dev/zero")
+    decoy = write_good_images(tmp_path / "photos2", 1)  # what the glob "photos[2024]" matches
+
+    listed = list(P.iter_listing(str(root)))  # a literal path that exists is never a glob
+    expected = {**{p: None for p in good}, str(root / "fifo.png"): None, str(root / "zero.png"): None,
+                str(root / "notes.txt"): "unsupported: not an image file extension (.txt)"}
+    real = lambda p: p if p.endswith("zero.png") else os.path.realpath(p)  # noqa: E731
+    assert len(listed) == len(expected) and {real(p): r for p, r in listed} == {real(p): r for p, r in expected.items()}
+    assert P.list_sources(str(root), as_glob=True) == decoy  # --glob reads it as a pattern
+    with pytest.raises(FileNotFoundError, match="no path matches"):
+        P.list_sources(str(tmp_path / "nothing-*"))
+
+
+def test_special_and_oversized_files_are_error_rows(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    rgb = rgb_image("coffee")
+    (folder / "ok.png").write_bytes(png_bytes(rgb, format="PNG"))
+    # a PNG header claiming 9000 x 9000 pixels and no image data: refused from the header,
+    # before a decode (which would report "corrupt or truncated" instead)
+    ihdr = b"IHDR" + (9000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    idat = b"IDAT" + b"\x00" * 16  # not a valid zlib stream
+    bomb = b"".join([b"\x89PNG\r\n\x1a\n", (13).to_bytes(4, "big"), ihdr, zlib.crc32(ihdr).to_bytes(4, "big"),
+                     (16).to_bytes(4, "big"), idat, zlib.crc32(idat).to_bytes(4, "big")])
+    with pytest.raises(ImageDecodeError, match="corrupt"):
+        load_image(bomb)
+    (folder / "bomb.png").write_bytes(bomb)
+    cfg = make_cfg(tmp_path, folder, "out", max_bytes=len(png_bytes(rgb, format="PNG")) - 1)
+    signal.alarm(20)  # a FIFO must never block the read
+    try:
+        results = {name: P.process_uri(str(folder / name), cfg) for name in os.listdir(folder)}
+    finally:
+        signal.alarm(0)
+    assert results["fifo.png"] == ([], P.error_row(str(folder / "fifo.png"), "read", "not a regular file (FIFO)"))
+    assert results["zero.png"][1]["error"] == "not a regular file (character device)"
+    assert results["ok.png"][1]["error"].startswith("file too large")
+    assert results["bomb.png"][1] == P.error_row(str(folder / "bomb.png"), "limit",
+                                                 "too many pixels: 9000x9000 = 81000000 > max_pixels 40000000")
+    small = dataclasses.replace(cfg, max_bytes=P.DEFAULT_MAX_BYTES, max_pixels=rgb.shape[0] * rgb.shape[1] - 1)
+    assert P.process_uri(str(folder / "ok.png"), small)[1]["stage"] == "limit"
+    rows, error = P.process_uri(str(folder / "ok.png"), dataclasses.replace(small, max_pixels=10**8))
+    assert error is None and len(rows) == 2
+
+
+def test_sample_id_comes_from_content_not_path(tmp_path):
+    cfg = make_cfg(tmp_path, tmp_path, "unused")
+    data = png_bytes(rgb_image("astronaut"), format="PNG")
+    a, _ = P.process_source("/data/a.png", data, cfg)
+    b, _ = P.process_source("s3://bucket/renamed/b.png", data, cfg)
+    digest = hashlib.sha256(data).hexdigest()
+    assert [r["sample_id"] for r in a] == [hashlib.sha1(f"{digest}|{i}".encode()).hexdigest()[:16]
+                                           for i in range(2)]
+    assert [(r["sample_id"], r["hr"], r["lr"], r["crop"]) for r in a] == [
+        (r["sample_id"], r["hr"], r["lr"], r["crop"]) for r in b]
+    other, _ = P.process_source("/data/a.png", png_bytes(rgb_image("chelsea"), format="PNG"), cfg)
+    assert not {r["sample_id"] for r in other} & {r["sample_id"] for r in a}
+
+
+CONCURRENT_SCRIPT = textwrap.dedent("""
+    import os, time
+    import ray
+    from jobs.prepare_data import PrepareConfig, prepare
+    ray.init(address="local", num_cpus=1, object_store_memory=1 << 29, include_dashboard=False,
+             log_to_driver=False)
+    def on_shard(row):  # hold the output until the second run has tried
+        open({started!r}, "w").close()
+        while not os.path.exists({release!r}):
+            time.sleep(0.1)
+    prepare(PrepareConfig(**{cfg!r}), on_shard=on_shard)
+""")
+
+
+def test_second_concurrent_run_refuses(tmp_path):
+    input_dir = tmp_path / "in"
+    write_good_images(input_dir, 3)
+    cfg = make_cfg(tmp_path, input_dir, "out", shard_rows=2, files_per_task=1)
+    started, release = tmp_path / "started", tmp_path / "release"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT.format(
+        cfg=asdict(cfg), started=str(started), release=str(release))], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while not started.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert started.exists(), first.communicate()[1][-3000:]
+        second = subprocess.run([sys.executable, "-m", "jobs.prepare_data", "--input", str(input_dir),
+                                 "--output", cfg.output, "--patch-size", str(PATCH), "--crops-per-image", "2",
+                                 "--shard-rows", "2", "--files-per-task", "1"],
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and "in use by another run" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
+    finally:
+        release.touch()
+    assert first.wait(timeout=180) == 0, first.communicate()[1][-3000:]
+    ids = read_pairs(cfg.output).column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 6
+    assert not (Path(cfg.output) / out.LEASE_FILE).exists()

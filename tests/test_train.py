@@ -160,7 +160,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
 # ---- jobs/train.py without Ray -----------------------------------------------------------------
 def test_cli_dry_run_and_bad_arguments(capsys, tmp_path):
-    from flowsr.cli import main as flowsr_main
+    from jobs.cli import main as flowsr_main
     from jobs.train import main, train
 
     assert flowsr_main(["train", "--config", "pixel-small", "--num-workers", "2", "--set", "optim.batch_size=4",
@@ -173,6 +173,33 @@ def test_cli_dry_run_and_bad_arguments(capsys, tmp_path):
         main(["--config", "pixel-small", "--num-workers", "3", "--dry-run"])
     with pytest.raises(ValueError, match="unknown stage"):
         train(resolve("pixel-small"), "unused", storage_path=str(tmp_path), name="x", stage=3)
+
+
+def test_rerun_with_other_config_or_data_is_refused(capsys, tmp_path):
+    """A rerun of a named run resumes only the same config and data; anything else is one line
+    on stderr, exit 2, before Ray starts, and config.json keeps the first run's config."""
+    from jobs.train import check_resume, main
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    pq.write_table(pa.table({"sample_id": ["a"]}), data / "part-0.parquet")
+    cfg = resolve("pixel-small")
+    run = tmp_path / "runs" / "r"
+    assert check_resume(str(run), cfg, str(data)) is False
+    written = (run / "config.json").read_text()
+    assert json.loads(written)["optim"]["lr"] == cfg.optim.lr
+    more_workers = resolve("pixel-small", ["train.num_workers=2", "train.checkpoint_every=7"])
+    assert check_resume(str(run), more_workers, str(data)) is True  # how it runs may change
+    base = ["--config", "pixel-small", "--storage-path", str(tmp_path / "runs"), "--name", "r"]
+    for extra, changed in ((["--set", "optim.lr=0.5", "--data", str(data)], "optim.lr"),
+                           (["--data", str(tmp_path / "other")], "data")):
+        if changed == "data":
+            (tmp_path / "other").mkdir()
+            pq.write_table(pa.table({"sample_id": ["a", "b"]}), tmp_path / "other" / "part-0.parquet")
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert f"{changed}:" in err and "new --name" in err and len(err.strip().splitlines()) == 1
+    assert (run / "config.json").read_text() == written  # never overwritten
 
 
 # ---- Ray Train ---------------------------------------------------------------------------------

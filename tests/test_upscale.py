@@ -1,7 +1,6 @@
 """Bulk upscaling: tiled inference, colour fixes, file formats, the Ray Data job and its resume."""
 from __future__ import annotations
 
-import io
 import os
 
 import cv2
@@ -290,8 +289,9 @@ def _corpus(root):
     return good, bad
 
 
-def _files(root):
-    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+def _files(root):  # the output's own records (_run.json) left out
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+                  if not f.startswith("_"))
 
 
 def _manifest(path):
@@ -352,7 +352,7 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
 
 
 def test_cli_upscale_with_the_tiny_sd_backbone(ray_local, tmp_path):
-    from flowsr.cli import main
+    from jobs.cli import main
     from flowsr.tiny import tiny_config
 
     cfg = tiny_config(str(tmp_path / "tiny"))
@@ -367,3 +367,35 @@ def test_cli_upscale_with_the_tiny_sd_backbone(ray_local, tmp_path):
     assert {r["status"] for r in rows.values()} == {"ok"}
     assert uio.is_valid_output(str(tmp_path / "out" / "x.png"), (48, 40))
     assert uio.is_valid_output(str(tmp_path / "out" / "y.png"), (26, 34))
+
+
+def test_rerun_with_other_settings_is_refused_overwrite_replaces(ray_local, pixel_ckpt, tmp_path):
+    """The run record: another color fix (or checkpoint) into the same OUT is refused in one line,
+    the old images stay; --overwrite rewrites every image with the new settings."""
+    import dataclasses
+    import shutil
+
+    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from pipeline.output import OutputError
+
+    (tmp_path / "in").mkdir()
+    for name, seed in (("a.png", 0), ("b.png", 1)):
+        _save(tmp_path / "in" / name, _rgb(16, 16, seed))
+    cfg = UpscaleJobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), checkpoint=pixel_ckpt,
+                           scale=2, tile=0, batch_size=2)
+    assert upscale_corpus(cfg)["ok"] == 2
+    mtimes = {n: os.stat(tmp_path / "out" / n).st_mtime_ns for n in ("a.png", "b.png")}
+    with pytest.raises(OutputError, match="color_fix: 'wavelet' -> 'none'.*--overwrite"):
+        upscale_corpus(dataclasses.replace(cfg, color_fix="none"))
+    assert mtimes == {n: os.stat(tmp_path / "out" / n).st_mtime_ns for n in mtimes}
+    other_ckpt = tmp_path / "other_ckpt"
+    shutil.copytree(pixel_ckpt, other_ckpt)
+    assert dataclasses.replace(cfg, checkpoint=str(other_ckpt)).record() == cfg.record() | {
+        "code_version": cfg.record()["code_version"]}  # same bytes elsewhere: same digest
+    weights = max((p for p in other_ckpt.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    with pytest.raises(OutputError, match="checkpoint"):
+        upscale_corpus(dataclasses.replace(cfg, checkpoint=str(other_ckpt)))
+    replaced = upscale_corpus(dataclasses.replace(cfg, color_fix="none", overwrite=True))
+    assert (replaced["ok"], replaced["skipped"]) == (2, 0)
+    assert all(os.stat(tmp_path / "out" / n).st_mtime_ns > t for n, t in mtimes.items())

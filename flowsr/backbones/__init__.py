@@ -7,15 +7,19 @@ teacher and the EMA target, `discriminator_features(x, timesteps)`, and `save_tr
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from ..config import ModelConfig
 from .pixel import PixelBackbone
 from .sd import SDLatentBackbone
 
 
-def build_backbone(cfg: ModelConfig, *, device=None, with_lora: bool = True):
-    """The backbone named by `cfg.backbone`, loaded through its real loading code."""
+def build_backbone(cfg: ModelConfig, *, device=None, with_lora: bool = True, option: Optional[str] = None):
+    """The backbone named by `cfg.backbone`, loaded through its real loading code; `option` names
+    how the calling command sets `cfg.pretrained` (in a missing-weights error)."""
     if cfg.backbone == "sd":
-        return SDLatentBackbone.from_pretrained(cfg, device=device, with_lora=with_lora)
+        kw = {"option": option} if option else {}
+        return SDLatentBackbone.from_pretrained(cfg, device=device, with_lora=with_lora, **kw)
     if cfg.backbone == "pixel":
         return PixelBackbone.from_config(cfg, device=device)
     raise ValueError(f"unknown backbone: {cfg.backbone!r}")

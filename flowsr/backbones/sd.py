@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..weights import MissingWeightsError, hub_hint, missing
+from ..weights import DEFAULT_SD, MissingWeightsError, hub_hint, looks_like_hub_id, missing, pass_as
 from .common import unet_encoder_features
 
 STUDENT = "student"
+TRAIN_OPTION = "--set model.pretrained="  # how `flowsr train` sets the base model (weight hints)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -74,15 +75,18 @@ class SDLatentBackbone(nn.Module):
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, cfg: ModelConfig, *, device=None, with_lora: bool = True) -> "SDLatentBackbone":
+    def from_pretrained(cls, cfg: ModelConfig, *, device=None, with_lora: bool = True,
+                        option: str = TRAIN_OPTION) -> "SDLatentBackbone":
+        """The SD components of `cfg.pretrained` (hub id or diffusers directory); `option` is how
+        the calling command sets that location, named in the error when it cannot be loaded."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         source = cfg.pretrained
-        hint = hub_hint("stabilityai/stable-diffusion-2-1-base", "model.pretrained")
+        hint = hub_hint(source if source and looks_like_hub_id(source) else DEFAULT_SD, option)
         if not source:
-            raise MissingWeightsError(f"model.pretrained is empty: the SD backbone needs a diffusers "
-                                      f"Stable Diffusion directory or hub id. {hint}")
+            raise MissingWeightsError(f"the SD base model location is empty (`{pass_as(option, '')}`): the SD "
+                                      f"backbone needs a diffusers Stable Diffusion directory or hub id. {hint}")
         kw = {"local_files_only": True} if os.path.isdir(source) else {}
         try:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kw)
@@ -195,20 +199,28 @@ class SDLatentBackbone(nn.Module):
 
     # ---- checkpoints: LoRA in peft / diffusers format --------------------------------------
     def save_trainable(self, directory: str, adapter: str = STUDENT) -> None:
-        """Write `pytorch_lora_weights.safetensors` that a stock diffusers UNet (or an SD pipeline's
-        `load_lora_weights`) loads."""
-        self.unet.save_lora_adapter(directory, adapter_name=adapter, weight_name=LORA_WEIGHT_NAME)
+        """Write `pytorch_lora_weights.safetensors` in the layout of diffusers' SD LoRA loader
+        (`unet.`-prefixed keys, the LoRA config as metadata): a stock `StableDiffusionPipeline`'s
+        `load_lora_weights(directory)` loads it."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.unet, adapter_name=adapter)
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            directory, unet_lora_layers={k: v.detach().contiguous() for k, v in state.items()},
+            weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=self.unet.peft_config[adapter].to_dict())
 
     def load_trainable(self, directory: str, adapter: str = STUDENT) -> None:
-        """Load LoRA weights saved by `save_trainable` into adapter `adapter`."""
+        """Load LoRA weights saved by `save_trainable` into adapter `adapter` (also those of older
+        checkpoints, saved without the `unet.` prefix)."""
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         path = os.path.join(directory, LORA_WEIGHT_NAME)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no LoRA weights at {path}")
-        state = load_file(path)
-        state = {k.removeprefix("unet."): v for k, v in state.items()}
+        state = {k.removeprefix("unet."): v for k, v in load_file(path).items()
+                 if not k.startswith("text_encoder.")}
         result = set_peft_model_state_dict(self.unet, state, adapter_name=adapter)
         bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
         if bad:

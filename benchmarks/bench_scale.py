@@ -1,0 +1,159 @@
+"""Corpus-scale benchmark: the jobs hold at 10^4+ items with flat driver memory.
+
+(a) driver memory vs corpus size: `jobs.prepare_data` over N small and 10 N small files; the
+    driver's peak RSS (the job's own process; Ray workers are other processes) must stay within
+    1.3x from N to 10 N: no per-item state in the driver.
+(b) upscale actor memory for 1, 16 and 64 MP outputs (its own section, below).
+(c) the cost of the resumable-output layer (`pipeline.output`: lease, run record, streamed
+    listing, content digests, Ray-built resume index) vs the same job at an older commit
+    (`--old-rev`, extracted with `git archive`) on N files: wall time ratio (goal <= 1.10).
+
+Every measurement runs the job in a fresh subprocess with its own local Ray, on the same files.
+
+    python benchmarks/bench_scale.py [--small 2000] [--large 20000] [--num-cpus 2]
+        [--old-rev COMMIT] [--sections a,c]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PATCH = 16  # tiny files: the job's per-item overhead dominates, which is what is measured
+
+# The job run in a subprocess; prints one JSON line with its wall time and peak RSS.
+JOB = """
+import json, resource, sys, time
+import ray
+ray.init(num_cpus={num_cpus}, object_store_memory=1 << 29, include_dashboard=False, log_to_driver=False)
+from jobs.prepare_data import PrepareConfig, prepare
+start = time.perf_counter()
+summary = prepare(PrepareConfig(**{cfg!r}))
+wall = time.perf_counter() - start
+print("RESULT " + json.dumps({{"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "pairs": summary.get("pairs_written")}}))
+"""
+
+
+def make_files(folder: Path, count: int) -> None:
+    """`count` distinct PATCH x PATCH PNG files (distinct bytes: content ids must not collide)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        sub = folder / f"d{i // 1000:03d}"
+        sub.mkdir(exist_ok=True)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (PATCH, PATCH, 3), dtype=np.uint8)).save(buf, format="PNG")
+        (sub / f"img_{i:06d}.png").write_bytes(buf.getvalue())
+
+
+def run_job(src: Path, input_dir: Path, output: Path, num_cpus: int) -> Dict:
+    cfg = dict(input=str(input_dir), output=str(output), patch_size=PATCH, crops_per_image=1,
+               degradation="bicubic", shard_rows=1000, files_per_task=64)
+    env = {**os.environ, "PYTHONPATH": str(src), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-c", JOB.format(cfg=cfg, num_cpus=num_cpus)], cwd=src, env=env,
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"job failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def old_source(rev: str, into: Path) -> Path:
+    """The repository at `rev` (git archive), for the baseline."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) driver memory vs corpus size
+# ---------------------------------------------------------------------------------------------
+
+def section_a(work: Path, small: int, large: int, num_cpus: int) -> None:
+    print(f"(a) prepare_data driver peak RSS, {small} vs {large} files of {PATCH}x{PATCH}")
+    results = {}
+    for count in (small, large):
+        folder = work / f"files-{count}"
+        make_files(folder, count)
+        results[count] = run_job(REPO, folder, work / f"out-{count}", num_cpus)
+        r = results[count]
+        print(f"    {count:>7} files: wall {r['wall_s']:7.1f} s, {r['pairs']} pairs, "
+              f"driver peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
+        shutil.rmtree(work / f"out-{count}", ignore_errors=True)
+    ratio = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"]
+    print(f"    RSS ratio {large}/{small} files: {ratio:.3f} (goal <= 1.30): {'ok' if ratio <= 1.3 else 'MISSED'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) upscale actor memory for 1 / 16 / 64 MP outputs
+# ---------------------------------------------------------------------------------------------
+
+def section_b(work: Path) -> None:
+    print("(b) upscale actor memory: not part of this script yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) cost of the output layer vs an older commit
+# ---------------------------------------------------------------------------------------------
+
+def section_c(work: Path, count: int, num_cpus: int, old_rev: Optional[str], repeats: int) -> None:
+    if not old_rev:
+        print("(c) output-layer cost: skipped (give --old-rev COMMIT for the baseline)")
+        return
+    print(f"(c) prepare_data wall time on {count} files: this checkout vs {old_rev} (best of {repeats})")
+    folder = work / f"files-{count}"
+    if not folder.exists():
+        make_files(folder, count)
+    old = old_source(old_rev, work / "old-src")
+    walls = {"old": [], "new": []}
+    for i in range(repeats):  # interleaved, so machine load drifts hit both alike
+        for name, src in (("old", old), ("new", REPO)):
+            walls[name].append(run_job(src, folder, work / f"out-c-{name}-{i}", num_cpus)["wall_s"])
+            shutil.rmtree(work / f"out-c-{name}-{i}", ignore_errors=True)
+    best = {k: min(v) for k, v in walls.items()}
+    ratio = best["new"] / best["old"]
+    print(f"    old {best['old']:.1f} s, new {best['new']:.1f} s (all: old {[round(w, 1) for w in walls['old']]}, "
+          f"new {[round(w, 1) for w in walls['new']]})")
+    print(f"    new/old wall: {ratio:.3f} (goal <= 1.10): {'ok' if ratio <= 1.1 else 'MISSED'}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--small", type=int, default=2000)
+    p.add_argument("--large", type=int, default=20000)
+    p.add_argument("--num-cpus", type=int, default=2)
+    p.add_argument("--old-rev", default=None, help="commit for (c)'s baseline")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side in (c)")
+    p.add_argument("--sections", default="a,b,c")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
+    sections = set(args.sections.split(","))
+    try:
+        if "a" in sections:
+            section_a(work, args.small, args.large, args.num_cpus)
+        if "b" in sections:
+            section_b(work)
+        if "c" in sections:
+            section_c(work, args.small, args.num_cpus, args.old_rev, args.repeats)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

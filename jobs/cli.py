@@ -1,0 +1,119 @@
+"""The `flowsr` command: one subcommand per job.
+
+    flowsr prepare-data --input photos/ --output data/      (= python -m jobs.prepare_data ...)
+    flowsr caption --shards data/shards --output captions/  (= python -m jobs.caption ...)
+    flowsr train --config paper --data data/shards ...       (= python -m jobs.train ...)
+    flowsr upscale -i IN -o OUT -m MODEL [-s 4] [--steps 1] [-t 128]
+    flowsr evaluate --data eval/shards --checkpoint CKPT --out eval_out
+    flowsr ablate --out ablations
+    flowsr demo
+
+`flowsr JOB --help` shows a job's options. A user mistake (a missing weight, a bad value, a
+missing file) ends with one line on stderr and exit status 2; set FLOWSR_TRACEBACK=1 for the
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, Dict, List
+
+_REGISTRY: List[Callable] = []
+USAGE_ERROR = 2
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+
+# jobs whose own parser is used as is: `flowsr NAME ARGS` runs `jobs.MODULE.main(ARGS)`
+DELEGATED: Dict[str, tuple] = {
+    "prepare-data": ("prepare_data", "LR/HR pairs from a folder or URI of images (Real-ESRGAN degradations, "
+                                     "captions) into Parquet shards"),
+    "caption": ("caption", "(re)generate the captions of existing pair shards (template or Qwen2-VL) into a "
+                           "caption table joined on sample_id"),
+    "evaluate": ("evaluate", "PSNR / SSIM / learned metrics of a checkpoint or SR folders in the paper's "
+                             "Table-1 layout"),
+    "ablate": ("ablate", "the paper's Table 2-4 ablations at small scale"),
+}
+
+
+def command(register: Callable) -> Callable:
+    """Decorator: `register(subparsers)` adds one subcommand."""
+    _REGISTRY.append(register)
+    return register
+
+
+@command
+def _upscale(subparsers) -> None:
+    from jobs.upscale import add_upscale_options, run_from_args
+
+    p = subparsers.add_parser("upscale", formatter_class=DEFAULTS,
+                              help="upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)")
+    add_upscale_options(p)
+    p.set_defaults(func=run_from_args)
+
+
+@command
+def _train(subparsers) -> None:
+    from jobs.train import add_train_options, run_from_args
+
+    p = subparsers.add_parser("train", formatter_class=DEFAULTS,
+                              help="two-stage FlowSR training on Ray Train (a local Ray, or --address)")
+    add_train_options(p)
+    p.set_defaults(func=run_from_args)
+
+
+@command
+def _demo(subparsers) -> None:
+    from jobs.demo import add_demo_options, run_from_args
+
+    p = subparsers.add_parser("demo", formatter_class=DEFAULTS,
+                              help="the embedded end-to-end demo on a local Ray (bundled images -> pairs -> "
+                                   "stage 1 + 2 -> upscale -> HTML report)")
+    add_demo_options(p)
+    p.set_defaults(func=run_from_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowsr", description=__doc__.split("\n\n")[0],
+                                     epilog="`flowsr JOB --help` shows the options of JOB.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="JOB")
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
+    for register in _REGISTRY:
+        register(sub)
+    return parser
+
+
+def user_error_message(err: BaseException) -> str:
+    """The message of a user mistake, without the remote traceback Ray wraps around it."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError / ActorDiedError
+    return user_error_message(cause) if isinstance(cause, BaseException) else str(err).strip().splitlines()[0]
+
+
+def _run(command: str, call: Callable[[], object]) -> int:
+    from flowsr.weights import MissingWeightsError
+
+    try:
+        result = call()
+    except (MissingWeightsError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("FLOWSR_TRACEBACK"):
+            raise
+        print(f"flowsr {command}: error: {user_error_message(err)}", file=sys.stderr)
+        return USAGE_ERROR
+    return result if isinstance(result, int) else 0
+
+
+def main(argv=None) -> int:
+    from jobs.common import setup_logging
+
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(f"jobs.{DELEGATED[argv[0]][0]}")
+        return _run(argv[0], lambda: module.main(argv[1:]))
+    args = build_parser().parse_args(argv)
+    return _run(args.command, lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

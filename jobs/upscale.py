@@ -183,25 +183,26 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     Holds OUT's lease and checks its run record (`pipeline.output`) first: a concurrent run or a
     rerun with another checkpoint / settings is refused with one line (OutputError)."""
     from pipeline import output as out
+    from pipeline import upscale_io as io
 
     if cfg.scale is None:
         cfg = resolve_model(cfg)
     check_before_run(cfg)  # before OUT or the corpus is touched
+    try:
+        inputs = io.scan_inputs(cfg.input, path_column=cfg.path_column, glob=cfg.glob)
+    except (FileNotFoundError, NotADirectoryError, KeyError) as err:
+        raise UsageError(f"input {cfg.input}: {err}") from err
     with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False):
-        return _upscale_corpus(cfg)
+        return _upscale_corpus(cfg, inputs)
 
 
-def _upscale_corpus(cfg: UpscaleJobConfig) -> dict:
+def _upscale_corpus(cfg: UpscaleJobConfig, inputs: list) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path)."""
     import ray
 
     from pipeline import upscale_io as io
 
     start = time.perf_counter()
-    try:
-        inputs = io.scan_inputs(cfg.input, path_column=cfg.path_column, glob=cfg.glob)
-    except (FileNotFoundError, NotADirectoryError, KeyError) as err:
-        raise UsageError(f"input {cfg.input}: {err}") from err
     started_ray = init_ray(cfg.address)
     manifest = cfg.manifest or io.join_uri(cfg.output, io.MANIFEST_NAME)
     rows = io.plan_outputs(inputs, cfg.output, cfg.format, cfg.name_suffix)

@@ -333,7 +333,7 @@ def test_upscaling_streams_bands_of_rows_and_scale_is_checked(backbone):
 
 # ---- exit codes and early checks --------------------------------------------------------------------
 def test_exit_codes_early_checks_and_summary(ray_local, pixel_ckpt, tmp_path, capsys, monkeypatch):
-    from flowsr.cli import main
+    from jobs.cli import main
 
     root = tmp_path / "in"
     _png(root / "good.png", _rgb(8, 8))

@@ -514,6 +514,7 @@ def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneInd
     return pairs_table(pairs)
 
 
+WRITER_CPUS = 0  # logical CPUs of a shard-writing task (see build_dataset)
 SHARD_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64())])
 
 
@@ -523,7 +524,7 @@ def shard_batch(batch: pa.Table, output: str) -> pa.Table:
     return pa.Table.from_pylist([written] if written else [], schema=SHARD_SCHEMA)
 
 
-def add_captions(ds, captioner: str):
+def add_captions(ds, captioner: str, files_per_task: int = 1):
     """The caption stage of `pipeline.caption`, or the dataset unchanged when it is missing."""
     try:
         from pipeline.caption import CaptionConfig, add_caption_stage
@@ -531,7 +532,11 @@ def add_captions(ds, captioner: str):
         print(f"prepare_data: pipeline.caption unavailable ({exc}); caption columns left empty",
               file=sys.stderr)
         return ds
-    return add_caption_stage(ds, CaptionConfig(backend=captioner))
+    # template captions are a few string operations per row: they run inside the degrade tasks,
+    # at their granularity (a larger batch here would make Ray Data's fusion bundle that many
+    # files into each degrade task); qwen2vl runs on its own GPU actor pool at its own batch size
+    batching = {"batch_size": files_per_task} if captioner == "template" else {}
+    return add_caption_stage(ds, CaptionConfig(backend=captioner, **batching))
 
 
 def build_dataset(work: Sequence[str], cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
@@ -547,9 +552,14 @@ def build_dataset(work: Sequence[str], cfg: PrepareConfig, shards_done: out.Done
                                                   "errors_done": errors_done},
                         batch_size=cfg.files_per_task, batch_format="pyarrow", compute=compute)
     if cfg.captioner != "off":
-        ds = add_captions(ds, cfg.captioner)
+        ds = add_captions(ds, cfg.captioner, cfg.files_per_task)
+    # The shard writer only concatenates rows whose PNGs are already encoded: it asks for no CPU.
+    # With the default of one CPU, Ray Data would (1) fuse it into the degrade operator, so that
+    # each degrade task got `shard_rows` files and one task did the work of the whole job, and
+    # (2) otherwise reserve a whole CPU of the budget for it, idle most of the time, leaving one
+    # degrade task running on a 2-CPU machine.
     return ds.map_batches(shard_batch, fn_kwargs={"output": cfg.output}, batch_size=cfg.shard_rows,
-                          batch_format="pyarrow")
+                          batch_format="pyarrow", num_cpus=WRITER_CPUS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from pipeline import output as out
 
 STAGES = {"1": (1,), "2": (2,), "all": (1, 2)}
 SHUFFLE_BATCHES = 4  # local shuffle buffer of each worker, in batches
+INGEST_MIN_SPARE_CPUS = 1  # CPUs beside the workers' for Ray Data's read tasks to get their own
 
 
 # ---- storage ---------------------------------------------------------------------------------
@@ -161,22 +162,67 @@ def train_loop_per_worker(config: Dict) -> None:
 
 
 # ---- driver ----------------------------------------------------------------------------------
-def load_datasets(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None) -> Dict:
+def worker_resources(cfg: FlowSRConfig) -> Dict[str, float]:
+    """Logical resources the training workers take together."""
+    t = cfg.train
+    return {"CPU": float(t.num_workers * t.cpus_per_worker), "GPU": float(t.num_workers if t.use_gpu else 0)}
+
+
+def check_resources(cfg: FlowSRConfig, cluster: Dict[str, float], can_grow: bool) -> None:
+    """Fail fast when the training workers cannot all be placed on a cluster that cannot grow
+    (the embedded local Ray); on a cluster that may autoscale, say what is missing and go on."""
+    need = worker_resources(cfg)
+    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0)}
+    if not short:
+        return
+    what = ", ".join(f"{need:g} {k} (the cluster has {have:g})" for k, (need, have) in short.items())
+    fix = ("lower --num-workers or train.cpus_per_worker, or run on a larger cluster (--address)")
+    if not can_grow:
+        raise ValueError(f"{cfg.train.num_workers} training workers need {what}: {fix}")
+    print(f"jobs.train: {cfg.train.num_workers} workers need {what}; waiting for the cluster to "
+          f"scale up ({fix})", file=sys.stderr, flush=True)
+
+
+def ingest_cpus(cfg: FlowSRConfig, cluster: Dict[str, float]) -> Optional[float]:
+    """Logical CPUs of each Ray Data read task feeding training: Ray Data's default (None: one CPU)
+    when the cluster has a CPU to spare beside the workers, else 0. With every CPU held by a
+    worker, one-CPU read tasks would never be scheduled and training would wait for its data
+    forever; the reads are light (Parquet rows of PNG bytes: the workers decode and crop), so
+    sharing the workers' CPUs costs little."""
+    spare = cluster.get("CPU", 0.0) - worker_resources(cfg)["CPU"]
+    return None if spare >= INGEST_MIN_SPARE_CPUS else 0
+
+
+def load_datasets(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None,
+                  read_cpus: Optional[float] = None) -> Dict:
     """{"train": ..., "val": ...} Ray Datasets of the pair shards, reduced to the columns training
-    reads; with `data.caption_source=table` the captions come from the joined caption table."""
+    reads; with `data.caption_source=table` the captions come from the joined caption table.
+    `read_cpus`: logical CPUs of each read task (`ingest_cpus`; None: Ray Data's default)."""
     import ray.data
 
     from flowsr.data import TRAIN_COLUMNS
 
+    def read_parquet(uri: str, columns):
+        if read_cpus is None:
+            return ray.data.read_parquet(uri, columns=columns)
+        # Ray Data's V2 Parquet source lists the files in a task of its own that always asks for
+        # one CPU; the V1 source runs listing and reading as one operator that takes `num_cpus`
+        context = ray.data.DataContext.get_current()
+        v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        try:
+            return ray.data.read_parquet(uri, columns=columns, num_cpus=read_cpus)
+        finally:
+            context.use_datasource_v2 = v2
+
     def read(uri: str):
         if cfg.data.caption_source == "shards":
-            return ray.data.read_parquet(uri, columns=list(TRAIN_COLUMNS))
+            return read_parquet(uri, list(TRAIN_COLUMNS))
         if not cfg.data.caption_table:
             raise ValueError("data.caption_source=table needs data.caption_table (a caption table URI)")
         from pipeline.caption import join_captions
 
         images = [c for c in TRAIN_COLUMNS if not c.endswith("_caption")]
-        joined = join_captions(ray.data.read_parquet(uri, columns=images), cfg.data.caption_table)
+        joined = join_captions(read_parquet(uri, images), cfg.data.caption_table, num_cpus=read_cpus)
         return joined.select_columns(list(TRAIN_COLUMNS))
 
     datasets = {"train": read(data_uri)}
@@ -251,10 +297,14 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
     if str(stage) not in STAGES:
         raise ValueError(f"unknown stage: {stage!r} (1 | 2 | all)")
     stages = STAGES[str(stage)]
+    import ray
+
     run = run_uri(storage_path, name)
     check_resume(run, cfg, data_uri, val_uri, init_from)
     init_ray(address)
-    datasets = load_datasets(cfg, data_uri, val_uri)
+    cluster = ray.cluster_resources()
+    check_resources(cfg, cluster, can_grow=bool(address or os.environ.get("RAY_ADDRESS")))
+    datasets = load_datasets(cfg, data_uri, val_uri, read_cpus=ingest_cpus(cfg, cluster))
     previous = Checkpoint(init_from) if init_from else None
     out: Dict[str, str] = {"run_dir": run}
     for s in stages:

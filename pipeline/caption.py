@@ -639,11 +639,12 @@ def _replace_captions_batch(batch: pa.Table, captions_ref) -> pa.Table:
     return replace_captions(batch, ray.get(captions_ref))
 
 
-def join_captions(pairs, caption_table_uri: str):
+def join_captions(pairs, caption_table_uri: str, num_cpus: Optional[float] = None):
     """Replace the caption columns of `pairs` (pyarrow Table or Ray Dataset) by a caption table's.
 
     The caption table is small (text only), so it is broadcast to every batch rather than
     shuffled; rows missing from it get null captions. Returns the same kind as `pairs`.
+    `num_cpus`: logical CPUs of each Ray task (default: Ray Data's).
     """
     captions = read_caption_table(caption_table_uri)
     if isinstance(pairs, pa.Table):
@@ -651,4 +652,4 @@ def join_captions(pairs, caption_table_uri: str):
     import ray
 
     return pairs.map_batches(_replace_captions_batch, fn_kwargs={"captions_ref": ray.put(captions)},
-                             batch_format="pyarrow", batch_size=None)
+                             batch_format="pyarrow", batch_size=None, num_cpus=num_cpus)

@@ -324,11 +324,12 @@ def test_pair_shards_read_as_images_by_hf_datasets_and_as_bytes_by_pandas(tmp_pa
 
     rng = np.random.default_rng(0)
     hrs = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
-    rows = [make_pair(hr, f"mem://img{i}.png", 0, 0, scale=4, seed=0, conversion="", degradation="bicubic")
+    rows = [make_pair(hr, f"mem://img{i}.png", 0, 0, sample_id=f"{i:016x}", scale=4, seed=0, conversion="",
+                      degradation="bicubic")
             for i, hr in enumerate(hrs)]
     out = tmp_path / "pairs"
     path = str(out / write_shard(pairs_table(rows), str(out))["shard"])
-    write_manifest(pafs.LocalFileSystem(), str(out), PrepareConfig(input="mem://", output=str(out)), 0)
+    write_manifest(pafs.LocalFileSystem(), str(out), PrepareConfig(input="mem://", output=str(out)))
     assert shard_metadata(pq.read_schema(path)) == {"schema_version": SCHEMA_VERSION, "scale": 4,
                                                     "degradation_params_version": PARAMS_VERSION}
     frame = pd.read_parquet(path)

@@ -1,0 +1,146 @@
+"""CPU scaling of the Ray Data stages: pairs/s with a local Ray of 1 and of 2 (or more) CPUs.
+
+prepare_data (Real-ESRGAN pairs, template captions) and jobs.caption (template backend over the
+shards it wrote), each run at every CPU count in turn, for several rounds, so that other load on
+the machine hits all counts alike; the load average is printed with every run. Besides pairs/s
+it prints the degrade-task parallelism (task seconds / wall seconds, from Ray's task timeline):
+the number of CPUs the stage kept busy, which other load does not bias the way it biases rates.
+Then prepare_data's Ray overhead: CPU seconds per pair of the whole Ray job (task workers,
+driver, Ray's daemons) against a bare single-process loop calling the same stage functions.
+
+    python benchmarks/bench_scaling.py [--files 32] [--crops 4] [--patch 256] [--cpus 1 2] [--rounds 2]
+
+Goals (DESIGN.md): >= 1.7x the 1-CPU rate at 2 CPUs; Ray overhead <= 10% CPU per pair.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_degrade import bare_loop, measure, write_sources  # noqa: E402
+
+
+def task_parallelism(since: float, name: str) -> float:
+    """Seconds of the tasks whose operator name contains `name`, started after `since`, per wall
+    second from the first start to the last end."""
+    import ray
+
+    events = [e for e in ray.timeline() if e.get("ph") == "X" and name in str(e.get("cat", ""))
+              and e["ts"] / 1e6 >= since]
+    if not events:
+        return float("nan")
+    busy = sum(e["dur"] for e in events) / 1e6
+    span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1e6
+    return busy / span if span > 0 else float("nan")
+
+
+def run_once(work: Path, n_cpus: int, tag: str, args) -> Dict[str, float]:
+    import ray
+
+    from jobs import caption as C
+    from jobs import prepare_data as P
+    from jobs.common import init_ray
+    from pipeline.caption import CaptionConfig
+
+    init_ray(None, num_cpus=n_cpus, object_store_memory=1 << 29)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        def config(source: str, out: str):
+            return P.PrepareConfig(input=str(work / source), output=str(work / out), patch_size=args.patch,
+                                   crops_per_image=args.crops, shard_rows=64, captioner="template")
+
+        P.prepare(config("warmup", f"warm-{tag}"))  # starts the task workers
+        since, load = time.time(), os.getloadavg()[0]
+        start = time.perf_counter()
+        pairs = P.prepare(config("in", f"pairs-{tag}"))["pairs_written"]
+        prepare_rate = pairs / (time.perf_counter() - start)
+        parallel = task_parallelism(since, "degrade_batch")
+        start = time.perf_counter()
+        captioned = C.regenerate(C.RegenerateConfig(shards=str(work / f"pairs-{tag}" / "shards"),
+                                                    output=str(work / f"captions-{tag}"),
+                                                    caption=CaptionConfig(backend="template")))["captioned"]
+        caption_rate = captioned / (time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+    return {"prepare": prepare_rate, "parallel": parallel, "caption": caption_rate, "load": load}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--files", type=int, default=32)
+    p.add_argument("--crops", type=int, default=4)
+    p.add_argument("--patch", type=int, default=256)
+    p.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--skip-overhead", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import cv2
+
+    cv2.setNumThreads(1)
+    work = Path(tempfile.mkdtemp(prefix="bench_scaling_"))
+    try:
+        write_sources(work / "in", args.files)
+        write_sources(work / "warmup", 2)
+        print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.files} files x "
+              f"{args.crops} crops = {args.files * args.crops} pairs of {args.patch}->{args.patch // 4}", flush=True)
+        runs: Dict[int, List[Dict[str, float]]] = {n: [] for n in args.cpus}
+        for r in range(args.rounds):
+            for n in args.cpus:
+                res = run_once(work, n, f"{r}-{n}", args)
+                runs[n].append(res)
+                print(f"  round {r} {n} CPU(s): prepare_data {res['prepare']:7.2f} pairs/s (degrade tasks "
+                      f"kept {res['parallel']:.2f} CPUs busy), caption template {res['caption']:8.1f} rows/s; "
+                      f"load average {res['load']:.1f}", flush=True)
+        base = args.cpus[0]
+        for key, label in (("prepare", "prepare_data pairs/s"), ("caption", "caption (template) rows/s")):
+            best = {n: max(x[key] for x in runs[n]) for n in args.cpus}
+            med = {n: statistics.median(x[key] for x in runs[n]) for n in args.cpus}
+            print(f"{label}: " + ", ".join(
+                f"{n} CPU(s) best {best[n]:.2f} median {med[n]:.2f} ({best[n] / best[base]:.2f}x best, "
+                f"{med[n] / med[base]:.2f}x median)" for n in args.cpus), flush=True)
+        print("degrade-task parallelism (CPUs kept busy): " + ", ".join(
+            f"{n} CPU(s) {statistics.median(x['parallel'] for x in runs[n]):.2f}" for n in args.cpus), flush=True)
+        if not args.skip_overhead:
+            overhead(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def overhead(work: Path, args) -> None:
+    """CPU seconds per pair: the Ray job at 1 CPU (all processes) vs the bare loop."""
+    import ray
+
+    from jobs import prepare_data as P
+    from jobs.common import init_ray
+
+    def config(source: str, out: str):
+        return P.PrepareConfig(input=str(work / source), output=str(work / out), patch_size=args.patch,
+                               crops_per_image=args.crops, shard_rows=64)
+
+    bare = measure(lambda: bare_loop(config("in", "bare")))
+    init_ray(None, num_cpus=1, object_store_memory=1 << 29)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        P.prepare(config("warmup", "warm-overhead"))
+        job = measure(lambda: P.prepare(config("in", "ray-overhead"))["pairs_written"])
+    finally:
+        ray.shutdown()
+    bare_ms, job_ms = (m["cpu"] / m["pairs"] * 1e3 for m in (bare, job))
+    print(f"Ray overhead at 1 CPU: bare loop {bare_ms:.1f} CPU-ms/pair, Ray job {job_ms:.1f} CPU-ms/pair "
+          f"(task workers {job['workers'] / job['pairs'] * 1e3:.1f}, driver {job['driver'] / job['pairs'] * 1e3:.1f}, "
+          f"Ray daemons {job['daemons'] / job['pairs'] * 1e3:.1f}): {(job_ms / bare_ms - 1) * 100:+.1f}% CPU per pair; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -116,6 +116,26 @@ def load_checkpoint(directory: str, *, models, optimizers, generator: Optional[t
     return read_meta(directory)
 
 
+def check_checkpoint(directory: str, *, weights: str = "student") -> FlowSRConfig:
+    """The config of inference checkpoint `directory`, after checking that it parses and that the
+    `weights` folder is there; FileNotFoundError / ValueError (one line) otherwise. Loads no weights."""
+    if weights not in ("student", "target"):
+        raise ValueError(f"unknown weights: {weights!r} (student | target)")
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint folder at {directory}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} is not a FlowSR checkpoint (no {CONFIG_NAME})")
+    try:
+        cfg = FlowSRConfig.load(path)
+    except Exception as err:  # noqa: BLE001 — any parse failure is the same user-facing problem
+        raise ValueError(f"{path} is not a valid FlowSR config ({type(err).__name__}: {err})") from err
+    folder = os.path.join(directory, weights)
+    if not os.path.isdir(folder) or not os.listdir(folder):
+        raise FileNotFoundError(f"{directory} has no {weights!r} weights (expected the folder {folder})")
+    return cfg
+
+
 def load_for_inference(directory: str, *, device=None, pretrained: Optional[str] = None,
                        weights: str = "student"):
     """A backbone with the trained weights of checkpoint `directory`, in eval mode.

@@ -2,9 +2,10 @@
 
 `super_resolve` runs the flow on a batch already resized to the HR size. `upscale` adds what a
 real image needs: any input size and scale factor (the LR is resized bicubically to the target
-size, as the paper does), overlapping tiles blended with Gaussian weights for the velocity net
-(MultiDiffusion / StableSR) and for the VAE encoder and decoder, so memory is bounded by the tile
-size, and colour correction against the upscaled LR (wavelet or AdaIN, as StableSR / OSEDiff).
+size, as the paper does), overlapping tiles run end to end and blended with Gaussian weights
+(MultiDiffusion / StableSR), and colour correction against the upscaled LR (wavelet or AdaIN, as
+StableSR / OSEDiff). `upscale_stream` never holds an image-sized float buffer: the LR is resized
+per tile, and rows are blended, colour-corrected and handed on in bands as they become final.
 `Upscaler` is the stateful batch callable of Ray's batch-inference template; it also runs in a
 plain loop without Ray.
 
@@ -13,6 +14,7 @@ output (HR) pixels.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -119,6 +121,8 @@ def tiled_apply(fn: Callable[[torch.Tensor, Sequence[Box]], torch.Tensor], x: to
     size = (min(tile, gh), min(tile, gw))
     grid = [(y, c) for y in tile_starts(gh, tile, overlap) for c in tile_starts(gw, tile, overlap)]
     boxes = [(b, y, c) for b in range(B) for y, c in grid]
+    if len(grid) == 1:  # one tile per image: the blend is the identity
+        return torch.cat([fn(x[i:i + tile_batch], boxes[i:i + tile_batch]).float() for i in range(0, B, tile_batch)])
     weight = gaussian_weights(size[0] * unit_out, size[1] * unit_out, device=x.device)
     th, tw = size[0] * unit_out, size[1] * unit_out
     wsum = torch.zeros(1, 1, gh * unit_out, gw * unit_out, device=x.device)
@@ -246,6 +250,219 @@ def _tile_cond(cond, boxes, size, index, dtype):
     return cond[index].to(dtype)
 
 
+# ---- bicubic resize on the fly (the LR at the output size, one band at a time) -----------------
+BICUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic coefficient
+
+
+def _bicubic_taps(in_size: int, out_size: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(indices, weights), each (out_size, 4): the source pixels and weights of each output pixel
+    of `F.interpolate(mode="bicubic", align_corners=False)` from `in_size` to `out_size` pixels
+    (half-pixel centres, A = -0.75, border pixels repeated)."""
+    scale = in_size / out_size
+    real = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5
+    first = real.floor()
+    t = (real - first)[:, None]
+    d = torch.cat([t + 1, t, 1 - t, 2 - t], 1).abs()
+    a = BICUBIC_A
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    weights = torch.where(d <= 1, near, far)
+    index = (first.long()[:, None] + torch.arange(-1, 3)[None]).clamp(0, in_size - 1)
+    return index.to(device), weights.float().to(device)
+
+
+class BicubicSource:
+    """An LR image `src` (C, h, w) — integers in [0, `peak`] (scaled to [-1, 1]) or float in [-1, 1] —
+    seen as its bicubic resize to `size` = (H, W), replicate-padded beyond (H, W), clamped to
+    [-1, 1] (= `pad_to(resize_to(src, size), ...)`), read one crop at a time: a crop costs memory
+    in its own size, never the resized image's. Gray (C = 1) is repeated to 3 channels."""
+
+    def __init__(self, src: torch.Tensor, size: Tuple[int, int], peak: Optional[int] = None):
+        self.src, self.size, self.peak = src, tuple(size), peak
+        self.rows = _bicubic_taps(src.shape[-2], size[0], src.device)
+        self.cols = _bicubic_taps(src.shape[-1], size[1], src.device)
+
+    def _float(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / (self.peak / 2) - 1 if self.peak else x.float()
+
+    def crop(self, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+        """(3, bottom - top, right - left) float32: rows [top, bottom), columns [left, right)."""
+        H, W = self.size
+        device = self.src.device
+        r = torch.arange(top, bottom, device=device).clamp(max=H - 1)
+        c = torch.arange(left, right, device=device).clamp(max=W - 1)
+        r_index, r_weight = self.rows[0][r], self.rows[1][r]
+        c_index, c_weight = self.cols[0][c], self.cols[1][c]
+        r0, r1 = int(r_index.min()), int(r_index.max()) + 1
+        c0, c1 = int(c_index.min()), int(c_index.max()) + 1
+        block = self._float(self.src[:, r0:r1, c0:c1])
+        cols = sum(block[:, :, c_index[:, k] - c0] * c_weight[:, k] for k in range(4))  # (C, r1 - r0, n)
+        out = sum(cols[:, r_index[:, k] - r0, :] * r_weight[:, k, None] for k in range(4))
+        out = out.clamp(-1, 1)
+        return out.expand(3, -1, -1) if out.shape[0] == 1 else out
+
+
+# ---- streaming colour correction: one band of rows at a time ------------------------------------
+WAVELET_MARGIN = 2 ** WAVELET_LEVELS - 1  # rows of context the wavelet low-pass reads on each side
+
+
+def wavelet_low(x: torch.Tensor, levels: int = WAVELET_LEVELS) -> torch.Tensor:
+    """The low frequencies of `wavelet_decomposition` (a linear low-pass)."""
+    for i in range(levels):
+        x = wavelet_blur(x, 2 ** i)
+    return x
+
+
+class _BandColorFix:
+    """Colour-corrects an SR image of size (H, W) that arrives as bands of final rows, top to bottom,
+    and passes corrected rows on to `emit(top, rows)` (rows (3, n, W) float32 in [-1, 1]).
+
+    wavelet: high(sr) + low(lr_up) = sr + low(lr_up - sr), computed on a band with WAVELET_MARGIN
+    rows of context, so only about one band of rows is held. adain: needs the whole image's
+    statistics, so the rows wait in one (3, H, W) float16 buffer. none: rows go straight through."""
+
+    def __init__(self, method: str, lr_up: BicubicSource, size: Tuple[int, int], emit):
+        if method not in COLOR_FIXES:
+            raise ValueError(f"unknown color_fix: {method!r} (choose from {', '.join(COLOR_FIXES)})")
+        self.method, self.lr_up, self.size, self.emit = method, lr_up, size, emit
+        self.pending, self.pending_top, self.done = None, 0, 0  # wavelet: rows [pending_top, ...) held
+        self.stats = torch.zeros(2, 3, dtype=torch.float64)  # adain: sums of x and x^2 per channel
+        self.held = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        """The next final SR rows (3, n, W)."""
+        if self.method == "none":
+            self.emit(self.done, rows)
+            self.done += rows.shape[1]
+        elif self.method == "adain":
+            if self.held is None:
+                self.held = torch.empty(3, *self.size, dtype=torch.float16, device=rows.device)
+            self.held[:, self.done:self.done + rows.shape[1]] = rows.half()
+            self.stats += torch.stack([rows.double().sum((1, 2)), rows.double().square().sum((1, 2))]).cpu()
+            self.done += rows.shape[1]
+        else:
+            self.pending = rows if self.pending is None else torch.cat([self.pending, rows], 1)
+            self._wavelet_flush(final=self.pending_top + self.pending.shape[1] >= self.size[0])
+
+    def _wavelet_flush(self, final: bool) -> None:
+        available = self.pending_top + self.pending.shape[1]
+        end = self.size[0] if final else available - WAVELET_MARGIN
+        if end <= self.done:
+            return
+        top, bottom = self.pending_top, available
+        sr = self.pending
+        lr = self.lr_up.crop(top, bottom, 0, self.size[1])
+        fixed = (sr + wavelet_low(lr[None] - sr[None])[0]).clamp(-1, 1)
+        self.emit(self.done, fixed[:, self.done - top:end - top])
+        self.done = end
+        keep = max(top, end - WAVELET_MARGIN)
+        self.pending, self.pending_top = self.pending[:, keep - top:].clone(), keep
+
+    def finish(self) -> None:
+        if self.method != "adain":
+            return
+        H, W = self.size
+        n = H * W
+        style = torch.zeros(2, 3, dtype=torch.float64)
+        band = max(1, (1 << 22) // max(W, 1))
+        for top in range(0, H, band):
+            lr = self.lr_up.crop(top, min(H, top + band), 0, W).double()
+            style += torch.stack([lr.sum((1, 2)), lr.square().sum((1, 2))]).cpu()
+        eps = 1e-5
+
+        def mean_std(s):
+            mean = s[0] / n
+            var = (s[1] - n * mean ** 2) / max(n - 1, 1)  # unbiased, as torch.var
+            return mean, (var.clamp(min=0) + eps).sqrt()
+        (c_mean, c_std), (s_mean, s_std) = mean_std(self.stats), mean_std(style)
+        gain = (s_std / c_std).float().to(self.held.device)[:, None, None]
+        shift = (s_mean - c_mean * s_std / c_std).float().to(self.held.device)[:, None, None]
+        for top in range(0, H, band):
+            rows = self.held[:, top:top + band].float()
+            self.emit(top, (rows * gain + shift).clamp(-1, 1))
+        self.held = None
+
+
+# ---- upscale: any size, streamed tile by tile ---------------------------------------------------
+@torch.no_grad()
+def upscale_stream(backbone, images: Sequence[torch.Tensor], sizes: Sequence[Tuple[int, int]],
+                   emit: Callable[[int, int, torch.Tensor], None], steps: int = 1, *,
+                   tile: Optional[int] = 512, tile_overlap: int = 64, vae_tile: Optional[int] = 512,
+                   color_fix: str = "wavelet", tile_batch: int = 16, pad_multiple: int = 1,
+                   peaks: Optional[Sequence[Optional[int]]] = None, cond=None, generator=None) -> None:
+    """Upscale images[k] (C, h, w) — integers in [0, peaks[k]], or float in [-1, 1] where `peaks`
+    is None; C = 1 or 3 — to
+    sizes[k] = (H, W), handing the result to `emit(k, top, rows)` in bands of final rows
+    (rows: (3, n, W) float32 in [-1, 1], colour-corrected), top to bottom.
+
+    The images share one padded size (the largest, rounded up to the backbone's size multiple and
+    `pad_multiple`) and one grid of `tile`-pixel tiles overlapping by `tile_overlap`. Each tile runs
+    end to end: its LR crop is resized bicubically on the fly (`BicubicSource`), goes through
+    `upscale_padded` (VAE encode in `vae_tile` tiles -> `steps` Euler steps -> VAE decode), and is
+    blended with Gaussian weights (MultiDiffusion / StableSR) into a band of rows; a band is final,
+    colour-corrected and emitted as soon as no later tile touches it. Peak memory is
+    O(tile^2 x tile_batch) for the network plus O(tile x width) per image for the bands (the adain
+    colour fix adds one (3, H, W) float16 buffer); nothing else is image-sized.
+    """
+    _check_tiles(tile, tile_overlap, vae_tile)
+    if color_fix not in COLOR_FIXES:
+        raise ValueError(f"unknown color_fix: {color_fix!r} (choose from {', '.join(COLOR_FIXES)})")
+    if cond is not None and cond.ndim == 4:
+        raise ValueError("a spatial condition cannot be streamed tile by tile; pass a per-image one")
+    multiple = size_multiple(backbone)
+    m = math.lcm(multiple, pad_multiple)
+    Hp = _round_up(max(h for h, _ in sizes), m)
+    Wp = _round_up(max(w for _, w in sizes), m)
+    T = max(multiple, tile // multiple * multiple) if tile else max(Hp, Wp)
+    th, tw = min(T, Hp), min(T, Wp)
+    ys = tile_starts(Hp, th, min(tile_overlap, th - 1))
+    xs = tile_starts(Wp, tw, min(tile_overlap, tw - 1))
+    device = images[0].device
+    gy, gx = gaussian_weights(th, 1, device=device)[0, 0, :, 0], gaussian_weights(1, tw, device=device)[0, 0, 0]
+    wsum_y, wsum_x = torch.zeros(Hp, device=device), torch.zeros(Wp, device=device)
+    for y in ys:
+        wsum_y[y:y + th] += gy
+    for x in xs:
+        wsum_x[x:x + tw] += gx
+    weight = gy[:, None] * gx[None, :]
+    peaks = peaks or [None] * len(images)
+    sources = [BicubicSource(im, size, peak) for im, size, peak in zip(images, sizes, peaks)]
+    fixers = [_BandColorFix(color_fix, src, size, functools.partial(emit, k))
+              for k, (src, size) in enumerate(zip(sources, sizes))]
+    bands = [torch.zeros(3, 0, Wp, device=device) for _ in images]
+    band_top = [0] * len(images)
+    boxes = [(r, b, x) for r in range(len(ys)) for b in range(len(images)) for x in xs]
+    for i in range(0, len(boxes), tile_batch):
+        chunk = boxes[i:i + tile_batch]
+        tiles = torch.stack([sources[b].crop(ys[r], ys[r] + th, x, x + tw) for r, b, x in chunk])
+        index = torch.tensor([b for _, b, _ in chunk], device=device)
+        sr = upscale_padded(backbone, tiles, steps, tile=None, tile_overlap=tile_overlap, vae_tile=vae_tile,
+                            tile_batch=tile_batch, cond=None if cond is None else cond[index],
+                            generator=generator)
+        for (r, b, x), t in zip(chunk, sr):
+            y = ys[r] - band_top[b]
+            if y + th > bands[b].shape[1]:
+                grow = torch.zeros(3, y + th - bands[b].shape[1], Wp, device=device)
+                bands[b] = torch.cat([bands[b], grow], 1)
+            bands[b][:, y:y + th, x:x + tw] += t.float() * weight
+            if x == xs[-1]:  # tile row r of image b is complete: rows above the next row are final
+                end = ys[r + 1] if r + 1 < len(ys) else Hp
+                _finalize_rows(bands[b][:, :end - band_top[b]], band_top[b], wsum_y, wsum_x, sizes[b], fixers[b])
+                bands[b] = bands[b][:, end - band_top[b]:].clone()
+                band_top[b] = end
+    for fixer in fixers:
+        fixer.finish()
+
+
+def _finalize_rows(acc, top, wsum_y, wsum_x, size, fixer) -> None:
+    """Normalise blended rows [top, top + n) and pass the ones inside the image to the colour fix."""
+    H, W = size
+    n = min(acc.shape[1], H - top)
+    if n > 0:
+        rows = acc[:, :n, :W] / (wsum_y[top:top + n, None] * wsum_x[None, :W])
+        fixer.add(rows.clamp(-1, 1))
+
+
 @torch.no_grad()
 def upscale(backbone, image: torch.Tensor, scale: float = 4, steps: int = 1, *, tile: Optional[int] = 512,
             tile_overlap: int = 64, vae_tile: Optional[int] = 512, color_fix: str = "wavelet",
@@ -255,20 +472,21 @@ def upscale(backbone, image: torch.Tensor, scale: float = 4, steps: int = 1, *, 
     `output_size(h, w, scale)` (any scale, non-integer too).
 
     The LR is resized bicubically to (H, W), replicate-padded to a multiple of the backbone's size
-    multiple and of `pad_multiple` (batches of mixed sizes share one padded size), run through
-    `upscale_padded` with tiles of `tile` / `vae_tile` output pixels overlapping by `tile_overlap`
-    (None: whole images), cropped and colour-corrected against the resized LR. Deterministic.
+    multiple and of `pad_multiple`, run tile by tile through `upscale_stream` (tiles of `tile`
+    output pixels overlapping by `tile_overlap`, VAE tiles of `vae_tile`; None: whole images) and
+    colour-corrected against the resized LR. Deterministic. The result is one float32 tensor: for
+    large images use `upscale_stream` (or `Upscaler`), which never holds it.
     """
-    if color_fix not in COLOR_FIXES:
-        raise ValueError(f"unknown color_fix: {color_fix!r} (choose from {', '.join(COLOR_FIXES)})")
     _check_tiles(tile, tile_overlap, vae_tile)
     H, W = out_size or output_size(image.shape[-2], image.shape[-1], scale)
-    lr_up = resize_to(image.float(), (H, W))
-    m = math.lcm(size_multiple(backbone), pad_multiple)
-    padded = pad_to(lr_up, (_round_up(H, m), _round_up(W, m)))
-    sr = upscale_padded(backbone, padded, steps, tile=tile, tile_overlap=tile_overlap, vae_tile=vae_tile,
-                        tile_batch=tile_batch, cond=cond, generator=generator)[..., :H, :W]
-    return color_correct(sr, lr_up, color_fix)
+    out = torch.empty(image.shape[0], 3, H, W, device=image.device)
+
+    def emit(k, top, rows):
+        out[k, :, top:top + rows.shape[1]] = rows
+    upscale_stream(backbone, list(image), [(H, W)] * image.shape[0], emit, steps, tile=tile,
+                   tile_overlap=tile_overlap, vae_tile=vae_tile, color_fix=color_fix, tile_batch=tile_batch,
+                   pad_multiple=pad_multiple, cond=cond, generator=generator)
+    return out
 
 
 # ---- arrays <-> tensors -------------------------------------------------------------------------
@@ -281,6 +499,19 @@ def array_to_tensor(image: np.ndarray, device=None) -> torch.Tensor:
     x = torch.from_numpy(image).to(device).permute(2, 0, 1)[None].float()
     x = x.expand(-1, 3, -1, -1) if image.shape[2] == 1 else x
     return x / (peak / 2) - 1
+
+
+def image_source(image: np.ndarray, device=None) -> Tuple[torch.Tensor, int]:
+    """HxWxC uint8 / uint16 (C = 1 or 3) -> (C, H, W) integer tensor on `device` (no float copy of
+    the image) and its peak value, for `BicubicSource`."""
+    if image.dtype not in (np.uint8, np.uint16) or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"expected uint8/uint16 HxWx1 or HxWx3, got {image.dtype} {image.shape}")
+    peak = int(np.iinfo(image.dtype).max)
+    if image.dtype == np.uint16:  # torch has few uint16 kernels: widen (the LR only, not the output)
+        image = image.astype(np.int32)
+    elif not image.flags.writeable:
+        image = image.copy()  # torch wants a writable array
+    return torch.from_numpy(image).to(device).permute(2, 0, 1), peak
 
 
 def tensor_to_array(x: torch.Tensor, dtype=np.uint8, channels: int = 3) -> np.ndarray:
@@ -314,7 +545,8 @@ class Upscaler:
     Batch in: {"image": sequence of HxWxC uint8 / uint16 arrays (C = 1 or 3), ...}.
     Batch out: the same dict with "image" replaced by the SR arrays (same dtype and channel count)
     and "upscale_seconds" (per image; a group's time split evenly). Images are grouped by
-    output size rounded up to `bucket` pixels; each group runs as one padded batch.
+    output size rounded up to `bucket` pixels; each group runs as one padded batch, streamed tile by
+    tile (`upscale_stream`): memory is bounded by the tiles plus the output arrays themselves.
     LoRA adapters are merged into the base weights (in fp32, before the cast), then bf16 on GPU
     (`dtype`), channels_last, optional `torch.compile` (the inductor cache in `compile_cache_dir`,
     shared by the actors of a node, is reused across runs).
@@ -373,20 +605,18 @@ class Upscaler:
         return out, seconds
 
     def _upscale_group(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """One padded batch: images resized to their own output size, padded to the bucket's."""
+        """One padded batch streamed tile by tile (`upscale_stream`): each image's rows go straight
+        into its output array, the only buffer of the output's size."""
         o = self.options
         sizes = [output_size(im.shape[0], im.shape[1], o["scale"]) for im in images]
-        bucket = self.bucket_key(images[0])
-        m = math.lcm(size_multiple(self.backbone), o["pad_multiple"])
-        padded_size = (_round_up(bucket[0], m), _round_up(bucket[1], m))
-        lr_up = [resize_to(array_to_tensor(im, self.device), s) for im, s in zip(images, sizes)]
-        batch = torch.cat([pad_to(x, padded_size) for x in lr_up]).contiguous(memory_format=torch.channels_last)
-        sr = upscale_padded(self.backbone, batch, o["steps"], tile=o["tile"], tile_overlap=o["tile_overlap"],
-                            vae_tile=o["vae_tile"], tile_batch=o["tile_batch"])
-        results = []
-        for k, (im, (H, W)) in enumerate(zip(images, sizes)):
-            fixed = color_correct(sr[k:k + 1, :, :H, :W], lr_up[k], o["color_fix"])[0]
-            results.append(tensor_to_array(fixed, im.dtype.type, im.shape[2]))
+        results = [np.empty((H, W, im.shape[2]), im.dtype) for im, (H, W) in zip(images, sizes)]
+
+        def emit(k, top, rows):
+            results[k][top:top + rows.shape[1]] = tensor_to_array(rows, images[k].dtype.type, images[k].shape[2])
+        sources = [image_source(im, self.device) for im in images]
+        upscale_stream(self.backbone, [src for src, _ in sources], sizes, emit, o["steps"],
+                       peaks=[peak for _, peak in sources], tile=o["tile"], tile_overlap=o["tile_overlap"], vae_tile=o["vae_tile"],
+                       color_fix=o["color_fix"], tile_batch=o["tile_batch"], pad_multiple=o["pad_multiple"])
         return results
 
     def __call__(self, batch: dict) -> dict:

@@ -21,7 +21,10 @@ cluster (then OUT, the data and the checkpoint must be reachable from every node
 OUT/ gets: table1.md, table1.csv (the paper's Table-1 layout), per_image.csv (with the method that
 wins each image on PSNR and on SSIM), summary.json, config.json,
 images/{hr,lr,bicubic,<method>}/<sample_id>.png and report.html with
-LR / bicubic / each baseline / 1-step / 4-step / HR crops (PNG files in OUT/report/).
+LR / bicubic / each baseline / 1-step / 4-step / HR crops (PNG files in OUT/report/). File names
+are `safe_name`s of the sample ids and method names (a name with other characters than letters,
+digits, `.`, `_` and `-` gets them replaced and a hash of the original appended); the report
+escapes all it prints.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import json
 import os
 import re
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -54,6 +58,24 @@ WINNER_METRICS = ("psnr", "ssim")  # per image, the method with the highest valu
 WINNER_COLUMNS = tuple(f"best_{m}" for m in WINNER_METRICS)
 BASELINE_NAME = re.compile(r"[A-Za-z0-9._+-]+")
 DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "dists": 4, "fid": 2, "niqe": 2, "musiq": 2, "maniqa": 4, "clipiqa": 4}
+
+
+SAFE_NAME_MAX = 120  # characters kept of a name before its hash
+
+
+def safe_name(text: str) -> str:
+    """`text` as one file-name component: unchanged when it is only letters, digits, `.`, `_`,
+    `-` (and does not start with `.`), else those characters kept, the rest replaced by `_`,
+    plus the first 10 hex digits of its sha1 (distinct names stay distinct)."""
+    kept = re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:SAFE_NAME_MAX].lstrip(".")
+    if kept == text and kept:
+        return text
+    return f"{kept}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def image_path(out: str, key: str, sample_id: str) -> str:
+    """OUT/images/<key>/<sample_id>.png, both parts as `safe_name`s."""
+    return os.path.join(out, "images", safe_name(key), f"{safe_name(sample_id)}.png")
 
 
 def step_key(steps: int) -> str:
@@ -250,9 +272,9 @@ class PairEvaluator:
             return f.read()
 
     def _save(self, key: str, sample_id: str, image: np.ndarray) -> None:
-        directory = f"{self.images_root}/{key}"
+        directory = f"{self.images_root}/{safe_name(key)}"
         self.fs.create_dir(directory, recursive=True)
-        with self.fs.open_output_stream(f"{directory}/{sample_id}.png") as f:
+        with self.fs.open_output_stream(f"{directory}/{safe_name(sample_id)}.png") as f:
             f.write(encode_png(image))
 
     def evaluate_one(self, sample_id: str, hr: np.ndarray, lr: np.ndarray, sr: Mapping[str, np.ndarray]) -> Dict:
@@ -422,7 +444,7 @@ def _crop_box(shape, size: int, scale: int) -> Tuple[int, int, int]:
 
 
 def _read_png(out: str, key: str, sample_id: str) -> np.ndarray:
-    with open(os.path.join(out, "images", key, f"{sample_id}.png"), "rb") as f:
+    with open(image_path(out, key, sample_id), "rb") as f:
         return decode_png(f.read())
 
 
@@ -449,13 +471,14 @@ def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:
                 crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.NEAREST))
             else:
                 crop = image[top:top + size, left:left + size]
-            name = f"report/{sid}_{key}.png"
+            name = f"report/{safe_name(f'{sid}_{key}')}.png"
             with open(os.path.join(out, name), "wb") as f:
                 f.write(encode_png(np.ascontiguousarray(crop)))
             score = row.get(f"{key}/psnr")
             caption = html.escape(title) + (f"<br>{score:.2f} dB" if score is not None and np.isfinite(score) else "")
             shown = size * max(1, REPORT_DISPLAY // size)
-            cells.append(f'<figure><img src="{name}" width="{shown}" height="{shown}"><figcaption>{caption}'
+            src = html.escape(urllib.parse.quote(name), quote=True)
+            cells.append(f'<figure><img src="{src}" width="{shown}" height="{shown}"><figcaption>{caption}'
                          f"</figcaption></figure>")
         best = {m: dict((k, t) for k, t in columns).get(row.get(f"best_{m}", ""), "") for m in WINNER_METRICS}
         heading = html.escape(sid) + "".join(f" &middot; best {HEADERS[m]}: {html.escape(best[m])}"
@@ -469,14 +492,15 @@ def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:
     table += "<h2>Per-image wins</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in wins_headers)
     table += "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
                                for r in wins_rows) + "</table>"
-    notes = "".join(f"<li>{HEADERS[m]}: {html.escape(r)}</li>" for m, r in summary["unavailable"].items())
+    notes = "".join(f"<li>{html.escape(HEADERS.get(m, m))}: {html.escape(str(r))}</li>"
+                    for m, r in summary["unavailable"].items())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>FlowSR evaluation: {html.escape(summary['dataset'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}} .row{{display:flex;gap:8px;flex-wrap:wrap}}
 figure{{margin:0;text-align:center}} img{{image-rendering:pixelated}}</style></head><body>
 <h1>FlowSR evaluation: {html.escape(summary['dataset'])}</h1>
-<p>{summary['n_images']} images, x{summary['scale']}; PSNR / SSIM on Y (BasicSR), border {summary['scale']} px.
+<p>{int(summary['n_images'])} images, x{html.escape(str(summary['scale']))}; PSNR / SSIM on Y (BasicSR), border {html.escape(str(summary['scale']))} px.
 Crops of {cfg.crop_size}px (HR) from the image centre; the caption gives the image's PSNR.</p>
 {table}
 {f"<p>Unavailable metrics (never estimated):</p><ul>{notes}</ul>" if notes else ""}
@@ -519,7 +543,7 @@ def evaluate(cfg: EvalConfig) -> Dict:
     if "fid" in suite.available:
         images = os.path.join(cfg.out, "images")
         for key, _, _ in methods:
-            mean[key]["fid"] = suite.fid(os.path.join(images, key), os.path.join(images, "hr"))
+            mean[key]["fid"] = suite.fid(os.path.join(images, safe_name(key)), os.path.join(images, "hr"))
     order = [m for m in PAPER_METRICS if m in suite.names]
     summary = {"dataset": cfg.dataset_name or os.path.basename(cfg.data.rstrip("/")), "n_images": len(per_image),
                "scale": cfg.scale, "methods": [list(m) for m in methods], "metrics_order": order, "mean": mean,

@@ -1,7 +1,8 @@
 """Bulk upscaling with Ray Data batch inference.
 
     python -m jobs.upscale -i IN -o OUT -m MODEL [-s SCALE] [--steps 1] [-t 128] [--tile_pad 16]
-        [--ext auto|png|jpg|webp] [--suffix S] [--batch-size 8] [--num-gpus 1] [--pool-size 1] [--address ...]
+        [--ext auto|png|jpg|webp] [--suffix S] [--batch-size 8] [--num-gpus 1] [--pool-size 1]
+        [--allow-errors] [--address ...]
     (also `python -m jobs.upscale IN OUT -m MODEL`)
 
 MODEL is a FlowSR checkpoint (folder or URI) or an SR weights file that spandrel reads
@@ -14,6 +15,12 @@ list inputs and plan output names (driver) -> probe headers, skip valid outputs 
 -> sort by output-size bucket (driver) -> read + decode (CPU tasks) -> upscale (actor pool,
 model loaded once per actor) -> encode + atomic write (CPU tasks) -> manifest Parquet.
 Decoding and writing run as separate stages, so they overlap the accelerator's work.
+
+The checkpoint and the options are checked before the corpus is touched. Exit status: 0 when
+every input is ok, skipped or unsupported (a listed file that is not an image: a manifest row
+with the reason); 1 when any input failed (error rows in the manifest; `--allow-errors` makes
+that 0); 2 for a usage mistake (bad option, missing input or checkpoint), told in one line.
+The last stderr line is the summary, with counts by status.
 """
 from __future__ import annotations
 
@@ -27,9 +34,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, init_ray, log
+from jobs.common import add_ray_args, init_ray, is_local, log
 
 PROBE_BLOCK = 64  # rows per probe task
+MAX_SCALE = 16.0  # output / input size; beyond it the bicubic start carries no information
+EXIT_OK, EXIT_ITEM_ERRORS, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the command line, the input or the checkpoint: one line, exit status 2."""
 IO_BATCH = 4  # rows per decode / write task call
 PROGRESS_EVERY_S = 10.0
 STEADY_MIN_FACTOR = 3  # report a steady rate only with this many times the first batch's rows
@@ -65,6 +78,11 @@ class UpscaleJobConfig:
     compile_cache_dir: Optional[str] = None
     pretrained: Optional[str] = None  # override the SD base model location in the checkpoint
     weights: str = "student"  # student | target (EMA)
+    max_pixels: int = 150_000_000  # input pixels (from the header, before decode); = upscale_io.MAX_PIXELS
+    max_output_pixels: int = 400_000_000  # output pixels; = upscale_io.MAX_OUTPUT_PIXELS
+    max_bytes: int = 1 << 30  # input file size; = upscale_io.MAX_BYTES
+    glob: Optional[bool] = None  # None: a path that exists is literal, else a glob; True: always a glob
+    allow_errors: bool = False  # exit 0 even when some inputs failed
     address: Optional[str] = None
     fail_after: int = -1  # test switch: an upscaler actor crashes after this many images
     overwrite: bool = False  # replace the output's earlier results instead of resuming them
@@ -73,8 +91,14 @@ class UpscaleJobConfig:
         from flowsr.sample import COLOR_FIXES
         from pipeline.upscale_io import OUTPUT_FORMATS
 
-        if (self.scale is not None and self.scale <= 0) or self.steps < 1:
-            raise ValueError(f"need scale > 0 and steps >= 1, got {self.scale}, {self.steps}")
+        if self.scale is not None and not (math.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
+            raise ValueError(f"scale must be a finite number in (0, {MAX_SCALE:g}], got {self.scale}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.vae_tile < 0:
+            raise ValueError(f"vae_tile must be >= 0, got {self.vae_tile}")
+        if min(self.max_pixels, self.max_output_pixels, self.max_bytes) < 1:
+            raise ValueError("max_pixels, max_output_pixels and max_bytes must be >= 1")
         if self.format == "auto":  # Real-ESRGAN's name for "the input's format"
             object.__setattr__(self, "format", "same")
         if self.format not in OUTPUT_FORMATS:
@@ -159,30 +183,37 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     Holds OUT's lease and checks its run record (`pipeline.output`) first: a concurrent run or a
     rerun with another checkpoint / settings is refused with one line (OutputError)."""
     from pipeline import output as out
+    from pipeline import upscale_io as io
 
+    if cfg.scale is None:
+        cfg = resolve_model(cfg)
+    check_before_run(cfg)  # before OUT or the corpus is touched
+    try:
+        inputs = io.scan_inputs(cfg.input, path_column=cfg.path_column, glob=cfg.glob)
+    except (FileNotFoundError, NotADirectoryError, KeyError) as err:
+        raise UsageError(f"input {cfg.input}: {err}") from err
     with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False):
-        return _upscale_corpus(cfg)
+        return _upscale_corpus(cfg, inputs)
 
 
-def _upscale_corpus(cfg: UpscaleJobConfig) -> dict:
+def _upscale_corpus(cfg: UpscaleJobConfig, inputs: list) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path)."""
     import ray
 
     from pipeline import upscale_io as io
 
     start = time.perf_counter()
-    if cfg.scale is None:
-        cfg = resolve_model(cfg)
     started_ray = init_ray(cfg.address)
     manifest = cfg.manifest or io.join_uri(cfg.output, io.MANIFEST_NAME)
-    rows = io.plan_outputs(io.list_inputs(cfg.input, path_column=cfg.path_column), cfg.output, cfg.format,
-                           cfg.name_suffix)
+    rows = io.plan_outputs(inputs, cfg.output, cfg.format, cfg.name_suffix)
     io.clear_tmp(cfg.output)
     done, results, steady = [], [], None
     try:
         if rows:
             probed = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / PROBE_BLOCK)))
-            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale, resume=not cfg.overwrite), batch_format="pyarrow",
+            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale, resume=not cfg.overwrite,
+                                               max_pixels=cfg.max_pixels, max_output_pixels=cfg.max_output_pixels,
+                                               max_bytes=cfg.max_bytes), batch_format="pyarrow",
                                         batch_size=PROBE_BLOCK).take_all()
             todo = sorted((r for r in probed if r["status"] == io.PENDING), key=lambda r: _bucket_order(r, cfg.bucket))
             done = [r for r in probed if r["status"] != io.PENDING]
@@ -194,13 +225,37 @@ def _upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         if started_ray:
             ray.shutdown()
     everything = done + results
-    counts = {s: sum(r["status"] == s for r in everything) for s in (io.OK, io.SKIPPED, io.ERROR)}
+    counts = {s: sum(r["status"] == s for r in everything) for s in (io.OK, io.SKIPPED, io.ERROR, io.UNSUPPORTED)}
     seconds = time.perf_counter() - start
     summary = {"total": len(rows), **counts, "seconds": round(seconds, 3),
                "images_per_s": round(counts[io.OK] / seconds, 3) if seconds else 0.0,
                "steady_images_per_s": steady, "manifest": manifest}
     print(f"[upscale] {json.dumps(summary)}", file=sys.stderr, flush=True)
     return summary
+
+
+def check_before_run(cfg: UpscaleJobConfig) -> None:
+    """Usage mistakes found before the corpus is touched, as UsageError: a missing or unreadable
+    checkpoint (config and weights), an output folder that is a file."""
+    from flowsr.checkpoint import check_checkpoint
+    from pipeline.sr_models import FLOWSR, model_kind
+    from pipeline.storage import resolve_fs
+
+    try:
+        if model_kind(cfg.checkpoint) == FLOWSR and is_local(cfg.checkpoint):  # weights files: describe()
+            check_checkpoint(cfg.checkpoint, weights=cfg.weights)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"model: {err}") from err
+    import pyarrow.fs as pafs
+
+    fs, path = resolve_fs(cfg.output)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        raise UsageError(f"output {cfg.output} is a file, not a folder")
+
+
+def exit_status(summary: dict, allow_errors: bool = False) -> int:
+    """0 when nothing failed (or `allow_errors`), else 1."""
+    return EXIT_ITEM_ERRORS if summary.get("error") and not allow_errors else EXIT_OK
 
 
 def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, already: int) -> Optional[float]:
@@ -253,7 +308,7 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
                    metavar="MODEL", help="a FlowSR checkpoint folder (or URI), or an SR weights file that spandrel "
                                          "reads (.pth/.pt/.ckpt/.safetensors: Real-ESRGAN, SwinIR, HAT, DAT, ...)")
     p.add_argument("--scale", "-s", "--outscale", type=float, default=None,
-                   help="output / input size, any > 0 (default: the model's native scale; 4 for FlowSR); a weights "
+                   help=f"output / input size in (0, {MAX_SCALE:g}] (default: the model's native scale; 4 for FlowSR); a weights "
                         "file's output is resized to it (bicubic, antialiased; Real-ESRGAN's --outscale: Lanczos)")
     p.add_argument("--steps", type=int, default=d["steps"], help="Euler steps, 1 = one-step SR (FlowSR)")
     p.add_argument("--tile", "-t", type=int, default=d["tile"],
@@ -290,6 +345,13 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache-dir", default=None, help="inductor cache shared by the actors")
     p.add_argument("--pretrained", default=None, help="override the SD base model location (FlowSR)")
     p.add_argument("--weights", choices=("student", "target"), default=d["weights"], help="FlowSR weights to run")
+    p.add_argument("--max-pixels", type=int, default=d["max_pixels"],
+                   help="input pixel cap, checked from the header before decoding (per-item error above it)")
+    p.add_argument("--max-output-pixels", type=int, default=d["max_output_pixels"], help="output pixel cap")
+    p.add_argument("--max-bytes", type=int, default=d["max_bytes"], help="input file size cap")
+    p.add_argument("--glob", action="store_true", default=None,
+                   help="read the input as a glob even if a file or folder of that name exists")
+    p.add_argument("--allow-errors", action="store_true", help="exit 0 even when some inputs failed")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT's earlier results (another checkpoint or settings) instead of refusing")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
@@ -314,24 +376,36 @@ def config_from_args(args: argparse.Namespace) -> UpscaleJobConfig:
     return UpscaleJobConfig(**values)
 
 
+def _usage_error(err: Exception) -> None:
+    print(f"upscale: error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USAGE) from None
+
+
 def run_from_args(args: argparse.Namespace):
-    """Config errors and a model argument that names nothing runnable: one line on stderr, exit 2."""
+    """Run the job; returns the exit status: 0, or 1 when inputs failed (`--allow-errors`: 0).
+    Config errors, a model argument that names nothing runnable, a checkpoint or input that is
+    not there: one line on stderr, exit 2 (SystemExit)."""
     try:
         cfg = resolve_model(config_from_args(args))
     except ValueError as err:
-        print(f"upscale: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _usage_error(err)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        return None
-    return upscale_corpus(cfg)
+        return EXIT_OK
+    from pipeline.output import OutputError
+
+    try:
+        summary = upscale_corpus(cfg)
+    except (UsageError, OutputError) as err:  # OutputError: OUT is leased, or holds other settings' results
+        _usage_error(err)
+    return exit_status(summary, cfg.allow_errors)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_upscale_options(p)
     return run_from_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

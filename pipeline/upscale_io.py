@@ -10,6 +10,11 @@ upscaled separately (bicubic) and kept (a JPEG target for an image with alpha is
 as Real-ESRGAN does); grayscale stays grayscale (except WebP, which has no gray mode); EXIF
 orientation is applied on decode. Writes are atomic (temporary file in `TMP_DIR`, then a move);
 an output that exists, opens and has the expected size counts as done on a rerun.
+
+Safety rules (`scan_inputs`, `plan_outputs`, `probe_batch`): only regular files are read, folder
+links are followed once per real folder, a path that exists is never read as a glob, files that
+are not images by extension are `unsupported` rows, sizes and pixel counts are capped before any
+decode; every output resolves inside the output folder and no two inputs share one.
 """
 from __future__ import annotations
 
@@ -17,10 +22,11 @@ import fnmatch
 import io
 import os
 import posixpath
+import stat
 import struct
 import uuid
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -29,7 +35,8 @@ from pipeline.storage import join_uri, resolve_fs
 
 from flowsr.sample import output_size
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif",
+                    ".ppm", ".pgm", ".pbm", ".pnm", ".tga")  # what pipeline.images.load_image decodes
 OUTPUT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".webp"}
 OUTPUT_FORMATS = ("same", "png", "jpg", "webp")
 TMP_DIR = ".flowsr-tmp"  # under the output root; emptied at the start and end of every run
@@ -40,9 +47,14 @@ PNG_COMPRESSION = 3  # zlib level 0-9: 3 is close to 9 in size for photos and se
 EXIF_ORIENTATION = 0x0112
 HEADER_BYTES = 1 << 20  # read to probe an input's header
 GLOB_CHARS = "*?["
+MAX_PIXELS = 150_000_000  # input pixels, from the header: a 100-MP photo passes; decoding costs ~3-8 B/pixel
+MAX_OUTPUT_PIXELS = 400_000_000  # output pixels: the result is one uint8/uint16 buffer of this size
+MAX_BYTES = 1 << 30  # input file size
+PNG_TAIL_BYTES = 1 << 16  # read from a PNG's end to find an eXIf chunk that follows the image data
 
-# status of a row: pending (to do), ok (written now), skipped (valid output existed), error
-PENDING, OK, SKIPPED, ERROR = "pending", "ok", "skipped", "error"
+# status of a row: pending (to do), ok (written now), skipped (valid output existed), error,
+# unsupported (a listed file that is not an image by its extension; not a failure)
+PENDING, OK, SKIPPED, ERROR, UNSUPPORTED = "pending", "ok", "skipped", "error", "unsupported"
 
 
 # ---- paths and filesystems ----------------------------------------------------------------------
@@ -54,9 +66,90 @@ def _with_scheme(root: str, path: str) -> str:
     return f"{root.split('://', 1)[0]}://{path}" if "://" in root and not root.startswith("file://") else path
 
 
-def _list_files(fs: pafs.FileSystem, root: str) -> List[str]:
+class Input(NamedTuple):
+    """One listed input: its URI, its name relative to the input root (which the output name
+    mirrors), and a status other than `pending` (with the reason) when it is not to be processed."""
+
+    uri: str
+    relative: str
+    status: str = PENDING
+    error: str = ""
+
+
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(mode: int) -> str:
+    """Why a file of st_mode `mode` is not read ("" for a regular file)."""
+    if stat.S_ISREG(mode):
+        return ""
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"not a regular file ({kind})" if kind != "not a regular file" else kind
+
+
+def _walk_local(root: str) -> List[Tuple[str, str]]:
+    """(path, problem) of every file under local directory `root`, sorted; problem is "" for a
+    regular file, else why it is not read. Symbolic links to directories are followed, each real
+    directory is walked once (the real tree first, then linked ones in sorted order), so link
+    loops (`sub/up -> ..`, `self -> .`) end and nothing is listed twice."""
+    found: List[Tuple[str, str]] = []
+    seen = set()
+    deferred: List[str] = []  # symbolic links to directories, walked after the real tree
+
+    def key(st):
+        return st.st_dev, st.st_ino
+
+    def walk(start: str) -> None:
+        stack = [start]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = sorted(os.scandir(directory), key=lambda e: e.name)
+            except OSError as err:
+                found.append((directory, f"cannot list the directory: {err.strerror or err}"))
+                continue
+            subdirs = []
+            for entry in entries:
+                try:
+                    if entry.is_symlink():
+                        st = os.stat(entry.path)  # follows the link
+                        if stat.S_ISDIR(st.st_mode):
+                            deferred.append(entry.path)
+                            continue
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISDIR(st.st_mode):
+                            if key(st) not in seen:
+                                seen.add(key(st))
+                                subdirs.append(entry.path)
+                            continue
+                except OSError as err:  # a dangling link, a vanished file
+                    found.append((entry.path, f"cannot stat: {err.strerror or err}"))
+                    continue
+                found.append((entry.path, _not_regular(st.st_mode)))
+            stack.extend(reversed(subdirs))
+
+    seen.add(key(os.stat(root)))
+    walk(root)
+    while deferred:
+        link = deferred.pop(0)
+        try:
+            st = os.stat(link)
+        except OSError:
+            continue
+        if key(st) not in seen:
+            seen.add(key(st))
+            walk(link)
+    return sorted(found)
+
+
+def _list_files(fs: pafs.FileSystem, root: str) -> List[Tuple[str, str]]:
+    """(path, problem) of the files under `root` (see `_walk_local`; other filesystems have no links)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _walk_local(root)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    return sorted((i.path, "") for i in infos if i.type == pafs.FileType.File)
 
 
 def _is_image(path: str) -> bool:
@@ -67,26 +160,67 @@ def _relative(path: str, root: str) -> str:
     return posixpath.relpath(path, root) if root else path
 
 
-def list_inputs(source: str, *, path_column: str = "path") -> List[Tuple[str, str]]:
-    """(input URI, name relative to the input root), sorted, for a directory (image files
-    under it, recursively), a glob (`**` crosses directories), one file, or a Parquet file with
-    a `path_column` column (names relative to the deepest common directory)."""
-    if source.endswith(".parquet"):
-        return _list_parquet(source, path_column)
+def _listed(uri: str, relative: str, problem: str, *, by_extension: bool) -> Input:
+    """An Input for a listed file: an error row when it cannot be read, an `unsupported` row when
+    `by_extension` and its extension is not an image's."""
+    if problem:
+        return Input(uri, relative, ERROR, f"list: {problem}")
+    if by_extension and not _is_image(uri):
+        ext = os.path.splitext(uri)[1] or "no extension"
+        return Input(uri, relative, UNSUPPORTED, f"unsupported file type ({ext}); supported: {' '.join(IMAGE_EXTENSIONS)}")
+    return Input(uri, relative)
+
+
+def scan_inputs(source: str, *, path_column: str = "path", glob: Optional[bool] = None) -> List[Input]:
+    """Every input of `source`, sorted, as `Input` rows: a directory (every file under it,
+    recursively; image extensions are read, other files are `unsupported` rows), a glob (`**`
+    crosses directories), one file, or a Parquet file with a `path_column` column (names relative
+    to the deepest common directory). A path that exists is taken literally (`photos[2024]/`);
+    it is read as a glob only when it does not exist, or when `glob` is True. Files that are not
+    regular files (pipes, devices) are error rows."""
     fs, path = split_uri(source)
-    if any(ch in path for ch in GLOB_CHARS):
-        root = path
-        while any(ch in root for ch in GLOB_CHARS):
-            root = posixpath.dirname(root)
-        pattern = _relative(path, root)
-        files = [p for p in _list_files(fs, root) if _glob_match(_relative(p, root), pattern)]
-        return [(_with_scheme(source, p), _relative(p, root)) for p in files]
     info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        return [(_with_scheme(source, p), _relative(p, path)) for p in _list_files(fs, path) if _is_image(p)]
-    if info.type == pafs.FileType.File:
-        return [(source, posixpath.basename(path))]
-    raise FileNotFoundError(f"no input at {source}")
+    exists = info.type != pafs.FileType.NotFound
+    if glob or (glob is None and not exists and any(ch in path for ch in GLOB_CHARS)):
+        return _scan_glob(source, fs, path)
+    if not exists:
+        raise FileNotFoundError(f"no input at {source}")
+    if source.endswith(".parquet") and info.type == pafs.FileType.File:
+        return [Input(u, r) for u, r in _list_parquet(source, path_column)]
+    if isinstance(fs, pafs.LocalFileSystem):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISDIR(mode):
+            return [Input(source, posixpath.basename(path), *((ERROR, f"list: {_not_regular(mode)}")
+                                                             if _not_regular(mode) else ()))]
+    elif info.type == pafs.FileType.File:
+        return [Input(source, posixpath.basename(path))]
+    return [_listed(_with_scheme(source, p), _relative(p, path), problem, by_extension=True)
+            for p, problem in _list_files(fs, path)]
+
+
+def _scan_glob(source: str, fs: pafs.FileSystem, path: str) -> List[Input]:
+    """The files matching glob `path`: its root is the longest leading run of components that
+    have no glob characters or exist literally as a directory."""
+    parts = path.split("/")
+    i = 1 if parts[0] == "" else 0  # an absolute path starts with ""
+    root = "/".join(parts[:i])
+    while i < len(parts) - 1:
+        candidate = "/".join(parts[:i + 1]) or "/"
+        if any(ch in parts[i] for ch in GLOB_CHARS) and fs.get_file_info(candidate).type != pafs.FileType.Directory:
+            break
+        root, i = candidate, i + 1
+    pattern = "/".join(parts[i:])
+    if fs.get_file_info(root or ".").type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no input at {source} (no folder {root or '.'})")
+    return [_listed(_with_scheme(source, p), _relative(p, root), problem, by_extension=True)
+            for p, problem in _list_files(fs, root or ".") if _glob_match(_relative(p, root), pattern)]
+
+
+def list_inputs(source: str, *, path_column: str = "path", glob: Optional[bool] = None) -> List[Tuple[str, str]]:
+    """(input URI, name relative to the input root) of the inputs of `source` that are to be read
+    (`scan_inputs` without the rows it marks unsupported or unreadable)."""
+    return [(i.uri, i.relative) for i in scan_inputs(source, path_column=path_column, glob=glob)
+            if i.status == PENDING]
 
 
 def _glob_match(relative: str, pattern: str) -> bool:
@@ -96,12 +230,14 @@ def _glob_match(relative: str, pattern: str) -> bool:
 
 
 def _list_parquet(source: str, path_column: str) -> List[Tuple[str, str]]:
+    """(uri, relative name) of a Parquet list; names are taken after normalising the paths
+    (`imgs/../src/x.jpg` -> `src/x.jpg`), so a name never climbs out of the common directory."""
     import pyarrow.parquet as pq
 
     fs, path = split_uri(source)
     table = pq.read_table(path, columns=[path_column], filesystem=fs)
     uris = sorted(set(u for u in table.column(path_column).to_pylist() if u))
-    paths = [u.split("://", 1)[-1] for u in uris]
+    paths = [posixpath.normpath(u.split("://", 1)[-1]) for u in uris]
     if not paths:
         return []
     root = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
@@ -123,24 +259,75 @@ def output_name(relative: str, fmt: str, suffix: str = "") -> str:
     return stem + suffix + ext
 
 
-def plan_outputs(inputs: Sequence[Tuple[str, str]], output_root: str, fmt: str,
-                 suffix: str = "") -> List[Dict[str, str]]:
-    """Rows {input, output} with one distinct output per input: names that several inputs would
-    share (a.png and a.jpg -> a.png) keep the input extension (a.png.png, a.jpg.png). Inputs
-    inside the output folder (earlier outputs, when OUT lies under IN) are left out."""
+def _name_candidates(relative: str, fmt: str, suffix: str):
+    """Output names for `relative` in order of preference (see `plan_outputs`)."""
+    name = output_name(relative, fmt, suffix)
+    ext = os.path.splitext(name)[1]
+    yield name
+    yield relative + suffix + ext
+    k = 2
+    while True:
+        yield f"{relative}{suffix}-{k}{ext}"
+        k += 1
+
+
+def _jpeg_twin(name: str) -> Optional[str]:
+    """The PNG name a JPEG target becomes when its image has alpha (see `probe_batch`)."""
+    stem, ext = os.path.splitext(name)
+    return stem + ".png" if ext.lower() in (".jpg", ".jpeg") else None
+
+
+def _inside(output_root: str):
+    """A test `name -> bool`: does OUT/name resolve (symbolic links included) inside OUT?"""
+    if "://" in output_root and not output_root.startswith("file://"):
+        root = posixpath.normpath(output_root.split("://", 1)[1])
+        return lambda name: posixpath.normpath(posixpath.join(root, name)).startswith(root + "/")
+    _, local = split_uri(output_root)
+    real = os.path.realpath(local)
+    return lambda name: os.path.realpath(os.path.join(local, name)).startswith(real.rstrip(os.sep) + os.sep)
+
+
+def plan_outputs(inputs: Sequence, output_root: str, fmt: str, suffix: str = "") -> List[Dict[str, str]]:
+    """Rows {input, output, status, error}, one per input (`Input`s or (uri, relative) pairs), in
+    input order, each with its own output inside `output_root`. Inputs inside the output folder
+    (earlier outputs, when OUT lies under IN) are left out.
+
+    Naming rule (deterministic, never two inputs on one output): inputs whose extension is already
+    the output's go first, then the others, each in sorted order of their relative name; each
+    takes the first free name of: the mirrored name (`a.png`), the input name plus the output
+    extension (`a.jpg.png`), then `a.jpg-2.png`, `a.jpg-3.png`, ... Names are compared ignoring
+    case (case-insensitive filesystems), and a JPEG name also reserves its PNG twin (the target of
+    an image with alpha). A name that would resolve outside OUT (`../x.png`, a symbolic link in
+    OUT pointing elsewhere) makes the row an error."""
     inside = output_root.rstrip("/") + "/"
     if "://" not in output_root:
         inside = os.path.abspath(output_root) + os.sep
-    inputs = [(uri, rel) for uri, rel in inputs if not uri.startswith(inside)]
-    names = [output_name(rel, fmt, suffix) for _, rel in inputs]
-    counts: Dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
-    rows = []
-    for (uri, rel), name in zip(inputs, names):
-        if counts[name] > 1:
-            name = rel + suffix + os.path.splitext(name)[1]
-        rows.append({"input": uri, "output": join_uri(output_root, name)})
+    items = [Input(*i) for i in inputs]
+    items = [i for i in items if not i.uri.startswith(inside)]
+    contained = _inside(output_root)
+    rows = [{"input": i.uri, "output": "", "status": i.status, "error": i.error} for i in items]
+
+    def rank(k):
+        natural = output_name(items[k].relative, fmt, suffix)
+        return (os.path.splitext(natural)[1].lower() != os.path.splitext(items[k].relative)[1].lower(),
+                items[k].relative, k)
+    taken = set()
+    for k in sorted((k for k, i in enumerate(items) if i.status == PENDING), key=rank):
+        relative = items[k].relative
+        if posixpath.isabs(relative) or posixpath.normpath(relative).split("/")[0] == "..":
+            rows[k].update(status=ERROR, error=f"plan: output name {relative!r} is outside the output folder")
+            continue
+        relative = posixpath.normpath(relative)
+        for name in _name_candidates(relative, fmt, suffix):
+            twin = _jpeg_twin(name)
+            keys = {name.casefold(), *([twin.casefold()] if twin else [])}
+            if not keys & taken:
+                taken |= keys
+                break
+        if not contained(name):
+            rows[k].update(status=ERROR, error=f"plan: output {name!r} resolves outside the output folder")
+            continue
+        rows[k]["output"] = join_uri(output_root, name)
     return rows
 
 
@@ -153,18 +340,75 @@ def _read_bytes(uri: str) -> bytes:
 
 def _header(uri: str):
     """A Pillow image opened lazily (header only) from the first HEADER_BYTES of `uri`, or from
-    the whole file when the header is longer than that."""
+    the whole file when the header is longer than that. A PNG's eXIf chunk that follows the image
+    data is found from the file's tail (PNG_TAIL_BYTES) and put in `info`, as Pillow would after
+    a full decode, so the EXIF orientation counts either way."""
     from PIL import Image
 
     fs, path = split_uri(uri)
     with fs.open_input_stream(path) as f:
         head = f.read(HEADER_BYTES)
         try:
-            return Image.open(io.BytesIO(head))
+            im = Image.open(io.BytesIO(head))
         except Exception:  # noqa: BLE001 — a header past HEADER_BYTES, or not an image at all
             if len(head) < HEADER_BYTES:
                 raise
             return Image.open(io.BytesIO(head + f.read()))
+    if im.format == "PNG" and "exif" not in im.info:
+        exif = _png_chunk(head, b"eXIf") if len(head) < HEADER_BYTES else _png_tail_exif(fs, path)
+        if exif:
+            im.info["exif"] = exif
+    return im
+
+
+def _png_chunk(data: bytes, kind: bytes) -> Optional[bytes]:
+    """The payload of the last complete, CRC-valid chunk `kind` found in `data` (a PNG or a piece
+    of one), or None."""
+    pos = data.rfind(kind)
+    while pos >= 4:
+        length = struct.unpack(">I", data[pos - 4:pos])[0]
+        end = pos + 4 + length
+        if end + 4 <= len(data) and zlib.crc32(data[pos:end]) == struct.unpack(">I", data[end:end + 4])[0]:
+            return data[pos + 4:end]
+        pos = data.rfind(kind, 0, pos)
+    return None
+
+
+def _png_tail_exif(fs: pafs.FileSystem, path: str) -> Optional[bytes]:
+    """An eXIf chunk near the end of a PNG (after the image data, before IEND), or None."""
+    size = fs.get_file_info(path).size
+    with fs.open_input_file(path) as f:
+        f.seek(max(0, size - PNG_TAIL_BYTES))
+        return _png_chunk(f.read(), b"eXIf")
+
+
+def check_input(uri: str, max_bytes: int = MAX_BYTES) -> None:
+    """Raise ValueError unless `uri` is a regular file of at most `max_bytes` bytes (a named pipe
+    would block a reader forever, a device would never end)."""
+    fs, path = split_uri(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        st = os.stat(path)
+        problem, size = _not_regular(st.st_mode), st.st_size
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no file at {uri}")
+        problem, size = ("" if info.type == pafs.FileType.File else "not a regular file"), info.size
+    if problem:
+        raise ValueError(problem)
+    if size > max_bytes:
+        raise ValueError(f"{size} bytes is over the file size cap of {max_bytes} bytes (--max-bytes)")
+
+
+def check_pixels(h: int, w: int, H: int, W: int, max_pixels: int = MAX_PIXELS,
+                 max_output_pixels: int = MAX_OUTPUT_PIXELS) -> None:
+    """Raise ValueError when an input of (h, w) or its output of (H, W) is over the pixel caps."""
+    if h * w > max_pixels:
+        raise ValueError(f"{w}x{h} = {h * w / 1e6:.1f} MP is over the input pixel cap of "
+                         f"{max_pixels / 1e6:g} MP (--max-pixels)")
+    if H * W > max_output_pixels:
+        raise ValueError(f"the {W}x{H} output = {H * W / 1e6:.1f} MP is over the output pixel cap of "
+                         f"{max_output_pixels / 1e6:g} MP (--max-output-pixels)")
 
 
 def header_size(f) -> Tuple[int, int, bool]:
@@ -174,8 +418,8 @@ def header_size(f) -> Tuple[int, int, bool]:
 
     with (f if isinstance(f, Image.Image) else Image.open(f)) as im:
         w, h = im.size
-        # PNG keeps EXIF before IDAT (in `info` after the header) or after it, where reading it
-        # would decode the whole image: only the first kind counts here
+        # PNG keeps EXIF before IDAT (in `info` after the header) or after it (put in `info` by
+        # `_header`); getexif() on a PNG without it would decode the whole image
         has_exif = im.format != "PNG" or "exif" in im.info
         orientation = im.getexif().get(EXIF_ORIENTATION, 1) if has_exif else 1
         alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
@@ -199,25 +443,35 @@ def is_valid_output(uri: str, size: Tuple[int, int]) -> bool:
         return False
 
 
-def probe_batch(batch: Dict[str, Sequence], *, scale: float, resume: bool = True) -> Dict[str, list]:
-    """Rows {input, output} -> + in/out sizes and status: skipped when a valid output exists
-    (and `resume`; the run record guarantees it was made with the same settings), error when
-    the header does not parse, else pending. JPEG targets of images with alpha become PNG
+def probe_batch(batch: Dict[str, Sequence], *, scale: float, resume: bool = True, max_pixels: int = MAX_PIXELS,
+                max_output_pixels: int = MAX_OUTPUT_PIXELS, max_bytes: int = MAX_BYTES) -> Dict[str, list]:
+    """Rows {input, output[, status, error]} -> + in/out sizes and status: rows planned as error or
+    unsupported stay so; error when the input is not a regular file, is over a cap (`check_input`,
+    `check_pixels`: from the file size and the header, before any decode) or its header does not
+    parse; skipped when a valid output exists (and `resume`; the run record guarantees it was
+    made with the same settings); else pending. JPEG targets of images with alpha become PNG
     targets."""
     out = {k: [] for k in ("input", "output", "in_height", "in_width", "out_height", "out_width",
                            "status", "error")}
-    for uri, target in zip(batch["input"], batch["output"]):
+    planned = zip(batch.get("status") or [PENDING] * len(batch["input"]),
+                  batch.get("error") or [""] * len(batch["input"]))
+    for uri, target, (status, error) in zip(batch["input"], batch["output"], planned):
         h = w = H = W = 0
-        status, error = PENDING, ""
-        try:
-            h, w, alpha = header_size(_header(uri))
-            H, W = output_size(h, w, scale)
-            if alpha and os.path.splitext(target)[1] in (".jpg", ".jpeg"):
-                target = os.path.splitext(target)[0] + ".png"
-            if resume and is_valid_output(target, (H, W)):
-                status = SKIPPED
-        except Exception as err:  # noqa: BLE001 — a bad file becomes an error row
-            status, error = ERROR, f"probe: {type(err).__name__}: {err}"
+        status, error = status or PENDING, error or ""
+        if status != PENDING:
+            pass
+        else:
+            try:
+                check_input(uri, max_bytes)
+                h, w, alpha = header_size(_header(uri))
+                H, W = output_size(h, w, scale)
+                check_pixels(h, w, H, W, max_pixels, max_output_pixels)
+                if alpha and os.path.splitext(target)[1] in (".jpg", ".jpeg"):
+                    target = os.path.splitext(target)[0] + ".png"
+                if resume and is_valid_output(target, (H, W)):
+                    status = SKIPPED
+            except Exception as err:  # noqa: BLE001 — a bad file becomes an error row
+                status, error = ERROR, f"probe: {type(err).__name__}: {err}"
         for k, v in zip(out, (uri, target, h, w, H, W, status, error)):
             out[k].append(v)
     return out

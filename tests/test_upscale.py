@@ -173,7 +173,7 @@ def test_listing_and_output_names(tmp_path):
     pq.write_table(table, tmp_path / "list.parquet")
     assert [rel for _, rel in uio.list_inputs(str(tmp_path / "list.parquet"))] == ["a.png", "sub/b.webp"]
     rows = uio.plan_outputs(listed, "/out", "png")
-    assert [r["output"] for r in rows] == ["/out/a.jpg.png", "/out/a.png.png", "/out/c.png", "/out/sub/b.png"]
+    assert [r["output"] for r in rows] == ["/out/a.jpg.png", "/out/a.png", "/out/c.png", "/out/sub/b.png"]
     assert [r["output"] for r in uio.plan_outputs(listed, "/out", "same", "_x4")][2:] == ["/out/c_x4.png",
                                                                                         "/out/sub/b_x4.webp"]
     with pytest.raises(ValueError):

@@ -2,7 +2,6 @@
 sources. A missing weight raises `MissingWeightsError`; random backbones only when asked for."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch

@@ -11,7 +11,7 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import torch
 

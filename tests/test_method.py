@@ -5,7 +5,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flowsr import flow
 from flowsr.backbones import PixelBackbone, SDLatentBackbone
 from flowsr.build import build_stage1, build_stage2, make_optimizer
 from flowsr.checkpoint import load_for_inference, save_checkpoint

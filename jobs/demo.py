@@ -131,10 +131,27 @@ CROPS_PER_IMAGE = 64  # random 64-px training crops per image, each with its own
 HELDOUT_TILES = 64  # 128-px grid tiles per held-out image: all that fit (6 of chelsea, 12 of coffee)
 
 
-def demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAGE2_STEPS, patch_size: int = 64,
-         crops_per_image: int = CROPS_PER_IMAGE, heldout_tiles: int = HELDOUT_TILES, num_workers: int = 1,
-         seed: int = 0, degradation: str = "bicubic") -> Dict:
+def demo(out: str, **options) -> Dict:
+    """The embedded end-to-end run (see `_demo` for the options) on a local Ray, which it shuts
+    down again when it started it."""
+    import ray
+
     from jobs.common import init_ray
+
+    cores = max(2, os.cpu_count() or 2)
+    # the training workers take every core (torch threads = cpus_per_worker); one logical CPU
+    # more lets Ray Data's short read tasks run beside them instead of waiting for a free CPU
+    started = init_ray(None, num_cpus=cores + 1, object_store_memory=1 << 30)
+    try:
+        return _demo(out, **options)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAGE2_STEPS, patch_size: int = 64,
+          crops_per_image: int = CROPS_PER_IMAGE, heldout_tiles: int = HELDOUT_TILES, num_workers: int = 1,
+          seed: int = 0, degradation: str = "bicubic") -> Dict:
     from jobs.evaluate import EvalConfig, evaluate
     from jobs.prepare_data import SHARDS_DIR, PrepareConfig, prepare
     from jobs.train import train
@@ -144,9 +161,6 @@ def demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAG
     os.makedirs(out, exist_ok=True)
     timings: Dict[str, float] = {}
     cores = max(2, os.cpu_count() or 2)
-    # the training workers take every core (torch threads = cpus_per_worker); one logical CPU
-    # more lets Ray Data's short read tasks run beside them instead of waiting for a free CPU
-    init_ray(None, num_cpus=cores + 1, object_store_memory=1 << 30)
     print(f"full logs of every Ray process: {ray_logs_dir()}", flush=True)
 
     t0 = phase(f"1/5 prepare pairs ({DEGRADATION_TEXT[degradation]}, template captions)")

@@ -426,7 +426,8 @@ def _imported_distributions():
     import sys
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    first_party = {"flowsr", "pipeline", "jobs", "tests", "conftest", "benchmarks"}
+    first_party = {"flowsr", "pipeline", "jobs", "tests", "conftest", "benchmarks"} | {
+        path.stem for path in (root / "tests").glob("*.py")}  # test modules import each other's helpers
     modules = {m.split(".")[0] for d in ("flowsr", "pipeline", "jobs", "benchmarks", "tests")
                for path in (root / d).rglob("*.py") for m in _imports(path)}
     modules -= first_party | set(sys.stdlib_module_names)

@@ -244,7 +244,7 @@ def test_unsupported_models_are_one_clear_line(tmp_path, swinir):
 
 
 def test_cli_unsupported_model_exits_2_with_one_line(tmp_path, capsys):
-    from flowsr.cli import main
+    from jobs.cli import main
 
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "unknown.pth")
     (tmp_path / "in").mkdir()
@@ -258,7 +258,7 @@ def test_cli_unsupported_model_exits_2_with_one_line(tmp_path, capsys):
 
 # ---- Real-ESRGAN's spellings ------------------------------------------------------------------------------
 def _parse(argv):
-    from flowsr.cli import build_parser
+    from jobs.cli import build_parser
     from jobs.upscale import config_from_args
 
     return config_from_args(build_parser().parse_args(["upscale", *argv]))
@@ -302,7 +302,7 @@ def test_upscale_job_runs_a_realesrgan_file(ray_local, esrgan, tmp_path):
     import cv2
     import spandrel
 
-    from flowsr.cli import main
+    from jobs.cli import main
 
     path, _ = esrgan
     src = tmp_path / "in"

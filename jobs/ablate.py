@@ -539,9 +539,12 @@ def ablate(size: str = "small", out: str = "runs/ablate", *, seed: int = 0, over
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs.ablate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", default="small", choices=sorted(SIZES))
-    p.add_argument("--out", default="runs/ablate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="small", choices=sorted(SIZES),
+                   help="ablation scale: how many steps and images each run gets")
+    p.add_argument("--out", default="runs/ablate",
+                   help="output folder: one sub-folder per run, tables and report")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed shared by every run (data, init, noise)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config override for every run (on top of pixel-small and the size)")
     p.add_argument("--runner", default="auto", choices=RUNNERS,

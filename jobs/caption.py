@@ -17,6 +17,7 @@ the list of committed parts, never a list of sample_ids.
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from flowsr.metrics_log import progress_text
 from jobs.common import add_ray_args, init_ray, resolve_fs
 from pipeline import output as out
 from pipeline.caption import (BACKENDS, DEFAULT_MODEL, PART_PREFIX, CaptionConfig, caption_part_name,
@@ -34,6 +36,9 @@ RESULT_FIELDS = ("backend", "prompt_version", "max_new_tokens", "min_new_tokens"
                  "max_pixels", "max_words", "dtype")
 
 MAX_BLOCKS = 4096  # shards are streamed as (at most) this many blocks: progress every few shards
+
+logger = logging.getLogger("flowsr.caption")
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -119,19 +124,22 @@ def regenerate(cfg: RegenerateConfig, on_part: Optional[Callable[[int, Dict], No
 
 def _caption_missing(cfg: RegenerateConfig, todo: List[Dict], on_part) -> Dict:
     import ray
-    from tqdm import tqdm
 
     started = init_ray(cfg.address)
     try:
         items = ray.data.from_items(todo, override_num_blocks=min(len(todo), MAX_BLOCKS))
         ds = caption_shards(items, cfg.caption, cfg.output, cfg.shards)
         captioned = parts = 0
-        with tqdm(total=len(todo), desc="caption parts", unit="part", file=sys.stderr) as progress:
-            for row in ds.iter_rows():
-                if on_part is not None:
-                    on_part(parts, row)
-                captioned, parts = captioned + int(row["rows"]), parts + 1
-                progress.update(1)
+        begin = last = time.perf_counter()
+        for row in ds.iter_rows():  # one progress line every PROGRESS_EVERY_S beside Ray Data's own display
+            if on_part is not None:
+                on_part(parts, row)
+            captioned, parts = captioned + int(row["rows"]), parts + 1
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S or parts == len(todo):
+                last = now
+                logger.info("caption parts %s | %d captions", progress_text(parts, len(todo), now - begin, "part"),
+                            captioned)
         return {"captioned": captioned, "parts": parts}
     finally:
         if started:
@@ -143,17 +151,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shards", required=True, help="directory / URI of the pair shards")
     p.add_argument("--output", required=True, help="caption table directory / URI")
-    p.add_argument("--backend", default="template", choices=[b for b in BACKENDS if b != "off"])
+    p.add_argument("--backend", default="template", choices=[b for b in BACKENDS if b != "off"],
+                   help="captioner: qwen2vl (a VLM) or template (from the degradation parameters, no model)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="Qwen2-VL hub id or local directory")
-    p.add_argument("--prompt-version", default="v1")
+    p.add_argument("--prompt-version", default="v1", help="caption prompt version, recorded per row")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per captioner call")
     p.add_argument("--num-gpus", type=float, default=1.0, help="GPUs per captioner actor (qwen2vl)")
     p.add_argument("--pool-size", type=int, default=1, help="captioner actors (qwen2vl)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--attn-implementation", default=None)
-    p.add_argument("--cache-implementation", default=None, choices=[None, "static", "dynamic"])
+    p.add_argument("--max-new-tokens", type=int, default=40, help="longest generated caption (qwen2vl)")
+    p.add_argument("--device", default="auto", help="torch device of the captioner (auto: cuda when present)")
+    p.add_argument("--dtype", default="auto", help="captioner dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    p.add_argument("--attn-implementation", default=None, help="transformers attention (e.g. sdpa, flash_attention_2)")
+    p.add_argument("--cache-implementation", default=None, choices=[None, "static", "dynamic"],
+                   help="KV cache of generate()")
     p.add_argument("--part-rows", type=int, default=1024, help="row-group size hint")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the output's earlier captions instead of resuming them")

@@ -596,23 +596,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", action="append", default=[], metavar="NAME=WEIGHTS",
                    help="a model run in the job beside FlowSR (repeatable): an SR weights file that spandrel reads "
                         "(.pth/.safetensors: Real-ESRGAN, SwinIR, HAT, DAT, ...) or a FlowSR checkpoint")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 4],
+                   help="FlowSR sampling steps to score (one column each)")
+    p.add_argument("--scale", type=int, default=4,
+                   help="SR factor of the pairs")
     p.add_argument("--metrics", nargs="*", default=list(LEARNED_METRICS), help="learned metrics (PSNR/SSIM always)")
     p.add_argument("--allow-download", action="store_true", help="let the metric library download weights")
-    p.add_argument("--dataset-name", default="")
-    p.add_argument("--method-name", default="FlowSR")
-    p.add_argument("--weights", default="student", choices=["student", "target"])
+    p.add_argument("--dataset-name", default="",
+                   help="dataset name shown in the tables and report")
+    p.add_argument("--method-name", default="FlowSR",
+                   help="name of the checkpoint's rows in the tables")
+    p.add_argument("--weights", default="student", choices=["student", "target"],
+                   help="checkpoint weights: student, or target (the EMA)")
     p.add_argument("--pretrained", default=None, help="override the SD base model location recorded in the checkpoint")
-    p.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"])
+    p.add_argument("--color-fix", default="none", choices=["none", "wavelet", "adain"],
+                   help="colour correction of the SR output against the LR")
     p.add_argument("--tile", type=int, default=0, help="tile size in output pixels (0: whole images)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the per-image sampling noise")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N pairs")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="pairs per evaluator call")
+    p.add_argument("--num-actors", type=int, default=1,
+                   help="evaluator actors (each loads the models once)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
-    p.add_argument("--report-images", type=int, default=4)
-    p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--report-images", type=int, default=4,
+                   help="images shown as side-by-side crops in the HTML report")
+    p.add_argument("--crop-size", type=int, default=128,
+                   help="size of those crops, HR pixels")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, run nothing")
     add_ray_args(p)
     return p

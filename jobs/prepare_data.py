@@ -681,17 +681,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, boo
     p.add_argument("--output", required=True, help="output dir or URI (s3://, gs://, ...)")
     p.add_argument("--glob", action="store_true",
                    help="read --input as a glob pattern (a path that exists is otherwise literal)")
-    p.add_argument("--patch-size", type=int, default=defaults.patch_size)
-    p.add_argument("--crops-per-image", type=int, default=defaults.crops_per_image)
-    p.add_argument("--crop-mode", choices=CROP_MODES, default=defaults.crop_mode)
-    p.add_argument("--degradation", choices=DEGRADATION_KINDS, default=defaults.degradation)
-    p.add_argument("--scale", type=int, default=defaults.scale)
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--shard-rows", type=int, default=defaults.shard_rows)
-    p.add_argument("--captioner", choices=CAPTIONERS, default=defaults.captioner)
-    p.add_argument("--files-per-task", type=int, default=defaults.files_per_task)
-    p.add_argument("--num-workers", type=int, default=defaults.num_workers)
-    p.add_argument("--alpha", choices=ALPHA_MODES, default=defaults.alpha)
+    p.add_argument("--patch-size", type=int, default=defaults.patch_size,
+                   help="HR crop size, pixels")
+    p.add_argument("--crops-per-image", type=int, default=defaults.crops_per_image,
+                   help="HR crops taken from each source image")
+    p.add_argument("--crop-mode", choices=CROP_MODES, default=defaults.crop_mode,
+                   help="where crops are taken: random (seeded by content) or a grid")
+    p.add_argument("--degradation", choices=DEGRADATION_KINDS, default=defaults.degradation,
+                   help="realesrgan (second-order, the paper) or bicubic x4")
+    p.add_argument("--scale", type=int, default=defaults.scale,
+                   help="SR factor: LR side = patch size / scale")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="global seed; each pair draws from (seed, sample_id)")
+    p.add_argument("--shard-rows", type=int, default=defaults.shard_rows,
+                   help="pairs per Parquet shard")
+    p.add_argument("--captioner", choices=CAPTIONERS, default=defaults.captioner,
+                   help="caption columns: off, template (from the degradation), qwen2vl (use jobs.caption for a VLM at scale)")
+    p.add_argument("--files-per-task", type=int, default=defaults.files_per_task,
+                   help="source files per degrade task (smaller: more parallel tasks)")
+    p.add_argument("--num-workers", type=int, default=defaults.num_workers,
+                   help="at most this many degrade tasks at once (default: as many as CPUs)")
+    p.add_argument("--alpha", choices=ALPHA_MODES, default=defaults.alpha,
+                   help="what to do with an alpha channel before cropping")
     p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                    help="larger images (by their header) are error rows, never decoded")
     p.add_argument("--max-bytes", type=int, default=defaults.max_bytes,

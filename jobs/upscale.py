@@ -332,12 +332,15 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
                    help="how alpha is upscaled: bicubic only (Real-ESRGAN's default, realesrgan, is not supported)")
     p.add_argument("--path-column", default=d["path_column"], help="path column of a Parquet input")
     p.add_argument("--manifest", default=None, help="manifest Parquet (default OUT/manifest.parquet)")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--tile-batch", type=int, default=d["tile_batch"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="images per upscaler call")
+    p.add_argument("--tile-batch", type=int, default=d["tile_batch"],
+                   help="tiles per network forward")
     p.add_argument("--bucket", type=int, default=d["bucket"], help="size bucket for dense batches, output pixels")
     p.add_argument("--pool-size", type=int, default=d["pool_size"], help="upscaler actors")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
-    p.add_argument("--cpus-per-actor", type=float, default=d["cpus_per_actor"])
+    p.add_argument("--cpus-per-actor", type=float, default=d["cpus_per_actor"],
+                   help="CPUs each upscaler actor asks Ray for")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="default: bf16 on GPU (fp16 or fp32 for a weights file without bf16), fp32 on CPU")
     p.add_argument("--fp32", dest="dtype", action="store_const", const="fp32", help="same as --dtype fp32")

@@ -314,7 +314,7 @@ def header_pixels(data: bytes) -> Optional[Tuple[int, int]]:
             return im.size
     except Image.DecompressionBombError:
         return -1, -1
-    except Exception:
+    except Exception:  # an unreadable header is not decided here: the decode reports it as the file's error row
         return None
 
 

@@ -202,11 +202,11 @@ def checkpoint_digest(uri: Optional[str]) -> Optional[str]:
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """`flowsr <version>` plus the git commit of the checkout, when there is one."""
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        text = f"flowsr {version('flowsr')}"
-    except Exception:
+    try:
+        text = f"flowsr {version('flowsr-ray')}"  # the distribution's name (pyproject.toml)
+    except PackageNotFoundError:  # running from a source tree that was never installed
         text = "flowsr"
     here = os.path.dirname(os.path.abspath(__file__))
     with contextlib.suppress(Exception):

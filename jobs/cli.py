@@ -18,9 +18,8 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
-_REGISTRY: List[Callable] = []
 USAGE_ERROR = 2
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
 
@@ -36,41 +35,23 @@ DELEGATED: Dict[str, tuple] = {
 }
 
 
-def command(register: Callable) -> Callable:
-    """Decorator: `register(subparsers)` adds one subcommand."""
-    _REGISTRY.append(register)
-    return register
+# jobs whose options `flowsr` adds itself: NAME -> (module, its add-options function, help)
+REGISTERED: Dict[str, tuple] = {
+    "upscale": ("upscale", "add_upscale_options",
+                "upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)"),
+    "train": ("train", "add_train_options", "two-stage FlowSR training on Ray Train (a local Ray, or --address)"),
+    "demo": ("demo", "add_demo_options", "the embedded end-to-end demo on a local Ray (bundled images -> pairs -> "
+                                         "stage 1 + 2 -> upscale -> HTML report)"),
+}
 
 
-@command
-def _upscale(subparsers) -> None:
-    from jobs.upscale import add_upscale_options, run_from_args
-
-    p = subparsers.add_parser("upscale", formatter_class=DEFAULTS,
-                              help="upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)")
-    add_upscale_options(p)
-    p.set_defaults(func=run_from_args)
-
-
-@command
-def _train(subparsers) -> None:
-    from jobs.train import add_train_options, run_from_args
-
-    p = subparsers.add_parser("train", formatter_class=DEFAULTS,
-                              help="two-stage FlowSR training on Ray Train (a local Ray, or --address)")
-    add_train_options(p)
-    p.set_defaults(func=run_from_args)
-
-
-@command
-def _demo(subparsers) -> None:
-    from jobs.demo import add_demo_options, run_from_args
-
-    p = subparsers.add_parser("demo", formatter_class=DEFAULTS,
-                              help="the embedded end-to-end demo on a local Ray (bundled images -> pairs -> "
-                                   "stage 1 + 2 -> upscale -> HTML report)")
-    add_demo_options(p)
-    p.set_defaults(func=run_from_args)
+def _add_registered(subparsers, name: str) -> None:
+    """`flowsr NAME`: the job module's options; `func` is its `run_from_args`."""
+    module_name, add_options, text = REGISTERED[name]
+    module = importlib.import_module(f"jobs.{module_name}")
+    p = subparsers.add_parser(name, formatter_class=DEFAULTS, help=text)
+    getattr(module, add_options)(p)
+    p.set_defaults(func=module.run_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="JOB")
     for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)
-    for register in _REGISTRY:
-        register(sub)
+    for name in REGISTERED:
+        _add_registered(sub, name)
     return parser
 
 

@@ -18,3 +18,56 @@ def ray_local():
              ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def _group_alive(pgid):
+    """Live (non-zombie) processes in process group `pgid`, read from /proc."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry))
+    return alive
+
+
+def _run_until_killed(argv, watch, timeout=300, quiet_s=2.0, **kwargs):
+    """Run a job that SIGKILLs its own driver, then wait until nothing it started can still
+    write: its own local Ray (the driver leads that process group) is killed outright, as a
+    crashed machine would be, and `watch()` (a listing of the output) must hold still for
+    `quiet_s`, since tasks of a killed driver on a shared Ray may finish their write."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    deadline = time.monotonic() + 60
+    last, since = watch(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = watch()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif not _group_alive(proc.pid) and time.monotonic() - since >= quiet_s:
+            break
+    return subprocess.CompletedProcess(argv, proc.returncode, None, err.decode(errors="replace"))
+
+
+@pytest.fixture
+def run_until_killed():
+    """`_run_until_killed`: a job subprocess that SIGKILLs itself, and what it leaves settles."""
+    return _run_until_killed

@@ -298,13 +298,12 @@ J.regenerate(J.RegenerateConfig(shards=shards, output=output, address=address, p
 """
 
 
-def test_caption_job_sigkilled_mid_run_then_rerun_captions_every_sample_once(ray_local, tmp_path):
+def test_caption_job_sigkilled_mid_run_then_rerun_captions_every_sample_once(ray_local, tmp_path, run_until_killed):
     """A real kill: the caption job runs in a subprocess (on this module's Ray) that SIGKILLs
     itself once a second part is committed, so parts exist and some are still to come. The
     rerun keeps the committed parts byte for byte and captions the rest: each sample once."""
     import os
     import signal
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -315,8 +314,8 @@ def test_caption_job_sigkilled_mid_run_then_rerun_captions_every_sample_once(ray
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     argv = [sys.executable, "-c", KILL_AFTER_TWO_PARTS, shards, str(out_dir),
             ray_local.get_runtime_context().gcs_address]
-    proc = subprocess.run(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    proc = run_until_killed(argv, lambda: file_hashes(out_dir), cwd=root, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     first = file_hashes(out_dir)  # two parts at least (others may have been committed meanwhile)
     assert 2 <= len(first) < 6, f"{len(first)} of 6 parts before the kill"
     before = sum(pq.read_table(out_dir / name).num_rows for name in first)
@@ -392,10 +391,9 @@ caption_job.regenerate(caption_job.RegenerateConfig(
 """
 
 
-def test_caption_job_resumes_after_sigkill(ray_local, tmp_path):
+def test_caption_job_resumes_after_sigkill(ray_local, tmp_path, run_until_killed):
     import os
     import signal
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -405,9 +403,9 @@ def test_caption_job_resumes_after_sigkill(ray_local, tmp_path):
     shards = write_shards(tmp_path / "shards", rows, per_file=2)  # six shards -> six parts
     out_dir = tmp_path / "captions"
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", CAPTION_KILL_SCRIPT.format(shards=shards, output=str(out_dir))],
-                          cwd=repo, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(repo)})
+    proc = run_until_killed([sys.executable, "-c", CAPTION_KILL_SCRIPT.format(shards=shards, output=str(out_dir))],
+                            lambda: file_hashes(out_dir), cwd=repo, timeout=240,
+                            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(repo)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     first = file_hashes(out_dir)
     assert 1 <= len(first) < 6, "the run was not interrupted part-way"

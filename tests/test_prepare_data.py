@@ -312,7 +312,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_resume_after_kill(tmp_path, ray_local):
+def test_resume_after_kill(tmp_path, ray_local, run_until_killed):
     """SIGKILL the job part-way, rerun through a moved (symlinked) path to the same folder: the
     killed run's lease is taken over, each sample_id is written exactly once (content ids), no
     partial file remains and the manifest lists every shard."""
@@ -320,11 +320,11 @@ def test_resume_after_kill(tmp_path, ray_local):
     write_good_images(input_dir, 8)
     cfg = make_cfg(tmp_path, input_dir, "out", shard_rows=2, files_per_task=1)
     script = KILL_SCRIPT.format(kill_after=1, cfg=asdict(cfg))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                          timeout=240, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    shards_dir = Path(cfg.output) / P.SHARDS_DIR
+    proc = run_until_killed([sys.executable, "-c", script], lambda: sorted(shards_dir.glob("*")), cwd=REPO,
+                            timeout=240, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (Path(cfg.output) / out.LEASE_FILE).exists()  # left by the killed run: stale
-    shards_dir = Path(cfg.output) / P.SHARDS_DIR
     finished = sorted(shards_dir.glob("part-*.parquet"))
     assert not (Path(cfg.output) / P.MANIFEST_FILE).exists()
     assert 1 <= len(finished) < 8, "the run was not interrupted part-way"

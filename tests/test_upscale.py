@@ -343,12 +343,11 @@ upscale.main(sys.argv[1:])
 """
 
 
-def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_path):
+def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_path, run_until_killed):
     """A real crash: the upscale job runs in a subprocess (on this module's Ray) whose driver
     SIGKILLs itself when the first committed output reaches it. What exists is complete (atomic
     writes); the rerun skips exactly those and writes each of the others once."""
     import signal
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -365,9 +364,9 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     argv = [sys.executable, "-c", KILL_AT_FIRST_OUTPUT, "--input", str(tmp_path / "in"), "--output", str(out),
             "--checkpoint", pixel_ckpt, "--scale", "4", "--batch-size", "1", "--tile", "0", "--num-gpus", "0",
             "--address", ray_local.get_runtime_context().gcs_address]
-    proc = subprocess.run(argv, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     outputs = lambda: [m for m in _files(out) if m.endswith(".png") and not m.startswith(uio.TMP_DIR)]
+    proc = run_until_killed(argv, lambda: _files(out) if out.exists() else [], cwd=root, env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     first = outputs()
     assert 1 <= len(first) < n, f"{len(first)} of {n} outputs before the kill"
     for name in first:  # atomic writes: whatever exists is complete

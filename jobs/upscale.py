@@ -36,7 +36,9 @@ from typing import Optional
 from flowsr.metrics_log import progress_text
 from jobs.common import add_ray_args, init_ray, is_local, log
 
-PROBE_BLOCK = 64  # rows per probe task
+PROBE_BLOCK = 256  # rows per probe task (and per probe part)
+SHUFFLE_PARTITION_ROWS, MAX_SHUFFLE_PARTITIONS = 20_000, 1000  # the sort by output size and the plan of a list
+LISTING_CHUNK_ROWS = 50_000  # listed inputs per listing chunk: the listing never sits whole in the driver
 MAX_SCALE = 16.0  # output / input size; beyond it the bicubic start carries no information
 EXIT_OK, EXIT_ITEM_ERRORS, EXIT_USAGE = 0, 1, 2
 
@@ -173,10 +175,6 @@ def _make_upscale_stage():
     return ArrowUpscaleStage
 
 
-def _bucket_order(row: dict, bucket: int):
-    return (math.ceil(row["out_height"] / bucket), math.ceil(row["out_width"] / bucket), row["input"])
-
-
 def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path).
 
@@ -189,49 +187,93 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         cfg = resolve_model(cfg)
     check_before_run(cfg)  # before OUT or the corpus is touched
     try:
-        inputs = io.scan_inputs(cfg.input, path_column=cfg.path_column, glob=cfg.glob)
+        exclude = [cfg.output] if is_local(cfg.output) else []
+        listing = io.list_input_groups(cfg.input, path_column=cfg.path_column, glob=cfg.glob, exclude=exclude)
     except (FileNotFoundError, NotADirectoryError, KeyError) as err:
         raise UsageError(f"input {cfg.input}: {err}") from err
     with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False):
-        return _upscale_corpus(cfg, inputs)
+        return _upscale_corpus(cfg, listing)
 
 
-def _upscale_corpus(cfg: UpscaleJobConfig, inputs: list) -> dict:
-    """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path)."""
+def _clear(uri: str) -> None:
+    from pipeline.storage import resolve_fs
+
+    fs, path = resolve_fs(uri)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
+    """Upscale every input of `listing` once (OUT's lease held); returns the summary. The driver
+    holds counters, never rows: the listing streams into chunks, probing and upscaling run in Ray
+    Data, and each finished batch's rows are committed as a manifest part in OUT/PARTS_DIR,
+    consolidated into the manifest at the end."""
     import ray
 
     from pipeline import upscale_io as io
 
     start = time.perf_counter()
-    started_ray = init_ray(cfg.address)
     manifest = cfg.manifest or io.join_uri(cfg.output, io.MANIFEST_NAME)
-    rows = io.plan_outputs(inputs, cfg.output, cfg.format, cfg.name_suffix)
+    parts = io.join_uri(cfg.output, io.PARTS_DIR)
     io.clear_tmp(cfg.output)
-    done, results, steady = [], [], None
+    _clear(parts)  # a killed run's parts: this run probes its outputs again (skipped rows)
+    chunks, listed, planned = io.write_listing(listing, io.join_uri(io.tmp_root(cfg.output), "listing"), cfg.output,
+                                               cfg.format, cfg.name_suffix, LISTING_CHUNK_ROWS)
+    started_ray = init_ray(cfg.address) if chunks else False
+    steady = None
     try:
-        if rows:
-            probed = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / PROBE_BLOCK)))
-            probed = probed.map_batches(_arrow(io.probe_batch, scale=cfg.scale, resume=not cfg.overwrite,
-                                               max_pixels=cfg.max_pixels, max_output_pixels=cfg.max_output_pixels,
-                                               max_bytes=cfg.max_bytes), batch_format="pyarrow",
-                                        batch_size=PROBE_BLOCK).take_all()
-            todo = sorted((r for r in probed if r["status"] == io.PENDING), key=lambda r: _bucket_order(r, cfg.bucket))
-            done = [r for r in probed if r["status"] != io.PENDING]
+        if chunks:
+            todo = _probe(cfg, chunks, listed, planned, parts)
             if todo:
-                steady = _run_pipeline(cfg, todo, results, len(rows), len(done))
+                steady = _run_pipeline(cfg, parts, todo)
     finally:
-        io.write_manifest(done + results, manifest, io.tmp_root(cfg.output))
+        counts = io.consolidate_manifest(parts, manifest)
+        _clear(parts)
         io.clear_tmp(cfg.output)
         if started_ray:
             ray.shutdown()
-    everything = done + results
-    counts = {s: sum(r["status"] == s for r in everything) for s in (io.OK, io.SKIPPED, io.ERROR, io.UNSUPPORTED)}
+    counts = {s: counts.get(s, 0) for s in (io.OK, io.SKIPPED, io.ERROR, io.UNSUPPORTED)}
     seconds = time.perf_counter() - start
-    summary = {"total": len(rows), **counts, "seconds": round(seconds, 3),
+    summary = {"total": sum(counts.values()), **counts, "seconds": round(seconds, 3),
                "images_per_s": round(counts[io.OK] / seconds, 3) if seconds else 0.0,
                "steady_images_per_s": steady, "manifest": manifest}
     print(f"[upscale] {json.dumps(summary)}", file=sys.stderr, flush=True)
     return summary
+
+
+def _partitions(rows: int) -> int:
+    """Partitions for a shuffle of `rows` rows (Ray's default, 200, is for big data)."""
+    return max(1, min(MAX_SHUFFLE_PARTITIONS, math.ceil(rows / SHUFFLE_PARTITION_ROWS)))
+
+
+def _probe(cfg: UpscaleJobConfig, chunks: list, listed: int, planned: bool, parts: str) -> int:
+    """Listing chunks -> [plan per folder key] -> probe (Ray tasks): finished rows become manifest
+    parts, pending rows pending parts (OUT/.flowsr-tmp/pending). Returns the number pending."""
+    import ray
+
+    from pipeline import upscale_io as io
+
+    fs, _ = io.split_uri(cfg.output)
+    ds = ray.data.read_parquet(chunks, filesystem=fs)
+    if not planned:  # a Parquet list: names compete within a folder, so plan folder by folder
+        ds = ds.groupby("key", num_partitions=_partitions(listed)).map_groups(_arrow(io.plan_batch, output_root=cfg.output, fmt=cfg.format,
+                                                 suffix=cfg.name_suffix), batch_format="pyarrow")
+    ds = ds.repartition(target_num_rows_per_block=PROBE_BLOCK)
+    ds = ds.map_batches(_arrow(io.probe_and_commit, parts_dir=parts, pending_dir=_pending_dir(cfg), bucket=cfg.bucket,
+                               scale=cfg.scale, resume=not cfg.overwrite, max_pixels=cfg.max_pixels,
+                               max_output_pixels=cfg.max_output_pixels, max_bytes=cfg.max_bytes),
+                        batch_format="pyarrow", batch_size=PROBE_BLOCK)
+    counts = dict.fromkeys((io.PENDING, io.SKIPPED, io.ERROR, io.UNSUPPORTED), 0)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for status in counts:
+            counts[status] += sum(batch.column(status).to_pylist())
+    log.info("upscale: %d to do, %d skipped (valid output), %d errors, %d unsupported", *counts.values())
+    return counts[io.PENDING]
+
+
+def _pending_dir(cfg: UpscaleJobConfig) -> str:
+    from pipeline import upscale_io as io
+
+    return io.join_uri(io.tmp_root(cfg.output), "pending")
 
 
 def check_before_run(cfg: UpscaleJobConfig) -> None:
@@ -258,9 +300,11 @@ def exit_status(summary: dict, allow_errors: bool = False) -> int:
     return EXIT_ITEM_ERRORS if summary.get("error") and not allow_errors else EXIT_OK
 
 
-def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, already: int) -> Optional[float]:
-    """Stream `todo` through decode -> upscale -> write, appending finished rows to `results`.
-    Returns the steady rate: rows/s from the first finished batch to the last (startup excluded)."""
+def _run_pipeline(cfg: UpscaleJobConfig, parts: str, todo: int) -> Optional[float]:
+    """The pending parts, ordered by output-size bucket (a Ray Data sort, when there is more than
+    one batch), through decode -> upscale -> write, each write batch committing its manifest
+    part. The driver sees one row of counts per batch. Returns the steady rate: rows/s from the
+    first finished batch to the last (startup excluded)."""
     import ray
 
     from pipeline import upscale_io as io
@@ -268,28 +312,34 @@ def _run_pipeline(cfg: UpscaleJobConfig, todo: list, results: list, total: int, 
     num_gpus = cfg.num_gpus
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.batch_size)))
+    fs, pending = io.split_uri(_pending_dir(cfg))
+    ds = ray.data.read_parquet(pending, filesystem=fs)
+    if todo > cfg.batch_size:  # one batch needs no order
+        ds.context.default_hash_shuffle_parallelism = _partitions(todo)  # this dataset's own context
+        ds = ds.sort(["bucket_h", "bucket_w", "input"])
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(_arrow(io.decode_batch), batch_format="pyarrow", batch_size=IO_BATCH)
     stage_kwargs = {**cfg.upscaler_options(), "fail_after": cfg.fail_after}
     ds = ds.map_batches(_make_upscale_stage(), fn_constructor_args=(cfg.checkpoint,), fn_constructor_kwargs=stage_kwargs,
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.pool_size), num_gpus=num_gpus,
                         num_cpus=cfg.cpus_per_actor)
-    ds = ds.map_batches(_arrow(io.write_batch, output_root=cfg.output), batch_format="pyarrow", batch_size=IO_BATCH)
+    ds = ds.map_batches(_arrow(io.write_and_count, output_root=cfg.output, parts_dir=parts), batch_format="pyarrow",
+                        batch_size=IO_BATCH)
     start = last = time.perf_counter()
     first = None
+    done = errors = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        results.extend(batch.to_pylist())
+        ok, failed = sum(batch.column(io.OK).to_pylist()), sum(batch.column(io.ERROR).to_pylist())
+        done, errors = done + ok + failed, errors + failed
         now = time.perf_counter()
-        first = first or (now, len(results))
-        if now - last > PROGRESS_EVERY_S or len(results) == len(todo):
-            errors = sum(r["status"] == io.ERROR for r in results)
-            log.info("upscale %s (%d already done, %d errors this run)",
-                     progress_text(len(results), len(todo), now - start), already, errors)
+        first = first or (now, done)
+        if now - last > PROGRESS_EVERY_S or done == todo:
+            log.info("upscale %s (%d errors)", progress_text(done, todo, now - start), errors)
             last = now
-    if first is None or len(results) < STEADY_MIN_FACTOR * first[1]:
+    if first is None or done < STEADY_MIN_FACTOR * first[1]:
         return None  # too few batches after the first one to say
-    return round((len(results) - first[1]) / (time.perf_counter() - first[0]), 3)
+    return round((done - first[1]) / (time.perf_counter() - first[0]), 3)
 
 
 # ---- command line ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import stat
 import struct
 import uuid
 import zlib
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -41,6 +41,7 @@ OUTPUT_EXTENSIONS = {"png": ".png", "jpg": ".jpg", "jpeg": ".jpg", "webp": ".web
 OUTPUT_FORMATS = ("same", "png", "jpg", "webp")
 TMP_DIR = ".flowsr-tmp"  # under the output root; emptied at the start and end of every run
 MANIFEST_NAME = "manifest.parquet"
+PARTS_DIR = "_manifest-parts"  # under the output root: the manifest, committed batch by batch during a run
 JPEG_QUALITY = 95
 WEBP_QUALITY = 95
 PNG_COMPRESSION = 3  # zlib level 0-9: 3 is close to 9 in size for photos and several times faster
@@ -88,50 +89,66 @@ def _not_regular(mode: int) -> str:
     return f"not a regular file ({kind})" if kind != "not a regular file" else kind
 
 
-def _walk_local(root: str) -> List[Tuple[str, str]]:
-    """(path, problem) of every file under local directory `root`, sorted; problem is "" for a
-    regular file, else why it is not read. Symbolic links to directories are followed, each real
-    directory is walked once (the real tree first, then linked ones in sorted order), so link
-    loops (`sub/up -> ..`, `self -> .`) end and nothing is listed twice."""
-    found: List[Tuple[str, str]] = []
+LISTING_GROUP_ROWS = 10_000  # Parquet-list inputs per yielded group (a list has no folders to group by)
+
+
+def _walk_local(root: str, exclude: Sequence[str] = ()) -> Iterator[List[Tuple[str, str]]]:
+    """(path, problem) of the files under local directory `root`, one folder at a time (each
+    group sorted); problem is "" for a regular file, else why it is not read. Sibling folders
+    whose names differ only in case are one group (their outputs can collide on a
+    case-insensitive filesystem). Symbolic links to directories are followed, each real
+    directory is walked once (the real tree first, then linked ones in the order met), so link
+    loops (`sub/up -> ..`, `self -> .`) end and nothing is listed twice. Folders in `exclude`
+    (the output, when it lies inside the input) are not entered. Holds one folder's entries and
+    one (device, inode) per folder, never the whole listing."""
     seen = set()
     deferred: List[str] = []  # symbolic links to directories, walked after the real tree
 
     def key(st):
         return st.st_dev, st.st_ino
 
-    def walk(start: str) -> None:
-        stack = [start]
-        while stack:
-            directory = stack.pop()
-            try:
-                entries = sorted(os.scandir(directory), key=lambda e: e.name)
-            except OSError as err:
-                found.append((directory, f"cannot list the directory: {err.strerror or err}"))
-                continue
-            subdirs = []
-            for entry in entries:
-                try:
-                    if entry.is_symlink():
-                        st = os.stat(entry.path)  # follows the link
-                        if stat.S_ISDIR(st.st_mode):
-                            deferred.append(entry.path)
-                            continue
-                    else:
-                        st = entry.stat(follow_symlinks=False)
-                        if stat.S_ISDIR(st.st_mode):
-                            if key(st) not in seen:
-                                seen.add(key(st))
-                                subdirs.append(entry.path)
-                            continue
-                except OSError as err:  # a dangling link, a vanished file
-                    found.append((entry.path, f"cannot stat: {err.strerror or err}"))
-                    continue
-                found.append((entry.path, _not_regular(st.st_mode)))
-            stack.extend(reversed(subdirs))
+    for path in exclude:
+        try:
+            seen.add(key(os.stat(path)))
+        except OSError:
+            pass
 
+    def walk(start: str) -> Iterator[List[Tuple[str, str]]]:
+        stack = [(start,)]
+        while stack:
+            found, subdirs = [], []
+            for directory in stack.pop():
+                try:
+                    entries = sorted(os.scandir(directory), key=lambda e: e.name)
+                except OSError as err:
+                    found.append((directory, f"cannot list the directory: {err.strerror or err}"))
+                    continue
+                for entry in entries:
+                    try:
+                        if entry.is_symlink():
+                            st = os.stat(entry.path)  # follows the link
+                            if stat.S_ISDIR(st.st_mode):
+                                deferred.append(entry.path)
+                                continue
+                        else:
+                            st = entry.stat(follow_symlinks=False)
+                            if stat.S_ISDIR(st.st_mode):
+                                if key(st) not in seen:
+                                    seen.add(key(st))
+                                    subdirs.append(entry.path)
+                                continue
+                    except OSError as err:  # a dangling link, a vanished file
+                        found.append((entry.path, f"cannot stat: {err.strerror or err}"))
+                        continue
+                    found.append((entry.path, _not_regular(st.st_mode)))
+            if found:
+                yield sorted(found)
+            stack.extend(reversed(_case_groups(subdirs)))
+
+    if key(os.stat(root)) in seen:
+        return
     seen.add(key(os.stat(root)))
-    walk(root)
+    yield from walk(root)
     while deferred:
         link = deferred.pop(0)
         try:
@@ -140,16 +157,39 @@ def _walk_local(root: str) -> List[Tuple[str, str]]:
             continue
         if key(st) not in seen:
             seen.add(key(st))
-            walk(link)
-    return sorted(found)
+            yield from walk(link)
 
 
-def _list_files(fs: pafs.FileSystem, root: str) -> List[Tuple[str, str]]:
-    """(path, problem) of the files under `root` (see `_walk_local`; other filesystems have no links)."""
+def _case_groups(directories: Sequence[str]) -> List[Tuple[str, ...]]:
+    """`directories` grouped by their name ignoring case, groups in sorted order."""
+    groups: Dict[str, List[str]] = {}
+    for path in directories:
+        groups.setdefault(posixpath.basename(path.rstrip("/")).casefold(), []).append(path)
+    return [tuple(sorted(groups[name])) for name in sorted(groups)]
+
+
+def _walk_remote(fs: pafs.FileSystem, root: str) -> Iterator[List[Tuple[str, str]]]:
+    """`_walk_local` for object stores and other filesystems (no links): one listing call per
+    folder, so the driver holds one folder's entries at a time."""
+    stack = [(root,)]
+    while stack:
+        found, subdirs = [], []
+        for directory in stack.pop():
+            for info in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)):
+                if info.type == pafs.FileType.Directory:
+                    subdirs.append(info.path)
+                elif info.type == pafs.FileType.File:
+                    found.append((info.path, ""))
+        if found:
+            yield sorted(found)
+        stack.extend(reversed(_case_groups(subdirs)))
+
+
+def _walk(fs: pafs.FileSystem, root: str, exclude: Sequence[str] = ()) -> Iterator[List[Tuple[str, str]]]:
+    """(path, problem) of the files under `root`, a folder at a time (`_walk_local`)."""
     if isinstance(fs, pafs.LocalFileSystem):
-        return _walk_local(root)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return sorted((i.path, "") for i in infos if i.type == pafs.FileType.File)
+        return _walk_local(root, exclude)
+    return _walk_remote(fs, root)
 
 
 def _is_image(path: str) -> bool:
@@ -171,36 +211,62 @@ def _listed(uri: str, relative: str, problem: str, *, by_extension: bool) -> Inp
     return Input(uri, relative)
 
 
-def scan_inputs(source: str, *, path_column: str = "path", glob: Optional[bool] = None) -> List[Input]:
-    """Every input of `source`, sorted, as `Input` rows: a directory (every file under it,
-    recursively; image extensions are read, other files are `unsupported` rows), a glob (`**`
-    crosses directories), one file, or a Parquet file with a `path_column` column (names relative
-    to the deepest common directory). A path that exists is taken literally (`photos[2024]/`);
-    it is read as a glob only when it does not exist, or when `glob` is True. Files that are not
-    regular files (pipes, devices) are error rows."""
+class Listing(NamedTuple):
+    """The inputs of a source as a stream of groups of `Input`s. `by_folder`: each group holds
+    every input whose output name can collide with another's (one folder, `plan_key`), so names
+    can be planned group by group; otherwise (a Parquet list, in any order) planning needs the
+    inputs grouped by `plan_key` first."""
+
+    groups: Iterator[List[Input]]
+    by_folder: bool
+
+
+def list_input_groups(source: str, *, path_column: str = "path", glob: Optional[bool] = None,
+                      exclude: Sequence[str] = ()) -> Listing:
+    """The inputs of `source`, streamed (see `scan_inputs` for what is listed). A missing input,
+    a glob without its root folder or a Parquet list without `path_column` raise here, before
+    anything is read (FileNotFoundError, KeyError); the listing itself is lazy and holds one
+    folder (or LISTING_GROUP_ROWS rows of a list) at a time. Folders in `exclude` are not walked."""
     fs, path = split_uri(source)
     info = fs.get_file_info(path)
     exists = info.type != pafs.FileType.NotFound
     if glob or (glob is None and not exists and any(ch in path for ch in GLOB_CHARS)):
-        return _scan_glob(source, fs, path)
+        return Listing(_glob_groups(source, fs, path, exclude), True)
     if not exists:
         raise FileNotFoundError(f"no input at {source}")
     if source.endswith(".parquet") and info.type == pafs.FileType.File:
-        return [Input(u, r) for u, r in _list_parquet(source, path_column)]
+        return Listing(_parquet_groups(source, path_column), False)
     if isinstance(fs, pafs.LocalFileSystem):
         mode = os.stat(path).st_mode
         if not stat.S_ISDIR(mode):
-            return [Input(source, posixpath.basename(path), *((ERROR, f"list: {_not_regular(mode)}")
-                                                             if _not_regular(mode) else ()))]
+            one = Input(source, posixpath.basename(path), *((ERROR, f"list: {_not_regular(mode)}")
+                                                            if _not_regular(mode) else ()))
+            return Listing(iter([[one]]), True)
     elif info.type == pafs.FileType.File:
-        return [Input(source, posixpath.basename(path))]
-    return [_listed(_with_scheme(source, p), _relative(p, path), problem, by_extension=True)
-            for p, problem in _list_files(fs, path)]
+        return Listing(iter([[Input(source, posixpath.basename(path))]]), True)
+    groups = ([_listed(_with_scheme(source, p), _relative(p, path), problem, by_extension=True)
+               for p, problem in group] for group in _walk(fs, path, exclude))
+    return Listing(groups, True)
 
 
-def _scan_glob(source: str, fs: pafs.FileSystem, path: str) -> List[Input]:
-    """The files matching glob `path`: its root is the longest leading run of components that
-    have no glob characters or exist literally as a directory."""
+def scan_inputs(source: str, *, path_column: str = "path", glob: Optional[bool] = None) -> List[Input]:
+    """Every input of `source`, sorted, as `Input` rows: a directory (every file under it,
+    recursively; image extensions are read, other files are `unsupported` rows), a glob (`**`
+    crosses directories), one file, or a Parquet file with a `path_column` column (names relative
+    to the deepest common directory; each path once). A path that exists is taken literally
+    (`photos[2024]/`); it is read as a glob only when it does not exist, or when `glob` is True.
+    Files that are not regular files (pipes, devices) are error rows. The whole listing in a
+    list: for a corpus, stream it with `list_input_groups`."""
+    listing = list_input_groups(source, path_column=path_column, glob=glob)
+    unique = {i.uri: i for group in listing.groups for i in group}
+    return sorted(unique.values(), key=lambda i: i.uri)
+
+
+def _glob_groups(source: str, fs: pafs.FileSystem, path: str, exclude: Sequence[str] = ()
+                 ) -> Iterator[List[Input]]:
+    """The files matching glob `path`, a folder at a time: its root is the longest leading run of
+    components that have no glob characters or exist literally as a directory (checked here,
+    before the stream starts)."""
     parts = path.split("/")
     i = 1 if parts[0] == "" else 0  # an absolute path starts with ""
     root = "/".join(parts[:i])
@@ -212,8 +278,14 @@ def _scan_glob(source: str, fs: pafs.FileSystem, path: str) -> List[Input]:
     pattern = "/".join(parts[i:])
     if fs.get_file_info(root or ".").type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no input at {source} (no folder {root or '.'})")
-    return [_listed(_with_scheme(source, p), _relative(p, root), problem, by_extension=True)
-            for p, problem in _list_files(fs, root or ".") if _glob_match(_relative(p, root), pattern)]
+
+    def groups():
+        for group in _walk(fs, root or ".", exclude):
+            matched = [_listed(_with_scheme(source, p), _relative(p, root), problem, by_extension=True)
+                       for p, problem in group if _glob_match(_relative(p, root), pattern)]
+            if matched:
+                yield matched
+    return groups()
 
 
 def list_inputs(source: str, *, path_column: str = "path", glob: Optional[bool] = None) -> List[Tuple[str, str]]:
@@ -229,21 +301,57 @@ def _glob_match(relative: str, pattern: str) -> bool:
     return pattern.startswith("**/") and _glob_match(relative, pattern[3:])
 
 
-def _list_parquet(source: str, path_column: str) -> List[Tuple[str, str]]:
-    """(uri, relative name) of a Parquet list; names are taken after normalising the paths
-    (`imgs/../src/x.jpg` -> `src/x.jpg`), so a name never climbs out of the common directory."""
+def _parquet_paths(source: str, path_column: str) -> Iterator[str]:
+    """The non-empty entries of a Parquet list's `path_column`, streamed in record batches."""
     import pyarrow.parquet as pq
 
     fs, path = split_uri(source)
-    table = pq.read_table(path, columns=[path_column], filesystem=fs)
-    uris = sorted(set(u for u in table.column(path_column).to_pylist() if u))
-    paths = [posixpath.normpath(u.split("://", 1)[-1]) for u in uris]
-    if not paths:
-        return []
-    root = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
-    if root in paths:  # one path is a prefix of all others (cannot be a file then): its parent
-        root = posixpath.dirname(root)
-    return [(u, _relative(p, root)) for u, p in zip(uris, paths)]
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=[path_column], batch_size=LISTING_GROUP_ROWS):
+            yield from (u for u in batch.column(0).to_pylist() if u)
+
+
+def _parquet_root(source: str, path_column: str) -> Optional[str]:
+    """The folder that a Parquet list's names are relative to: the deepest common directory of
+    its (normalised) paths; when one listed path is that directory's own path (it is a prefix of
+    all others, so it cannot be a file), its parent. One streamed pass, constant memory."""
+    root, listed = None, False
+    for uri in _parquet_paths(source, path_column):
+        path = posixpath.normpath(uri.split("://", 1)[-1])
+        if root is None:
+            root, listed = path, True
+            continue
+        common = posixpath.commonpath([root, path])
+        listed = path == common or (listed and common == root)
+        root = common
+    if root is None:
+        return None
+    return posixpath.dirname(root) if listed else root
+
+
+def _parquet_groups(source: str, path_column: str) -> Iterator[List[Input]]:
+    """The entries of a Parquet list as Inputs, LISTING_GROUP_ROWS at a time, in the list's order
+    (names are taken after normalising the paths: `imgs/../src/x.jpg` -> `src/x.jpg`, so a name
+    never climbs out of the common directory). The column is checked here; the root is found by
+    a first streamed pass (`_parquet_root`) when the stream starts."""
+    import pyarrow.parquet as pq
+
+    fs, path = split_uri(source)
+    with fs.open_input_file(path) as f:
+        if path_column not in pq.ParquetFile(f).schema_arrow.names:
+            raise KeyError(f"no column {path_column!r} in {source} (--path-column)")
+
+    def groups():
+        root = _parquet_root(source, path_column)
+        group = []
+        for uri in _parquet_paths(source, path_column):
+            group.append(Input(uri, _relative(posixpath.normpath(uri.split("://", 1)[-1]), root)))
+            if len(group) >= LISTING_GROUP_ROWS:
+                yield group
+                group = []
+        if group:
+            yield group
+    return groups()
 
 
 def output_name(relative: str, fmt: str, suffix: str = "") -> str:
@@ -287,6 +395,23 @@ def _inside(output_root: str):
     return lambda name: os.path.realpath(os.path.join(local, name)).startswith(real.rstrip(os.sep) + os.sep)
 
 
+RESERVED_DIRS = (TMP_DIR, PARTS_DIR)  # the job's own folders under the output root
+
+
+def plan_key(relative: str) -> str:
+    """Inputs with the same key may compete for an output name (`plan_outputs`): the folder of
+    the (normalised) relative name, ignoring case."""
+    return posixpath.dirname(posixpath.normpath(relative)).casefold()
+
+
+def _inside_output(output_root: str):
+    """A test `uri -> bool`: does the input lie inside the output folder (an earlier output)?"""
+    inside = output_root.rstrip("/") + "/"
+    if "://" not in output_root:
+        inside = os.path.abspath(output_root) + os.sep
+    return lambda uri: uri.startswith(inside)
+
+
 def plan_outputs(inputs: Sequence, output_root: str, fmt: str, suffix: str = "") -> List[Dict[str, str]]:
     """Rows {input, output, status, error}, one per input (`Input`s or (uri, relative) pairs), in
     input order, each with its own output inside `output_root`. Inputs inside the output folder
@@ -298,13 +423,28 @@ def plan_outputs(inputs: Sequence, output_root: str, fmt: str, suffix: str = "")
     extension (`a.jpg.png`), then `a.jpg-2.png`, `a.jpg-3.png`, ... Names are compared ignoring
     case (case-insensitive filesystems), and a JPEG name also reserves its PNG twin (the target of
     an image with alpha). A name that would resolve outside OUT (`../x.png`, a symbolic link in
-    OUT pointing elsewhere) makes the row an error."""
-    inside = output_root.rstrip("/") + "/"
-    if "://" not in output_root:
-        inside = os.path.abspath(output_root) + os.sep
-    items = [Input(*i) for i in inputs]
-    items = [i for i in items if not i.uri.startswith(inside)]
+    OUT pointing elsewhere) or into the job's own folders makes the row an error. Names only
+    compete within one folder (`plan_key`), so a corpus is planned folder by folder
+    (`plan_group`) with the same result."""
+    outside = _inside_output(output_root)
+    items = [i for i in (Input(*i) for i in inputs) if not outside(i.uri)]
+    groups: Dict[str, List[int]] = {}
+    for k, item in enumerate(items):
+        groups.setdefault(plan_key(item.relative), []).append(k)
+    rows: List[Dict[str, str]] = [{}] * len(items)
     contained = _inside(output_root)
+    for members in groups.values():
+        for k, row in zip(members, plan_group([items[k] for k in members], output_root, fmt, suffix, contained)):
+            rows[k] = row
+    return rows
+
+
+def plan_group(items: Sequence[Input], output_root: str, fmt: str, suffix: str = "", contained=None
+               ) -> List[Dict[str, str]]:
+    """`plan_outputs` for inputs of one `plan_key` (the whole group: names are planned against
+    each other); rows in the order of `items`. `contained`: `_inside(output_root)`, when the
+    caller plans many groups."""
+    contained = contained or _inside(output_root)
     rows = [{"input": i.uri, "output": "", "status": i.status, "error": i.error} for i in items]
 
     def rank(k):
@@ -318,6 +458,10 @@ def plan_outputs(inputs: Sequence, output_root: str, fmt: str, suffix: str = "")
             rows[k].update(status=ERROR, error=f"plan: output name {relative!r} is outside the output folder")
             continue
         relative = posixpath.normpath(relative)
+        if relative.split("/")[0].casefold() in RESERVED_DIRS:
+            rows[k].update(status=ERROR, error=f"plan: output name {relative!r} is in a folder the job keeps "
+                                               f"for itself ({', '.join(RESERVED_DIRS)})")
+            continue
         for name in _name_candidates(relative, fmt, suffix):
             twin = _jpeg_twin(name)
             keys = {name.casefold(), *([twin.casefold()] if twin else [])}
@@ -643,16 +787,27 @@ def tmp_root(output_root: str) -> str:
     return join_uri(output_root, TMP_DIR)
 
 
-def atomic_write(uri: str, data: bytes, tmp_dir: str) -> None:
-    """Write `data` to a fresh file in `tmp_dir`, then move it to `uri`: a reader (or a rerun
-    after a crash) sees the whole file or none."""
+def _stage(uri: str, data: bytes, tmp_dir: str) -> str:
+    """Write `data` to a fresh file in `tmp_dir` (on `uri`'s filesystem); returns its path."""
     fs, path = split_uri(uri)
     _, tmp = split_uri(join_uri(tmp_dir, f"{uuid.uuid4().hex}{os.path.splitext(path)[1]}"))
     fs.create_dir(posixpath.dirname(tmp), recursive=True)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(tmp) as f:
         f.write(data)
+    return tmp
+
+
+def _publish(tmp: str, uri: str) -> None:
+    """Move a staged file to `uri`."""
+    fs, path = split_uri(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
     fs.move(tmp, path)
+
+
+def atomic_write(uri: str, data: bytes, tmp_dir: str) -> None:
+    """Write `data` to a fresh file in `tmp_dir`, then move it to `uri`: a reader (or a rerun
+    after a crash) sees the whole file or none."""
+    _publish(_stage(uri, data, tmp_dir), uri)
 
 
 def clear_tmp(output_root: str) -> None:
@@ -662,9 +817,14 @@ def clear_tmp(output_root: str) -> None:
         fs.delete_dir(path)
 
 
-def write_batch(batch: Dict[str, Sequence], *, output_root: str) -> Dict[str, list]:
-    """Pending rows: upscale alpha, encode, write atomically -> status ok; drop the pixel columns."""
+def write_batch(batch: Dict[str, Sequence], *, output_root: str, parts_dir: Optional[str] = None) -> Dict[str, list]:
+    """Pending rows: upscale alpha, encode, write atomically -> status ok; drop the pixel columns.
+
+    With `parts_dir`, the batch's rows (whatever their status) are committed there as one
+    manifest part (`commit_manifest_part`) after the images are encoded and staged and before
+    they are moved into place: a crash at any point leaves no output without its manifest row."""
     out = {k: list(v) for k, v in batch.items() if k not in ("pixels", "alpha", "dtype", "channels", "icc")}
+    staged = []
     for i in range(len(out["input"])):
         if out["status"][i] != PENDING:
             continue
@@ -677,13 +837,110 @@ def write_batch(batch: Dict[str, Sequence], *, output_root: str) -> Dict[str, li
                 alpha = resize_alpha(alpha, shape[:2])
             target = out["output"][i]
             icc = batch["icc"][i] if "icc" in batch else None
-            atomic_write(target, encode_image(colour, alpha, os.path.splitext(target)[1].lower(), icc or None),
-                         tmp_root(output_root))
+            data = encode_image(colour, alpha, os.path.splitext(target)[1].lower(), icc or None)
+            staged.append((i, _stage(target, data, tmp_root(output_root))))
             out["status"][i], out["out_height"][i], out["out_width"][i] = OK, shape[0], shape[1]
         except Exception as err:  # noqa: BLE001
             out["status"][i], out["error"][i] = ERROR, f"write: {type(err).__name__}: {err}"
     out.pop("height", None), out.pop("width", None)
+    if parts_dir:
+        commit_manifest_part(out, parts_dir)
+    failed = False
+    for i, tmp in staged:
+        try:
+            _publish(tmp, out["output"][i])
+        except Exception as err:  # noqa: BLE001
+            out["status"][i], out["error"][i], failed = ERROR, f"write: {type(err).__name__}: {err}", True
+    if failed and parts_dir:
+        commit_manifest_part(out, parts_dir)  # the same inputs: the same part name, replaced
     return out
+
+
+# ---- the job's streamed stages: listing chunks, probe parts, manifest parts ------------------------
+LISTING_COLUMNS = ("input", "relative", "output", "status", "error", "key")
+
+
+def write_listing(listing: Listing, listing_dir: str, output_root: str, fmt: str, suffix: str = "",
+                  rows_per_chunk: int = 50_000) -> Tuple[List[str], int, bool]:
+    """Stream `listing` into Parquet chunks of about `rows_per_chunk` rows under `listing_dir`
+    (columns LISTING_COLUMNS); returns (chunk paths, rows, planned). A listing by folder is
+    planned here, folder by folder (`plan_outputs`); a Parquet list's rows keep an empty output
+    and their `plan_key`, to be planned per key in Ray Data (`plan_batch`). Inputs inside the
+    output folder are left out. Holds one group and one chunk at a time."""
+    from pipeline import output as layer
+
+    fs, root = split_uri(listing_dir)
+    outside = _inside_output(output_root)
+    chunk: Dict[str, list] = {k: [] for k in LISTING_COLUMNS}
+    paths: List[str] = []
+    listed = 0
+
+    def flush():
+        path = f"{root}/listing-{len(paths):06d}.parquet"
+        layer.write_parquet_atomic(fs, path, pa_table(chunk), row_group_size=1 << 16)
+        paths.append(path)
+        for column in chunk.values():
+            column.clear()
+
+    for group in listing.groups:
+        group = [i for i in group if not outside(i.uri)]
+        rows = (plan_outputs(group, output_root, fmt, suffix) if listing.by_folder else
+                [{"input": i.uri, "output": "", "status": i.status, "error": i.error} for i in group])
+        for item, row in zip(group, rows):
+            for k in ("input", "output", "status", "error"):
+                chunk[k].append(row[k])
+            chunk["relative"].append(item.relative)
+            chunk["key"].append(plan_key(item.relative))
+        listed += len(group)
+        if len(chunk["input"]) >= rows_per_chunk:
+            flush()
+    if chunk["input"]:
+        flush()
+    return paths, listed, listing.by_folder
+
+
+def pa_table(columns: Dict[str, Sequence]):
+    import pyarrow as pa
+
+    return pa.table({k: list(v) for k, v in columns.items()})
+
+
+def plan_batch(batch: Dict[str, Sequence], *, output_root: str, fmt: str, suffix: str = "") -> Dict[str, list]:
+    """Listing rows {input, relative, status, error, ...} holding every row of their `plan_key`s
+    (a Ray Data group) -> planned rows {input, output, status, error}; each input once."""
+    unique: Dict[str, Input] = {}
+    for uri, relative, status, error in zip(batch["input"], batch["relative"], batch["status"], batch["error"]):
+        unique.setdefault(uri, Input(uri, relative, status, error))
+    rows = plan_outputs(list(unique.values()), output_root, fmt, suffix)
+    return {k: [r[k] for r in rows] for k in ("input", "output", "status", "error")}
+
+
+def probe_and_commit(batch: Dict[str, Sequence], *, parts_dir: str, pending_dir: str, bucket: int,
+                     **probe_options) -> Dict[str, list]:
+    """`probe_batch`, then: rows it finished (skipped, error, unsupported) are committed as a
+    manifest part under `parts_dir`; pending rows, with their output-size bucket (`bucket_h`,
+    `bucket_w`: output sides rounded up to `bucket`, for dense batches), are committed as a part
+    under `pending_dir`. Returns one row of counts by status (pending included)."""
+    from pipeline import output as layer
+
+    probed = probe_batch(batch, **probe_options)
+    pending = [i for i, s in enumerate(probed["status"]) if s == PENDING]
+    finished = [i for i, s in enumerate(probed["status"]) if s != PENDING]
+    if finished:
+        commit_manifest_part({k: [v[i] for i in finished] for k, v in probed.items()}, parts_dir)
+    if pending:
+        rows = {k: [v[i] for i in pending] for k, v in probed.items()}
+        rows["bucket_h"] = [-(-h // bucket) for h in rows["out_height"]]
+        rows["bucket_w"] = [-(-w // bucket) for w in rows["out_width"]]
+        fs, root = split_uri(pending_dir)
+        layer.write_parquet_atomic(fs, f"{root}/{layer.content_part_name(rows['input'])}", pa_table(rows))
+    return {s: [sum(x == s for x in probed["status"])] for s in (PENDING, SKIPPED, ERROR, UNSUPPORTED)}
+
+
+def write_and_count(batch: Dict[str, Sequence], *, output_root: str, parts_dir: str) -> Dict[str, list]:
+    """`write_batch` committing its manifest part; returns one row of counts (ok, error)."""
+    out = write_batch(batch, output_root=output_root, parts_dir=parts_dir)
+    return {s: [sum(x == s for x in out["status"])] for s in (OK, ERROR)}
 
 
 # ---- the manifest -----------------------------------------------------------------------------
@@ -699,13 +956,61 @@ def manifest_schema():
                       ("seconds", pa.float64()), ("status", pa.string()), ("error", pa.string())])
 
 
-def write_manifest(rows: List[dict], uri: str, tmp_dir: str) -> None:
-    """One Parquet file, one row per input (columns MANIFEST_COLUMNS), written atomically."""
+def manifest_table(rows: Dict[str, Sequence]):
+    """Manifest rows (a dict of columns; missing columns are 0.0 seconds or null) as a table of
+    `manifest_schema()`."""
+    import pyarrow as pa
+
+    n = len(rows["input"])
+    return pa.table({k: list(rows[k]) if k in rows else [0.0 if k == "seconds" else None] * n
+                     for k in MANIFEST_COLUMNS}, schema=manifest_schema())
+
+
+def commit_manifest_part(rows: Dict[str, Sequence], parts_dir: str) -> None:
+    """Commit manifest rows atomically as `part-<hash of their inputs>.parquet` in `parts_dir`
+    (a retried batch replaces its part, never duplicates it)."""
+    from pipeline import output as layer
+
+    if not len(rows["input"]):
+        return
+    fs, root = split_uri(parts_dir)
+    layer.write_parquet_atomic(fs, f"{root}/{layer.content_part_name(rows['input'])}", manifest_table(rows))
+
+
+def read_manifest_parts(parts_dir: str):
+    """Every committed manifest part under `parts_dir` as one table (a killed run's record)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from pipeline import output as layer
 
-    table = pa.Table.from_pylist([{k: r.get(k, 0.0 if k == "seconds" else None) for k in MANIFEST_COLUMNS}
-                                  for r in rows], schema=manifest_schema())
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write(uri, buf.getvalue(), tmp_dir)
+    fs, root = split_uri(parts_dir)
+    tables = []
+    for path in layer.list_parts(fs, root):
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f).cast(manifest_schema()))
+    return pa.concat_tables(tables) if tables else manifest_schema().empty_table()
+
+
+def consolidate_manifest(parts_dir: str, uri: str) -> Dict[str, int]:
+    """The manifest parts under `parts_dir` streamed into one Parquet file at `uri` (one row per
+    input, columns MANIFEST_COLUMNS), written atomically; one part in memory at a time. Returns
+    the row counts by status."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from pipeline import output as layer
+
+    fs, root = split_uri(parts_dir)
+    parts = layer.list_parts(fs, root)
+    counts: Dict[str, int] = {}
+
+    def write(stream):
+        with pq.ParquetWriter(stream, manifest_schema()) as writer:
+            for path in parts:
+                with fs.open_input_file(path) as f:
+                    table = pq.read_table(f).cast(manifest_schema())
+                writer.write_table(table)
+                for item in pc.value_counts(table.column("status")).to_pylist():
+                    counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    manifest_fs, path = split_uri(uri)
+    layer.atomic_write(manifest_fs, path, write)
+    return counts

@@ -335,7 +335,8 @@ iter_batches = ray.data.Dataset.iter_batches
 
 def dying_iter_batches(self, *args, **kwargs):
     for batch in iter_batches(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGKILL)  # the first written output reached the driver
+        if "ok" in batch.column_names:  # the counts of the first written batch reached the driver
+            os.kill(os.getpid(), signal.SIGKILL)
         yield batch
 
 ray.data.Dataset.iter_batches = dying_iter_batches
@@ -345,8 +346,9 @@ upscale.main(sys.argv[1:])
 
 def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_path, run_until_killed):
     """A real crash: the upscale job runs in a subprocess (on this module's Ray) whose driver
-    SIGKILLs itself when the first committed output reaches it. What exists is complete (atomic
-    writes); the rerun skips exactly those and writes each of the others once."""
+    SIGKILLs itself when the first committed batch reaches it. What exists is complete (atomic
+    writes) and has its row in the killed run's manifest parts; the rerun skips exactly those,
+    writes each of the others once and lists every input once."""
     import signal
     import sys
     from pathlib import Path
@@ -371,16 +373,95 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     assert 1 <= len(first) < n, f"{len(first)} of {n} outputs before the kill"
     for name in first:  # atomic writes: whatever exists is complete
         assert uio.is_valid_output(str(out / name), (256, 192))
+    parts = uio.read_manifest_parts(str(out / uio.PARTS_DIR)).to_pylist()
+    assert len({r["input"] for r in parts}) == len(parts)  # no input twice
+    recorded = {r["output"]: r for r in parts}
+    for name in first:  # each committed output has its row: a manifest part is committed before its images
+        row = recorded[str(out / name)]
+        assert row["status"] == "ok" and (row["out_height"], row["out_width"]) == (256, 192)
     before = {name: (out / name).stat().st_mtime_ns for name in first}
     cfg = UpscaleJobConfig(input=str(tmp_path / "in"), output=str(out), checkpoint=pixel_ckpt, scale=4,
                            batch_size=1, tile=0)
     summary = upscale_corpus(cfg)
     assert summary["skipped"] == len(first) and summary["ok"] == n - len(first)
     assert {name: (out / name).stat().st_mtime_ns for name in first} == before  # not rewritten
-    assert _files(out) == sorted(["manifest.parquet", *names])
+    assert _files(out) == sorted(["manifest.parquet", *names])  # the parts were consolidated and removed
+    inputs = pq.read_table(summary["manifest"]).column("input").to_pylist()
+    assert sorted(inputs) == sorted(str(tmp_path / "in" / name) for name in names)  # each input exactly once
     rows = _manifest(summary["manifest"])
-    assert len(rows) == n and {r["status"] for r in rows.values()} <= {"ok", "skipped"}
+    assert {r["status"] for r in rows.values()} <= {"ok", "skipped"}
     assert all(uio.is_valid_output(str(out / name), (256, 192)) for name in names)
+
+
+def test_driver_holds_counters_not_rows_and_the_manifest_lists_each_input_once(ray_local, pixel_ckpt, tmp_path,
+                                                                                 monkeypatch):
+    """The driver never collects rows: the listing streams into bounded chunks (a folder at a
+    time), probing, ordering and writing run in Ray Data, and the driver only receives counts.
+    The manifest, built from the committed parts, lists every input exactly once: for a folder,
+    for a Parquet list (planned per folder inside Ray Data; a path listed twice is one input) and
+    after a rerun."""
+    import ray.data
+
+    from jobs import upscale as job
+    from pipeline import output as layer
+
+    root = tmp_path / "in"
+    for k, name in enumerate(("a/x.png", "a/x.jpg", "b/y.png", "b/z.png", "c/w.png")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        _save(root / name, _rgb(12, 10, k))
+    (root / "b" / "notes.txt").write_text("not an image")
+    (root / "c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    inputs = sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+    def collect(*args, **kwargs):
+        raise AssertionError("the driver collected rows")
+    for name in ("take_all", "take", "take_batch", "to_pandas", "iter_rows", "to_arrow_refs"):
+        monkeypatch.setattr(ray.data.Dataset, name, collect)
+    monkeypatch.setattr(ray.data, "from_items", collect)
+    monkeypatch.setattr(uio, "scan_inputs", collect)  # the whole listing as a list
+    received, chunk_rows = [], []
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def spy_iter_batches(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            received.append((set(batch.column_names), batch.num_rows))
+            yield batch
+    write_parquet_atomic = layer.write_parquet_atomic
+
+    def spy_write(fs, path, table, *args, **kwargs):
+        if "/listing-" in path:
+            chunk_rows.append(table.num_rows)
+        return write_parquet_atomic(fs, path, table, *args, **kwargs)
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy_iter_batches)
+    monkeypatch.setattr(layer, "write_parquet_atomic", spy_write)
+    monkeypatch.setattr(job, "LISTING_CHUNK_ROWS", 2)
+
+    def run(source, out):
+        cfg = job.UpscaleJobConfig(input=str(source), output=str(out), checkpoint=pixel_ckpt, scale=2, tile=0,
+                                   batch_size=2, format="png")
+        summary = job.upscale_corpus(cfg)
+        table = pq.read_table(summary["manifest"])
+        assert not list((out / uio.PARTS_DIR).glob("*"))
+        return summary, table.column("input").to_pylist(), dict(zip(table.column("input").to_pylist(),
+                                                                     table.column("status").to_pylist()))
+
+    summary, listed, status = run(root, tmp_path / "out")
+    assert sorted(listed) == inputs  # each input exactly once
+    assert (summary["ok"], summary["error"], summary["unsupported"]) == (5, 1, 1)
+    assert len(chunk_rows) >= 3 and max(chunk_rows) <= 3  # chunks of at least 2 rows, cut at a folder's end
+    counters = {"pending", "skipped", "error", "unsupported", "ok"}
+    assert received and all(columns <= counters for columns, _ in received)  # counts, never rows
+    again, listed, status = run(root, tmp_path / "out")
+    assert sorted(listed) == inputs and (again["skipped"], again["ok"]) == (5, 0)
+
+    images = [i for i in inputs if not i.endswith(".txt")]  # a listed file is probed whatever its extension
+    listing = [*images, images[0], str(root / "a") + "/../a/x.png"]  # listed twice; listed again by another path
+    pq.write_table(pa.table({"path": listing}), tmp_path / "list.parquet")
+    summary, listed, status = run(tmp_path / "list.parquet", tmp_path / "out2")
+    assert sorted(listed) == sorted(set(listing)) and summary["ok"] == 6
+    outputs = pq.read_table(summary["manifest"]).column("output").to_pylist()
+    assert len(set(outputs)) == 7 == len(outputs)  # no two inputs share an output
+    assert str(tmp_path / "out2" / "a" / "x.jpg.png") in outputs  # the folder's collision rule
 
 
 def test_cli_upscale_with_the_tiny_sd_backbone(ray_local, tmp_path):

@@ -341,8 +341,8 @@ def test_exit_codes_early_checks_and_summary(ray_local, pixel_ckpt, tmp_path, ca
     (root / "notes.txt").write_text("not an image")
     out = str(tmp_path / "out")
     listed = []
-    real_scan = uio.scan_inputs
-    monkeypatch.setattr(uio, "scan_inputs", lambda *a, **k: listed.append(a) or real_scan(*a, **k))
+    real_list = uio.list_input_groups
+    monkeypatch.setattr(uio, "list_input_groups", lambda *a, **k: listed.append(a) or real_list(*a, **k))
     def status(*argv):
         try:
             return main(["upscale", *argv])

@@ -1,8 +1,9 @@
 """Corpus-scale benchmark: the jobs hold at 10^4+ items with flat driver memory.
 
-(a) driver memory vs corpus size: `jobs.prepare_data` over N small and 10 N small files; the
-    driver's peak RSS (the job's own process; Ray workers are other processes) must stay within
-    1.3x from N to 10 N: no per-item state in the driver.
+(a) driver memory vs corpus size: `jobs.prepare_data` and `jobs.upscale` (a tiny pixel-space
+    FlowSR model, x2) over N small and 10 N small files; the driver's peak RSS (the job's own
+    process; Ray workers are other processes) must stay within 1.3x from N to 10 N: no per-item
+    state in the driver.
 (b) upscale actor memory for 1, 16 and 64 MP outputs (its own section, below).
 (c) the cost of the resumable-output layer (`pipeline.output`: lease, run record, streamed
     listing, content digests, Ray-built resume index) vs the same job at an older commit
@@ -11,7 +12,7 @@
 Every measurement runs the job in a fresh subprocess with its own local Ray, on the same files.
 
     python benchmarks/bench_scale.py [--small 2000] [--large 20000] [--num-cpus 2]
-        [--old-rev COMMIT] [--sections a,c]
+        [--old-rev COMMIT] [--sections a,c] [--jobs prepare_data,upscale]
 """
 from __future__ import annotations
 
@@ -44,6 +45,35 @@ print("RESULT " + json.dumps({{"wall_s": wall, "peak_rss_mb": resource.getrusage
                                "pairs": summary.get("pairs_written")}}))
 """
 
+# The upscale job, the same way; "pairs" is the number of images written.
+UPSCALE_JOB = """
+import json, resource, sys, time
+import ray
+ray.init(num_cpus={num_cpus}, object_store_memory=1 << 29, include_dashboard=False, log_to_driver=False)
+from jobs.upscale import UpscaleJobConfig, upscale_corpus
+start = time.perf_counter()
+summary = upscale_corpus(UpscaleJobConfig(**{cfg!r}))
+wall = time.perf_counter() - start
+print("RESULT " + json.dumps({{"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                               "pairs": summary["ok"]}}))
+"""
+UPSCALE_BATCH = 64  # images per upscaler call: tiny images, so the per-batch overhead is what is measured
+
+
+def make_checkpoint(folder: Path) -> Path:
+    """A tiny pixel-space FlowSR checkpoint (random weights; the job's cost, not its quality)."""
+    import torch
+
+    from flowsr.backbones import PixelBackbone
+    from flowsr.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save(str(folder / "config.json"))
+    PixelBackbone.from_config(cfg.model).save_trainable(str(folder / "student"))
+    return folder
+
 
 def make_files(folder: Path, count: int) -> None:
     """`count` distinct PATCH x PATCH PNG files (distinct bytes: content ids must not collide)."""
@@ -59,12 +89,18 @@ def make_files(folder: Path, count: int) -> None:
         (sub / f"img_{i:06d}.png").write_bytes(buf.getvalue())
 
 
-def run_job(src: Path, input_dir: Path, output: Path, num_cpus: int) -> Dict:
-    cfg = dict(input=str(input_dir), output=str(output), patch_size=PATCH, crops_per_image=1,
-               degradation="bicubic", shard_rows=1000, files_per_task=64)
+def run_job(src: Path, input_dir: Path, output: Path, num_cpus: int, checkpoint: Optional[Path] = None) -> Dict:
+    """prepare_data (or, given a `checkpoint`, upscale) over `input_dir` in a fresh process."""
+    if checkpoint is None:
+        cfg = dict(input=str(input_dir), output=str(output), patch_size=PATCH, crops_per_image=1,
+                   degradation="bicubic", shard_rows=1000, files_per_task=64)
+        script = JOB.format(cfg=cfg, num_cpus=num_cpus)
+    else:
+        cfg = dict(input=str(input_dir), output=str(output), checkpoint=str(checkpoint), scale=2.0, tile=0,
+                   batch_size=UPSCALE_BATCH, color_fix="none", num_gpus=0)
+        script = UPSCALE_JOB.format(cfg=cfg, num_cpus=num_cpus)
     env = {**os.environ, "PYTHONPATH": str(src), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-c", JOB.format(cfg=cfg, num_cpus=num_cpus)], cwd=src, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=src, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"job failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -83,19 +119,23 @@ def old_source(rev: str, into: Path) -> Path:
 # (a) driver memory vs corpus size
 # ---------------------------------------------------------------------------------------------
 
-def section_a(work: Path, small: int, large: int, num_cpus: int) -> None:
-    print(f"(a) prepare_data driver peak RSS, {small} vs {large} files of {PATCH}x{PATCH}")
-    results = {}
+def section_a(work: Path, small: int, large: int, num_cpus: int, jobs: List[str]) -> None:
     for count in (small, large):
-        folder = work / f"files-{count}"
-        make_files(folder, count)
-        results[count] = run_job(REPO, folder, work / f"out-{count}", num_cpus)
-        r = results[count]
-        print(f"    {count:>7} files: wall {r['wall_s']:7.1f} s, {r['pairs']} pairs, "
-              f"driver peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
-        shutil.rmtree(work / f"out-{count}", ignore_errors=True)
-    ratio = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"]
-    print(f"    RSS ratio {large}/{small} files: {ratio:.3f} (goal <= 1.30): {'ok' if ratio <= 1.3 else 'MISSED'}")
+        if not (work / f"files-{count}").exists():
+            make_files(work / f"files-{count}", count)
+    for job in jobs:
+        checkpoint = make_checkpoint(work / "ckpt") if job == "upscale" else None
+        unit = "images written" if checkpoint else "pairs"
+        print(f"(a) {job} driver peak RSS, {small} vs {large} files of {PATCH}x{PATCH}")
+        results = {}
+        for count in (small, large):
+            results[count] = run_job(REPO, work / f"files-{count}", work / f"out-{count}", num_cpus, checkpoint)
+            r = results[count]
+            print(f"    {count:>7} files: wall {r['wall_s']:7.1f} s, {r['pairs']} {unit}, "
+                  f"driver peak RSS {r['peak_rss_mb']:7.1f} MB", flush=True)
+            shutil.rmtree(work / f"out-{count}", ignore_errors=True)
+        ratio = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"]
+        print(f"    RSS ratio {large}/{small} files: {ratio:.3f} (goal <= 1.30): {'ok' if ratio <= 1.3 else 'MISSED'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +179,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--old-rev", default=None, help="commit for (c)'s baseline")
     p.add_argument("--repeats", type=int, default=2, help="runs per side in (c)")
     p.add_argument("--sections", default="a,b,c")
+    p.add_argument("--jobs", default="prepare_data,upscale", help="the jobs (a) measures")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
     sections = set(args.sections.split(","))
     try:
         if "a" in sections:
-            section_a(work, args.small, args.large, args.num_cpus)
+            section_a(work, args.small, args.large, args.num_cpus, args.jobs.split(","))
         if "b" in sections:
             section_b(work)
         if "c" in sections:

@@ -11,10 +11,18 @@ job. Real-ESRGAN's spellings keep Real-ESRGAN's meanings: `-i/-o`, `--model_path
 `--tile_pad` in input pixels, `--outscale`, `--ext auto`, `--suffix` joined with `_`,
 `--pre_pad`, `--fp32`; where the job differs, the option's help says so.
 
-list inputs and plan output names (driver) -> probe headers, skip valid outputs (CPU tasks)
--> sort by output-size bucket (driver) -> read + decode (CPU tasks) -> upscale (actor pool,
-model loaded once per actor) -> encode + atomic write (CPU tasks) -> manifest Parquet.
-Decoding and writing run as separate stages, so they overlap the accelerator's work.
+list inputs, a folder at a time, and plan output names per folder (driver, streamed into
+Parquet chunks) -> probe headers, skip valid outputs (CPU tasks) -> sort by output-size bucket
+(Ray Data) -> read + decode (CPU tasks) -> upscale (actor pool, model loaded once per actor) ->
+encode + atomic write (CPU tasks). Decoding and writing run as separate stages, so they overlap
+the accelerator's work. The driver holds counters, never rows (at most one folder's listing).
+
+The manifest is written part by part: every finished batch of rows (the probe's skipped, error
+and unsupported rows too) is committed atomically as a part in OUT/_manifest-parts before the
+batch's images are moved into place, so a killed run leaves a row for every output it wrote. At
+the end the parts are streamed into OUT/manifest.parquet (or --manifest) and removed. A rerun
+removes a killed run's parts and probes every output again (valid ones are `skipped` rows): the
+manifest lists each input exactly once, with the last run's status.
 
 The checkpoint and the options are checked before the corpus is touched. Exit status: 0 when
 every input is ok, skipped or unsupported (a listed file that is not an image: a manifest row

@@ -273,6 +273,37 @@ def test_bad_file_is_an_error_row_and_invalid_output_is_redone(stage, tmp_path):
     assert uio.is_valid_output(str(tmp_path / "out" / "good.png"), (12, 12))
 
 
+def test_a_write_batch_commits_its_manifest_part_before_its_images(stage, tmp_path, monkeypatch):
+    """Killed while moving a batch's images into place: every image on disk has its manifest row
+    (the part is committed first). The retried batch replaces that part instead of adding one."""
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        _save(tmp_path / "in" / f"{k}.png", _rgb(8, 8, k))
+    rows = uio.plan_outputs(uio.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), "same")
+    probed = uio.probe_batch({"input": [r["input"] for r in rows], "output": [r["output"] for r in rows]}, scale=1.5)
+    upscaled = stage(uio.decode_batch(probed))
+    parts = str(tmp_path / "out" / uio.PARTS_DIR)
+    moved, publish = [], uio._publish
+
+    def dying_publish(tmp, uri):
+        if moved:
+            raise KeyboardInterrupt  # the process dies after the first image was moved
+        publish(tmp, uri)
+        moved.append(uri)
+    monkeypatch.setattr(uio, "_publish", dying_publish)
+    with pytest.raises(KeyboardInterrupt):
+        uio.write_batch(upscaled, output_root=str(tmp_path / "out"), parts_dir=parts)
+    recorded = uio.read_manifest_parts(parts).to_pylist()
+    assert sorted(r["input"] for r in recorded) == sorted(r["input"] for r in rows)
+    assert {r["status"] for r in recorded} == {"ok"} and {r["out_height"] for r in recorded} == {12}
+    written = sorted(str(p) for p in (tmp_path / "out").glob("*.png"))
+    assert written == moved and set(written) <= {r["output"] for r in recorded}
+    monkeypatch.setattr(uio, "_publish", publish)
+    again = uio.write_batch(upscaled, output_root=str(tmp_path / "out"), parts_dir=parts)
+    assert again["status"] == ["ok"] * 3 and len(os.listdir(parts)) == 1
+    assert uio.read_manifest_parts(parts).num_rows == 3
+
+
 # ---- the Ray Data job ---------------------------------------------------------------------------
 def _corpus(root):
     """Good files of several sizes and kinds, and a few bad ones."""

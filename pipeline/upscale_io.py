@@ -15,6 +15,11 @@ Safety rules (`scan_inputs`, `plan_outputs`, `probe_batch`): only regular files 
 links are followed once per real folder, a path that exists is never read as a glob, files that
 are not images by extension are `unsupported` rows, sizes and pixel counts are capped before any
 decode; every output resolves inside the output folder and no two inputs share one.
+
+At corpus scale (`list_input_groups`, `write_listing`, `probe_and_commit`, `write_and_count`,
+`consolidate_manifest`) nothing holds the whole listing: inputs stream a folder at a time into
+Parquet chunks, and the manifest is committed as one part per finished batch (`PARTS_DIR`),
+streamed into one file at the end.
 """
 from __future__ import annotations
 

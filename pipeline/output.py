@@ -533,3 +533,26 @@ def _index_uri(output: Output, directory: str) -> str:
     if is_local(output.uri):
         return directory
     return f"{output.uri.split('://', 1)[0]}://{directory}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names proven inside the output
+# ---------------------------------------------------------------------------------------------
+
+def path_inside(fs: pafs.FileSystem, root: str, *names: str) -> str:
+    """`root/name/...` (a path on `fs`), proven inside `root`.
+
+    Each name must be one plain path component (not empty, no `/` or `\\`, not `.` or `..`);
+    on a local filesystem the resolved path (symbolic links followed) must lie under `root`'s
+    resolved path too. Raises OutputError naming the path otherwise.
+    """
+    root = root.rstrip("/") or "/"
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise OutputError(f"output name {name!r} is not a plain file name inside {root}")
+    path = "/".join([root.rstrip("/"), *names])
+    if isinstance(fs, pafs.LocalFileSystem):
+        real_root = os.path.realpath(root)
+        if not os.path.realpath(path).startswith(real_root.rstrip(os.sep) + os.sep):
+            raise OutputError(f"output path {path} resolves outside {root} (a symbolic link?)")
+    return path

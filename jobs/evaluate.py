@@ -80,6 +80,7 @@ DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "dists": 4, "fid": 2, "niqe": 2, "
 SAFE_NAME_MAX = 120  # characters kept of a name before its hash
 RESULTS_DIR = "results"  # per-image metric parts under OUT, one committed per evaluated batch
 DRIVER_SORT_ROWS = 100_000  # up to this many result rows are sorted on the driver, more by Ray Data
+OVERWRITE_ADVICE = "rerun with --overwrite to replace them, or evaluate into a new --out"
 SUMMARY_BATCH_ROWS = 4096  # result rows per step of the summary pass (fixed: the sums do not depend on the parts)
 
 
@@ -717,7 +718,7 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
     started = init_ray(cfg.address)
     try:
         pairs = build_dataset(cfg)  # checks the inputs before OUT is touched
-        with open_output(cfg.out, record, overwrite=cfg.overwrite) as output:
+        with open_output(cfg.out, record, overwrite=cfg.overwrite, advice=OVERWRITE_ADVICE) as output:
             write_json_atomic(output.fs, output.path("config.json"), dataclasses.asdict(cfg))
             results = output.path(RESULTS_DIR)
             done = build_done_index(output, list_parts(output.fs, results), "sample_id", RESULTS_DIR)

@@ -355,7 +355,7 @@ def test_evaluate_rerun_with_other_settings_is_refused_in_one_line(one_shot, tin
         capsys.readouterr()
         assert main(_eval_args(one_shot / "shards", tiny_checkpoint, one, *extra)) == 2, extra
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and changed in err and "--overwrite" in err, err
+        assert len(err.splitlines()) == 1 and changed in err and "--overwrite" in err and err.endswith("a new --out"), err
     assert main(_eval_args(one_shot / "shards", other, one)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "checkpoint" in err, err
@@ -398,6 +398,35 @@ def test_evaluate_refuses_an_output_held_by_a_live_run(one_shot, tiny_checkpoint
         err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "in use by another run" in err, err
     assert sorted(p.name for p in out.iterdir()) == []  # nothing written beside the lease
+
+
+def test_evaluate_images_are_written_atomically_and_only_inside_out(tmp_path):
+    """Per-image PNGs go through `pipeline.output.path_inside`: a folder of OUT that is a symbolic
+    link to elsewhere is refused, a hostile sample_id stays one file name, no temporary is left."""
+    import dataclasses
+    import os
+
+    from jobs.evaluate import EvalConfig, PairEvaluator, safe_name
+    from pipeline.output import OutputError, path_inside
+    from pipeline.storage import resolve_fs
+
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / "images").mkdir(parents=True)
+    outside.mkdir()
+    os.symlink(outside, out / "images" / "hr")
+    evaluator = PairEvaluator(dataclasses.asdict(EvalConfig(data=str(tmp_path), out=str(out),
+                                                            sr=(("m", str(tmp_path)),), metrics=())))
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(OutputError, match="outside"):
+        evaluator._save("hr", "s0", image)
+    assert not list(outside.iterdir())
+    evaluator._save("bicubic", "../../escape", image)
+    assert [p.name for p in (out / "images" / "bicubic").iterdir()] == [f"{safe_name('../../escape')}.png"]
+    assert all(out in p.parents for p in tmp_path.rglob("*escape*"))
+    fs, root = resolve_fs(str(out))
+    for bad in ("..", "a/b", "", "."):
+        with pytest.raises(OutputError, match="plain file name"):
+            path_inside(fs, root, "images", bad)
 
 
 # ---- the ablation job -----------------------------------------------------------------------------

@@ -333,16 +333,19 @@ class PairEvaluator:
 
 # ---- the output: run record, committed result parts, resume ----------------------------------------
 def _listing_digest(uri: Optional[str], digest) -> None:
-    """Adds every file under `uri` (relative name and size, sorted) to `digest`."""
+    """Adds every file under `uri` (relative name and size, sorted; for a file its name and size)
+    to `digest`; dot- and underscore-files (temporaries, leases, run records) are left out, as
+    Parquet readers do. The folder's own name and place are not part of it."""
     if not uri:
+        digest.update(b"-\n")
         return
     fs, root = resolve_fs(uri)
     info = fs.get_file_info(root)
     infos = [info] if info.type == pafs.FileType.File else \
         fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     entries = sorted(f"{os.path.relpath(i.path, root) if i is not info else i.base_name}|{i.size}"
-                     for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
-    digest.update(f"{uri.rstrip('/').rsplit('/', 1)[-1]}\n{len(entries)}\n".encode())
+                     for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+    digest.update(f"{len(entries)}\n".encode())
     for entry in entries:
         digest.update(entry.encode() + b"\n")
 

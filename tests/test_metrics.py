@@ -336,6 +336,8 @@ def test_evaluate_rerun_evaluates_only_missing_pairs_and_gives_the_one_shot_tabl
 
 
 def test_evaluate_rerun_with_other_settings_is_refused_in_one_line(one_shot, tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
     import torch
 
     from flowsr.build import build_stage1
@@ -359,6 +361,19 @@ def test_evaluate_rerun_with_other_settings_is_refused_in_one_line(one_shot, tin
     assert main(_eval_args(one_shot / "shards", other, one)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "checkpoint" in err, err
+    grown = tmp_path / "shards"  # other data under the same sample_ids
+    shutil.copytree(one_shot / "shards", grown)
+    shutil.copy(grown / "pairs.parquet", grown / "more.parquet")
+    assert main(_eval_args(grown, tiny_checkpoint, one)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "inputs" in err, err
+    moved = tmp_path / "moved"  # the same data elsewhere is the same input
+    shutil.copytree(one_shot / "shards", moved)
+    (moved / "_lease.json").write_text("{}")  # underscore files are not data
+    from jobs.evaluate import EvalConfig, input_fingerprint
+
+    assert input_fingerprint(EvalConfig(data=str(moved), out="x", checkpoint="c")) == \
+        input_fingerprint(EvalConfig(data=str(one_shot / "shards"), out="x", checkpoint="c"))
     assert _files(one) == before  # nothing written, nothing removed
 
 

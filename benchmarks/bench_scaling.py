@@ -99,6 +99,39 @@ def run_once(work: Path, n_cpus: int, tag: str, args) -> Dict[str, float]:
     return {"prepare": prepare_rate, "parallel": parallel, "caption": caption_rate, "load": load}
 
 
+def upscale_rates(work: Path, args) -> None:
+    """jobs.upscale with its default pool (tiny SD shapes, 128^2 -> 512^2) at each CPU count: the
+    steady images/s of the whole job (listing, probe, decode, upscale, encode, write)."""
+    import ray
+
+    from benchmarks.bench_upscale import make_checkpoint, make_inputs
+    from jobs.common import init_ray
+    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+
+    ckpt = make_checkpoint(str(work / "upscale-model"), sd21=False)
+    make_inputs(str(work / "upscale-in"), args.upscale_images)
+    rates: Dict[int, List[float]] = {n: [] for n in args.cpus}
+    for r in range(args.rounds):
+        for n in args.cpus:
+            init_ray(None, num_cpus=n, object_store_memory=1 << 29)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            try:
+                out = work / f"upscale-out-{r}-{n}"
+                start = time.perf_counter()
+                done = upscale_corpus(UpscaleJobConfig(input=str(work / "upscale-in"), output=str(out),
+                                                       checkpoint=ckpt, scale=4, tile=0, color_fix="none",
+                                                       format="png"))["ok"]
+                rates[n].append(done / (time.perf_counter() - start))
+            finally:
+                ray.shutdown()
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  round {r} {n} CPU(s): upscale {rates[n][-1]:6.2f} img/s; load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+    base = args.cpus[0]
+    print("upscale img/s: " + ", ".join(f"{n} CPU(s) best {max(rates[n]):.2f} ({max(rates[n]) / max(rates[base]):.2f}x)"
+                                        for n in args.cpus), flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--files", type=int, default=32)
@@ -108,6 +141,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--caption-shards", type=int, default=64,
                    help="shards of the caption benchmark, each as many rows as the prepared pairs")
+    p.add_argument("--upscale-images", type=int, default=0,
+                   help="also time jobs.upscale over this many 128^2 images (tiny SD shapes) at each CPU count")
     p.add_argument("--skip-overhead", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -137,6 +172,8 @@ def main(argv=None) -> None:
                 f"{med[n] / med[base]:.2f}x median)" for n in args.cpus), flush=True)
         print("degrade-task parallelism (CPUs kept busy): " + ", ".join(
             f"{n} CPU(s) {statistics.median(x['parallel'] for x in runs[n]):.2f}" for n in args.cpus), flush=True)
+        if args.upscale_images:
+            upscale_rates(work, args)
         if not args.skip_overhead:
             overhead(work, args)
     finally:

@@ -536,15 +536,21 @@ def folder_items(cfg: EvalConfig) -> List[Dict[str, str]]:
             for s in stems]
 
 
-def build_dataset(cfg: EvalConfig):
-    import ray
-
+def pair_items(cfg: EvalConfig) -> Optional[List[Dict[str, str]]]:
+    """Checks the inputs without Ray: None for Parquet pair shards, else the folder items
+    (`folder_items`); ValueError when the inputs hold no pairs."""
     if _is_parquet(cfg.data):
         if cfg.sr:
             raise ValueError("SR folders are evaluated against HR/LR folders, not Parquet shards")
-        ds = ray.data.read_parquet(cfg.data, columns=PAIR_COLUMNS)
-    else:
-        ds = ray.data.from_items(folder_items(cfg))
+        return None
+    return folder_items(cfg)
+
+
+def build_dataset(cfg: EvalConfig, items: Optional[List[Dict[str, str]]] = None):
+    """The pairs as a Ray Dataset: the Parquet shards when `items` is None, else the folder items."""
+    import ray
+
+    ds = ray.data.read_parquet(cfg.data, columns=PAIR_COLUMNS) if items is None else ray.data.from_items(items)
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
@@ -718,10 +724,11 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
     record = eval_record(cfg, per_image_metrics)
     methods = cfg.methods()
     keys = [key for key, _, _ in methods]
-    started = init_ray(cfg.address)
-    try:
-        pairs = build_dataset(cfg)  # checks the inputs before OUT is touched
-        with open_output(cfg.out, record, overwrite=cfg.overwrite, advice=OVERWRITE_ADVICE) as output:
+    items = pair_items(cfg)  # the inputs are checked before OUT is touched, OUT before Ray is started
+    with open_output(cfg.out, record, overwrite=cfg.overwrite, advice=OVERWRITE_ADVICE) as output:
+        started = init_ray(cfg.address)
+        try:
+            pairs = build_dataset(cfg, items)
             write_json_atomic(output.fs, output.path("config.json"), dataclasses.asdict(cfg))
             results = output.path(RESULTS_DIR)
             done = build_done_index(output, list_parts(output.fs, results), "sample_id", RESULTS_DIR)
@@ -744,9 +751,9 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
             summary = summarize(cfg, output, suite, methods, {"evaluated": evaluated, "resumed": output.resumed})
             if output.fs.get_file_info(output.path(INDEX_DIR)).type == pafs.FileType.Directory:
                 output.fs.delete_dir(output.path(INDEX_DIR))  # this run's resume state
-    finally:
-        if started:
-            ray.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
     return summary
 
 

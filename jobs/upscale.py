@@ -199,7 +199,9 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         listing = io.list_input_groups(cfg.input, path_column=cfg.path_column, glob=cfg.glob, exclude=exclude)
     except (FileNotFoundError, NotADirectoryError, KeyError) as err:
         raise UsageError(f"input {cfg.input}: {err}") from err
-    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False):
+    # clear_recursive=False: OUT holds an image per input; the job clears its own folders itself
+    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False,
+                         clear_recursive=False):
         return _upscale_corpus(cfg, listing)
 
 

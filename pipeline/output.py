@@ -141,12 +141,13 @@ def part_rows(fs: pafs.FileSystem, paths: Sequence[str]) -> List[int]:
     return counts
 
 
-def clear_tmp(fs: pafs.FileSystem, root: str) -> int:
-    """Delete the temporary files killed runs left anywhere under `root`; returns how many.
+def clear_tmp(fs: pafs.FileSystem, root: str, recursive: bool = True) -> int:
+    """Delete the temporary files killed runs left anywhere under `root` (in `root` itself only,
+    when not `recursive`); returns how many.
 
     Only call it while holding the lease: a live writer's temporary files look the same.
     """
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
     stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
@@ -409,7 +410,7 @@ def _remove_results(fs: pafs.FileSystem, root: str) -> None:
 @contextlib.contextmanager
 def open_output(uri: str, record: Dict[str, Any], *, overwrite: bool = False,
                 remove_results: bool = True, ttl_s: float = LEASE_TTL_S,
-                advice: str = OVERWRITE_ADVICE) -> Iterator[Output]:
+                advice: str = OVERWRITE_ADVICE, clear_recursive: bool = True) -> Iterator[Output]:
     """Hold `uri`'s lease, check (or write) its run record, clear stale temporaries.
 
     overwrite: replace the run record; with `remove_results` also delete the output's earlier
@@ -417,6 +418,8 @@ def open_output(uri: str, record: Dict[str, Any], *, overwrite: bool = False,
     inputs (upscale) keeps them and rewrites each one instead.
     Raises OutputBusy / RunMismatch (one-line OutputErrors) before anything is written;
     `advice` ends a RunMismatch's line (the job's own flag names).
+    clear_recursive=False clears stale temporaries in the output's top folder only: for a job
+    whose output holds a file per input (upscale) and that clears its own working folders.
     """
     fs, root = resolve_fs(uri)
     fs.create_dir(root, recursive=True)
@@ -426,7 +429,7 @@ def open_output(uri: str, record: Dict[str, Any], *, overwrite: bool = False,
         elif overwrite:
             fs.delete_file(f"{root}/{RUN_FILE}") if fs.get_file_info(f"{root}/{RUN_FILE}").is_file else None
         resumed = check_run_record(fs, root, record, label=uri, advice=advice)
-        cleared = clear_tmp(fs, root)
+        cleared = clear_tmp(fs, root, recursive=clear_recursive)
         yield Output(uri=uri, fs=fs, root=root, resumed=resumed, cleared=cleared)
 
 

@@ -255,11 +255,13 @@ def test_streamed_bands_equal_the_whole_image_result(compact, scale, dtype, chan
         assert (streamed - whole).abs().max() < 3e-5
 
 
-@pytest.mark.parametrize("tile, pre_pad, scale", [(0, 0, 3), (64, 0, None), (64, 0, 2.5), (16, 40, 3)])
-def test_one_tile_whole_images_and_pre_pad_stream_too(compact, tile, pre_pad, scale):
-    """`tile=0` (whole images), an image smaller than a tile, and a pre_pad longer than the image
-    (reflected, then the last row repeated) give the whole-image result."""
-    image = _rgb(37, 45, seed=12)
+@pytest.mark.parametrize("size, tile, pre_pad, scale", [((37, 45), 0, 0, 3), ((37, 45), 64, 0, None),
+                                                        ((37, 45), 64, 0, 2.5), ((12, 45), 16, 0, None),
+                                                        ((37, 45), 16, 40, 3), ((3, 5), 0, 6, None)])
+def test_one_tile_whole_images_and_pre_pad_stream_too(compact, size, tile, pre_pad, scale):
+    """`tile=0` (whole images), an image smaller than a tile, one row of tiles, and a pre_pad longer
+    than the image (reflected, then the last reflected row repeated) give the whole-image result."""
+    image = _rgb(*size, seed=12)
     up = M.load_upscaler(compact, scale=scale, tile=tile, tile_overlap=6, pre_pad=pre_pad, device="cpu")
     (out,), _ = up.upscale_images([image])
     reference = _old_whole_image(compact, image, scale, tile or None, 6, pre_pad)

@@ -24,7 +24,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-import torch.nn.functional as F
 
 from pipeline.storage import is_local, resolve_fs
 

@@ -203,7 +203,7 @@ def bench_degradation(n_pairs: int) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def write_sources(folder: Path, count: int) -> None:
-    """`count` PNG files of 1024x768 (2x2 sample patches, cropped)."""
+    """`count` distinct PNG files of 1024x768 (2x2 sample patches, cropped)."""
     from PIL import Image
 
     patches = hr_patches(len(SOURCE_IMAGES))
@@ -212,8 +212,9 @@ def write_sources(folder: Path, count: int) -> None:
         tiles = [patches[(i + k) % len(patches)] for k in range(4)]
         image = np.concatenate([np.concatenate(tiles[:2], axis=1),
                                 np.concatenate(tiles[2:], axis=1)], axis=0)
-        Image.fromarray(np.ascontiguousarray(image[:768])).save(folder / f"src_{i:04d}.png",
-                                                                 compress_level=1)
+        image = np.ascontiguousarray(image[:768])
+        image[0, :3] = (i & 255, (i >> 8) & 255, 7)  # every file its own content (ids are content digests)
+        Image.fromarray(image).save(folder / f"src_{i:04d}.png", compress_level=1)
 
 
 def cpu_seconds_by_role() -> Dict[str, float]:

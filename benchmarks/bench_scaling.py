@@ -1,14 +1,15 @@
 """CPU scaling of the Ray Data stages: pairs/s with a local Ray of 1 and of 2 (or more) CPUs.
 
-prepare_data (Real-ESRGAN pairs, template captions) and jobs.caption (template backend over the
-shards it wrote), each run at every CPU count in turn, for several rounds, so that other load on
-the machine hits all counts alike; the load average is printed with every run. Besides pairs/s
+prepare_data (Real-ESRGAN pairs, template captions) and jobs.caption (template backend over
+`--caption-shards` copies of the shards it wrote, see `caption_corpus`), each run at every CPU
+count in turn, for several rounds, so that other load on the machine hits all counts alike; the load average is printed with every run. Besides pairs/s
 it prints the degrade-task parallelism (task seconds / wall seconds, from Ray's task timeline):
 the number of CPUs the stage kept busy, which other load does not bias the way it biases rates.
 Then prepare_data's Ray overhead: CPU seconds per pair of the whole Ray job (task workers,
 driver, Ray's daemons) against a bare single-process loop calling the same stage functions.
 
     python benchmarks/bench_scaling.py [--files 32] [--crops 4] [--patch 256] [--cpus 1 2] [--rounds 2]
+        [--caption-shards 64]
 
 Goals (DESIGN.md): >= 1.7x the 1-CPU rate at 2 CPUs; Ray overhead <= 10% CPU per pair.
 """
@@ -43,6 +44,30 @@ def task_parallelism(since: float, name: str) -> float:
     return busy / span if span > 0 else float("nan")
 
 
+def caption_corpus(pairs: Path, folder: Path, shards: int) -> Path:
+    """`shards` pair shards for the caption stage: the columns the template captioner reads
+    (sample_id, degradation) from `pairs`, repeated under new ids, with 1-byte hr / lr (never
+    read by it). The prepared pairs alone are caption work of well under a second."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.caption import pair_shard_paths
+    from pipeline.schema import PAIR_SCHEMA
+
+    base = pa.concat_tables(pq.read_table(p) for p in pair_shard_paths(str(pairs))).select(PAIR_SCHEMA.names)
+    folder.mkdir(parents=True)
+    for k in range(shards):
+        ids = [hashlib.sha1(f"{k}|{i}".encode()).hexdigest()[:16] for i in range(base.num_rows)]
+        table = base.set_column(0, "sample_id", pa.array(ids, pa.string()))
+        for name in ("hr", "lr"):
+            table = table.set_column(table.schema.get_field_index(name), PAIR_SCHEMA.field(name),
+                                     pa.array([b"x"] * base.num_rows, pa.binary()))
+        pq.write_table(table.cast(PAIR_SCHEMA), folder / f"part-{k:05d}.parquet")
+    return folder
+
+
 def run_once(work: Path, n_cpus: int, tag: str, args) -> Dict[str, float]:
     import ray
 
@@ -64,14 +89,47 @@ def run_once(work: Path, n_cpus: int, tag: str, args) -> Dict[str, float]:
         pairs = P.prepare(config("in", f"pairs-{tag}"))["pairs_written"]
         prepare_rate = pairs / (time.perf_counter() - start)
         parallel = task_parallelism(since, "degrade_batch")
+        shards = caption_corpus(work / f"pairs-{tag}" / "shards", work / f"caption-in-{tag}", args.caption_shards)
         start = time.perf_counter()
-        captioned = C.regenerate(C.RegenerateConfig(shards=str(work / f"pairs-{tag}" / "shards"),
-                                                    output=str(work / f"captions-{tag}"),
+        captioned = C.regenerate(C.RegenerateConfig(shards=str(shards), output=str(work / f"captions-{tag}"),
                                                     caption=CaptionConfig(backend="template")))["captioned"]
         caption_rate = captioned / (time.perf_counter() - start)
     finally:
         ray.shutdown()
     return {"prepare": prepare_rate, "parallel": parallel, "caption": caption_rate, "load": load}
+
+
+def upscale_rates(work: Path, args) -> None:
+    """jobs.upscale with its default pool (tiny SD shapes, 128^2 -> 512^2) at each CPU count: the
+    steady images/s of the whole job (listing, probe, decode, upscale, encode, write)."""
+    import ray
+
+    from benchmarks.bench_upscale import make_checkpoint, make_inputs
+    from jobs.common import init_ray
+    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+
+    ckpt = make_checkpoint(str(work / "upscale-model"), sd21=False)
+    make_inputs(str(work / "upscale-in"), args.upscale_images)
+    rates: Dict[int, List[float]] = {n: [] for n in args.cpus}
+    for r in range(args.rounds):
+        for n in args.cpus:
+            init_ray(None, num_cpus=n, object_store_memory=1 << 29)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            try:
+                out = work / f"upscale-out-{r}-{n}"
+                start = time.perf_counter()
+                done = upscale_corpus(UpscaleJobConfig(input=str(work / "upscale-in"), output=str(out),
+                                                       checkpoint=ckpt, scale=4, tile=0, color_fix="none",
+                                                       format="png"))["ok"]
+                rates[n].append(done / (time.perf_counter() - start))
+            finally:
+                ray.shutdown()
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"  round {r} {n} CPU(s): upscale {rates[n][-1]:6.2f} img/s; load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+    base = args.cpus[0]
+    print("upscale img/s: " + ", ".join(f"{n} CPU(s) best {max(rates[n]):.2f} ({max(rates[n]) / max(rates[base]):.2f}x)"
+                                        for n in args.cpus), flush=True)
 
 
 def main(argv=None) -> None:
@@ -81,6 +139,10 @@ def main(argv=None) -> None:
     p.add_argument("--patch", type=int, default=256)
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--caption-shards", type=int, default=64,
+                   help="shards of the caption benchmark, each as many rows as the prepared pairs")
+    p.add_argument("--upscale-images", type=int, default=0,
+                   help="also time jobs.upscale over this many 128^2 images (tiny SD shapes) at each CPU count")
     p.add_argument("--skip-overhead", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -110,6 +172,8 @@ def main(argv=None) -> None:
                 f"{med[n] / med[base]:.2f}x median)" for n in args.cpus), flush=True)
         print("degrade-task parallelism (CPUs kept busy): " + ", ".join(
             f"{n} CPU(s) {statistics.median(x['parallel'] for x in runs[n]):.2f}" for n in args.cpus), flush=True)
+        if args.upscale_images:
+            upscale_rates(work, args)
         if not args.skip_overhead:
             overhead(work, args)
     finally:

@@ -18,6 +18,7 @@ import html
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -128,6 +129,7 @@ figure{{margin:0;text-align:center}} img{{image-rendering:pixelated}}</style></h
 
 STAGE1_STEPS, STAGE2_STEPS = 400, 100  # about 6 minutes of training on 2 cores
 CROPS_PER_IMAGE = 64  # random 64-px training crops per image, each with its own degradation
+SUMMARY_FILE = "summary.json"  # in the demo's output folder: what `demo()` returns
 HELDOUT_TILES = 64  # 128-px grid tiles per held-out image: all that fit (6 of chelsea, 12 of coffee)
 
 
@@ -216,9 +218,12 @@ def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STA
     gain = mean["1-step"]["psnr"] - mean["bicubic"]["psnr"]
     print(f"held-out PSNR: bicubic {mean['bicubic']['psnr']:.2f} dB, 1 step {mean['1-step']['psnr']:.2f} dB "
           f"({gain:+.2f}), 4 steps {mean['4-step']['psnr']:.2f} dB", flush=True)
+    result = {"report": report, "psnr_gain_1step": gain, "mean": mean, "checkpoint": result["checkpoint"],
+              "upscale": up, "timings": timings, "heldout_pairs": len(ids)}
+    with open(os.path.join(out, SUMMARY_FILE), "w") as f:  # the figures, for scripts and CI
+        json.dump(result, f, indent=1, default=float)
     print(f"report: {report}", flush=True)
-    return {"report": report, "psnr_gain_1step": gain, "mean": mean, "checkpoint": result["checkpoint"],
-            "upscale": up, "timings": timings, "heldout_pairs": len(ids)}
+    return result
 
 
 def add_demo_options(p: argparse.ArgumentParser) -> None:
@@ -233,9 +238,27 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
                    help="how the LR images are made (realesrgan: the paper's data, far harder)")
 
 
+def check_options(args) -> None:
+    """Demo options that cannot run, as ValueError (one line), before Ray or the output is touched."""
+    if args.num_workers < 1:
+        raise ValueError(f"--num-workers must be at least 1, got {args.num_workers}")
+    if min(args.stage1_steps, args.stage2_steps) < 1:
+        raise ValueError(f"--stage1-steps and --stage2-steps must be at least 1, got "
+                         f"{args.stage1_steps} and {args.stage2_steps}")
+    if args.crops_per_image < 1:
+        raise ValueError(f"--crops-per-image must be at least 1, got {args.crops_per_image}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file, not a folder")
+
+
 def run_from_args(args) -> int:
     from jobs.common import filter_native_stderr, quiet_console, setup_logging
 
+    try:
+        check_options(args)
+    except ValueError as err:
+        print(f"flowsr demo: error: {err}", file=sys.stderr)
+        return 2
     setup_logging()
     filter_native_stderr()  # Ray's C++ lines ("core_worker.cc ... E") bypass Python's sys.stderr
     with quiet_console():  # Ray's known noise off the console; every log stays in the Ray session's folder

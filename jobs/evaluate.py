@@ -3,7 +3,7 @@
     python -m jobs.evaluate --data PAIRS [--lr-dir LR_DIR] --out OUT
         (--checkpoint CKPT [--steps 1 4] | --sr NAME=DIR ...) [--baseline NAME=WEIGHTS ...]
         [--metrics lpips dists fid niqe musiq maniqa clipiqa] [--allow-download]
-        [--dataset-name NAME] [--limit N] [--num-actors N] [--num-gpus G] [--address ...]
+        [--dataset-name NAME] [--limit N] [--num-actors N] [--num-gpus G] [--overwrite] [--address ...]
 
 PAIRS is a folder (or URI) of Parquet pair shards in the `pipeline.schema` layout, or a folder
 of HR images matched by file stem with the LR images in `--lr-dir`. Each pair is evaluated by
@@ -17,6 +17,15 @@ every `--sr` folder, each against HR with PSNR / SSIM on Y
 weights here; a metric without weights is reported as unavailable with the reason. FID is
 computed over the saved image folders on the driver. Local Ray by default, `--address` for a
 cluster (then OUT, the data and the checkpoint must be reachable from every node).
+
+OUT is written through `pipeline.output`: one run at a time holds its lease (a second concurrent
+evaluate on OUT exits 2 with one line); its run record (`_run.json`: the inputs' file names and
+sizes, the settings that change results, the checkpoint's and baselines' digests, the code
+version) is checked on every rerun, and a rerun with others exits 2 naming what differs (pass
+`--overwrite` to replace OUT's results, or use a new OUT). Per-image results are committed as
+Parquet parts (OUT/results/part-<hash of their ids>.parquet) batch by batch, so a killed run
+resumes: a rerun evaluates only the pairs without committed results, and the tables are computed
+from all parts (streamed in sample_id order). Every file is written atomically.
 
 OUT/ gets: table1.md, table1.csv (the paper's Table-1 layout), per_image.csv (with the method that
 wins each image on PSNR and on SSIM), summary.json, config.json,
@@ -33,18 +42,26 @@ import csv
 import dataclasses
 import hashlib
 import html
+import io
 import json
 import os
 import re
 import sys
 import urllib.parse
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from flowsr.metrics import LEARNED_METRICS, LOWER_BETTER, PAPER_METRICS, SET_METRICS, MetricSuite, mean_metrics
 from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
+from pipeline.output import (EMPTY_INDEX, INDEX_DIR, DoneIndex, Output, OutputError, atomic_write,
+                             build_done_index, checkpoint_digest, content_part_name, list_parts, open_output,
+                             part_rows, path_inside, run_record, write_bytes_atomic, write_json_atomic,
+                             write_parquet_atomic)
 from pipeline.schema import decode_png, encode_png
 
 REPORT_DISPLAY = 256  # crops are shown enlarged by an integer factor to about this many pixels
@@ -61,6 +78,10 @@ DECIMALS = {"psnr": 2, "ssim": 4, "lpips": 4, "dists": 4, "fid": 2, "niqe": 2, "
 
 
 SAFE_NAME_MAX = 120  # characters kept of a name before its hash
+RESULTS_DIR = "results"  # per-image metric parts under OUT, one committed per evaluated batch
+DRIVER_SORT_ROWS = 100_000  # up to this many result rows are sorted on the driver, more by Ray Data
+OVERWRITE_ADVICE = "rerun with --overwrite to replace them, or evaluate into a new --out"
+SUMMARY_BATCH_ROWS = 4096  # result rows per step of the summary pass (fixed: the sums do not depend on the parts)
 
 
 def safe_name(text: str) -> str:
@@ -108,8 +129,11 @@ class EvalConfig:
     report_images: int = 4
     crop_size: int = 128  # HR pixels of each report crop
     address: Optional[str] = None
+    overwrite: bool = False  # replace the results OUT holds (another run's) instead of resuming them
 
     def __post_init__(self):
+        if not is_local(self.out):
+            raise ValueError(f"out must be a local folder (tables and report are written there), got {self.out}")
         if self.checkpoint is not None and self.sr:
             raise ValueError("give exactly one of checkpoint or SR folders (plus any baseline models)")
         if self.checkpoint is None and not self.sr and not self.baselines:
@@ -263,8 +287,7 @@ class PairEvaluator:
                               for name, model in self.cfg.baselines}
         self.suite = MetricSuite(metrics, device=str(self.device), allow_download=self.cfg.allow_download,
                                  crop_border=self.cfg.scale)
-        self.images_dir = os.path.join(self.cfg.out, "images")
-        self.fs, self.images_root = resolve_fs(self.images_dir)
+        self.fs, self.out_root = resolve_fs(self.cfg.out)
 
     def _read(self, uri: str) -> bytes:
         fs, path = resolve_fs(uri)
@@ -272,10 +295,8 @@ class PairEvaluator:
             return f.read()
 
     def _save(self, key: str, sample_id: str, image: np.ndarray) -> None:
-        directory = f"{self.images_root}/{safe_name(key)}"
-        self.fs.create_dir(directory, recursive=True)
-        with self.fs.open_output_stream(f"{directory}/{safe_name(sample_id)}.png") as f:
-            f.write(encode_png(image))
+        path = path_inside(self.fs, self.out_root, "images", safe_name(key), f"{safe_name(sample_id)}.png")
+        write_bytes_atomic(self.fs, path, encode_png(image))
 
     def evaluate_one(self, sample_id: str, hr: np.ndarray, lr: np.ndarray, sr: Mapping[str, np.ndarray]) -> Dict:
         c = self.cfg
@@ -304,8 +325,175 @@ class PairEvaluator:
             sr = {k.split("/", 1)[1]: decode_png(self._read(str(batch[k][i])))
                   for k in batch if k.startswith("sr_uri/")}
             rows.append(self.evaluate_one(sid, decode_png(hr_bytes), decode_png(lr_bytes), sr))
+        if not rows:  # every pair of the batch had committed results already
+            return {"sample_id": np.asarray([], dtype=str)}
         keys = sorted({k for r in rows for k in r})
         return {k: np.asarray([r.get(k, np.nan) for r in rows]) for k in keys}
+
+
+# ---- the output: run record, committed result parts, resume ----------------------------------------
+def _listing_digest(uri: Optional[str], digest) -> None:
+    """Adds every file under `uri` (relative name and size, sorted; for a file its name and size)
+    to `digest`; dot- and underscore-files (temporaries, leases, run records) are left out, as
+    Parquet readers do. The folder's own name and place are not part of it."""
+    if not uri:
+        digest.update(b"-\n")
+        return
+    fs, root = resolve_fs(uri)
+    info = fs.get_file_info(root)
+    infos = [info] if info.type == pafs.FileType.File else \
+        fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    entries = sorted(f"{os.path.relpath(i.path, root) if i is not info else i.base_name}|{i.size}"
+                     for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+    digest.update(f"{len(entries)}\n".encode())
+    for entry in entries:
+        digest.update(entry.encode() + b"\n")
+
+
+def input_fingerprint(cfg: EvalConfig) -> str:
+    """Identity of the evaluated inputs: the names and sizes of the files of the pairs (shards, or HR
+    and LR folders) and of every SR folder. A moved copy keeps it; other data changes it."""
+    digest = hashlib.sha256()
+    for uri in (cfg.data, cfg.lr_dir, *(path for _, path in cfg.sr)):
+        _listing_digest(uri, digest)
+    return digest.hexdigest()[:16]
+
+
+def _model_digest(model: str) -> str:
+    try:
+        return checkpoint_digest(model)[:16]
+    except (OutputError, OSError):  # not a file or folder here (the loader resolves it): its name
+        return model
+
+
+def result_params(cfg: EvalConfig, scored_metrics: Sequence[str]) -> Dict:
+    """The settings that change the per-image results: a rerun with others is refused."""
+    return {"inputs": input_fingerprint(cfg), "limit": cfg.limit, "scale": cfg.scale,
+            "methods": [key for key, _, _ in cfg.methods()],
+            "steps": list(cfg.steps) if cfg.checkpoint else [], "seed": cfg.seed, "weights": cfg.weights,
+            "pretrained": cfg.pretrained, "color_fix": cfg.color_fix, "tile": cfg.tile,
+            "baselines": {name: _model_digest(model) for name, model in cfg.baselines},
+            "metrics": sorted(scored_metrics)}
+
+
+def eval_record(cfg: EvalConfig, scored_metrics: Sequence[str]) -> Dict:
+    """OUT's run record (`pipeline.output`): inputs, result settings, checkpoint digest, code version."""
+    inputs = {"data": cfg.data, "lr_dir": cfg.lr_dir, "sr": dict(cfg.sr)}
+    return run_record("evaluate", inputs, result_params(cfg, scored_metrics), checkpoint_digest(cfg.checkpoint))
+
+
+def drop_done(batch: pa.Table, done: DoneIndex) -> pa.Table:
+    """The pairs of `batch` whose results are not committed yet."""
+    finished = done.done([str(s) for s in batch.column("sample_id").to_pylist()])
+    return batch.filter(pa.array(~finished)) if finished.any() else batch
+
+
+PART_SCHEMA = pa.schema([("part", pa.string()), ("rows", pa.int64())])
+
+
+def results_table(batch: Mapping[str, np.ndarray], keys: Sequence[str]) -> pa.Table:
+    """PairEvaluator's batch -> a table of sample_id, "<method>/<metric>" (float64) and the
+    per-image winners "best_psnr" / "best_ssim" among the method `keys`."""
+    ids = [str(s) for s in batch["sample_id"]]
+    columns = {"sample_id": pa.array(ids, pa.string())}
+    for name in sorted(k for k in batch if k != "sample_id"):
+        columns[name] = pa.array(np.asarray(batch[name], np.float64))
+    rows = [{k: float(batch[k][i]) for k in batch if k != "sample_id"} for i in range(len(ids))]
+    for metric, column in zip(WINNER_METRICS, WINNER_COLUMNS):
+        columns[column] = pa.array([best_method(r, keys, metric) for r in rows], pa.string())
+    return pa.table(columns)
+
+
+def commit_results(batch: Mapping[str, np.ndarray], results_dir: str, keys: Sequence[str]) -> pa.Table:
+    """Commits one batch of per-image results as `results_dir/part-<hash of its ids>.parquet`
+    (atomic; a retried batch replaces its part); returns its {"part", "rows"} row."""
+    table = results_table(batch, keys)
+    if table.num_rows == 0:
+        return PART_SCHEMA.empty_table()
+    fs, root = resolve_fs(results_dir)
+    name = content_part_name(table.column("sample_id").to_pylist())
+    write_parquet_atomic(fs, path_inside(fs, root, name), table)
+    return pa.table({"part": [name], "rows": [table.num_rows]}, schema=PART_SCHEMA)
+
+
+def iter_sorted_results(output: Output, parts: Sequence[str], batch_rows: int = SUMMARY_BATCH_ROWS
+                        ) -> Iterator[pa.Table]:
+    """The committed result rows in sample_id order, `batch_rows` at a time: sorted on the driver
+    up to DRIVER_SORT_ROWS rows, beyond that by Ray Data (streamed, never held whole)."""
+    total = sum(part_rows(output.fs, parts))
+    if total <= DRIVER_SORT_ROWS:
+        tables = []
+        for path in parts:
+            with output.fs.open_input_file(path) as f:
+                tables.append(pq.read_table(f))
+        if not tables:
+            return
+        table = pa.concat_tables(tables, promote_options="default").sort_by("sample_id")
+        for offset in range(0, table.num_rows, batch_rows):
+            yield table.slice(offset, batch_rows)
+        return
+    import ray
+
+    ds = ray.data.read_parquet(list(parts), filesystem=output.fs).sort("sample_id")
+    yield from ds.iter_batches(batch_size=batch_rows, batch_format="pyarrow")
+
+
+class ResultTotals:
+    """Streaming totals of result rows: per column the sum and count of non-NaN values, the images
+    won per method, the number of rows, and the first `keep` rows (for the report)."""
+
+    def __init__(self, keys: Sequence[str], keep: int = 0):
+        self.keys, self.keep = list(keys), keep
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+        self.wins = {m: {k: 0 for k in self.keys} for m in WINNER_METRICS}
+        self.rows, self.first = 0, []
+
+    def add(self, batch: pa.Table) -> None:
+        for name in batch.column_names:
+            if name == "sample_id" or name in WINNER_COLUMNS:
+                continue
+            values = batch.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            present = ~np.isnan(values)
+            self.sums[name] = self.sums.get(name, 0.0) + float(values[present].sum())
+            self.counts[name] = self.counts.get(name, 0) + int(present.sum())
+        for metric, column in zip(WINNER_METRICS, WINNER_COLUMNS):
+            if column in batch.column_names:
+                for key in batch.column(column).to_pylist():
+                    if key in self.wins[metric]:
+                        self.wins[metric][key] += 1
+        if len(self.first) < self.keep:
+            self.first += batch.slice(0, self.keep - len(self.first)).to_pylist()
+        self.rows += batch.num_rows
+
+    def mean(self) -> Dict[str, Dict[str, float]]:
+        """{method key: {metric: mean over the images with a value}} (NaN when none has one)."""
+        return {key: {m: (self.sums[c] / self.counts[c] if self.counts[c] else float("nan"))
+                      for m in PAPER_METRICS for c in [f"{key}/{m}"] if c in self.sums}
+                for key in self.keys}
+
+
+def write_per_image(output: Output, parts: Sequence[str], totals: ResultTotals) -> str:
+    """per_image.csv from the committed parts in sample_id order (written atomically), adding
+    every row to `totals` on the way; returns its path."""
+    path = output.path("per_image.csv")
+
+    def write(stream) -> None:
+        columns = None
+        for batch in iter_sorted_results(output, parts):
+            totals.add(batch)
+            text = io.StringIO()
+            writer = csv.writer(text)
+            if columns is None:
+                columns = ["sample_id"] + sorted(set(batch.column_names) - {"sample_id"})
+                writer.writerow(columns)
+            data = [batch.column(c).to_pylist() if c in batch.column_names else [""] * batch.num_rows
+                    for c in columns]
+            writer.writerows(zip(*data))
+            stream.write(text.getvalue().encode())
+
+    atomic_write(output.fs, path, write)
+    return path
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -348,15 +536,21 @@ def folder_items(cfg: EvalConfig) -> List[Dict[str, str]]:
             for s in stems]
 
 
-def build_dataset(cfg: EvalConfig):
-    import ray
-
+def pair_items(cfg: EvalConfig) -> Optional[List[Dict[str, str]]]:
+    """Checks the inputs without Ray: None for Parquet pair shards, else the folder items
+    (`folder_items`); ValueError when the inputs hold no pairs."""
     if _is_parquet(cfg.data):
         if cfg.sr:
             raise ValueError("SR folders are evaluated against HR/LR folders, not Parquet shards")
-        ds = ray.data.read_parquet(cfg.data, columns=PAIR_COLUMNS)
-    else:
-        ds = ray.data.from_items(folder_items(cfg))
+        return None
+    return folder_items(cfg)
+
+
+def build_dataset(cfg: EvalConfig, items: Optional[List[Dict[str, str]]] = None):
+    """The pairs as a Ray Dataset: the Parquet shards when `items` is None, else the folder items."""
+    import ray
+
+    ds = ray.data.read_parquet(cfg.data, columns=PAIR_COLUMNS) if items is None else ray.data.from_items(items)
     return ds.limit(cfg.limit) if cfg.limit else ds
 
 
@@ -374,10 +568,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 
 def write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(headers)
-        w.writerows(rows)
+    """A CSV file at `path` (a local path or URI), written atomically."""
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(headers)
+    w.writerows(rows)
+    fs, target = resolve_fs(path)
+    write_bytes_atomic(fs, target, text.getvalue().encode())
+
+
+def _write_text(path: str, text: str) -> None:
+    fs, target = resolve_fs(path)
+    write_bytes_atomic(fs, target, text.encode())
 
 
 def table1(summary: Dict) -> Tuple[List[str], List[List[str]], List[List]]:
@@ -398,17 +600,6 @@ def best_method(row: Mapping, keys: Sequence[str], metric: str) -> str:
     scores = [(row.get(f"{k}/{metric}", np.nan), k) for k in keys]
     scores = [(v, k) for v, k in scores if np.isfinite(v)]
     return max(scores, key=lambda s: s[0])[1] if scores else ""
-
-
-def add_winners(per_image: List[Dict], keys: Sequence[str]) -> Dict[str, Dict[str, int]]:
-    """Adds "best_psnr" / "best_ssim" to every per-image row; returns {metric: {method key: images won}}."""
-    wins = {m: {k: 0 for k in keys} for m in WINNER_METRICS}
-    for row in per_image:
-        for metric in WINNER_METRICS:
-            row[f"best_{metric}"] = best = best_method(row, keys, metric)
-            if best:
-                wins[metric][best] += 1
-    return wins
 
 
 def wins_table(summary: Dict) -> Tuple[List[str], List[List[str]]]:
@@ -454,7 +645,7 @@ def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:
     from PIL import Image
 
     out = cfg.out
-    os.makedirs(os.path.join(out, "report"), exist_ok=True)
+    fs, root = resolve_fs(out)
     columns = [("lr", "LR (before)")] + [(k, f"{m}" + (f" ({s} step{'s' if s != '1' else ''})" if s != "-" else ""))
                                          for k, m, s in summary["methods"]] + [("hr", "HR")]
     blocks = []
@@ -471,9 +662,9 @@ def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:
                 crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.NEAREST))
             else:
                 crop = image[top:top + size, left:left + size]
-            name = f"report/{safe_name(f'{sid}_{key}')}.png"
-            with open(os.path.join(out, name), "wb") as f:
-                f.write(encode_png(np.ascontiguousarray(crop)))
+            file_name = f"{safe_name(f'{sid}_{key}')}.png"
+            name = f"report/{file_name}"
+            write_bytes_atomic(fs, path_inside(fs, root, "report", file_name), encode_png(np.ascontiguousarray(crop)))
             score = row.get(f"{key}/psnr")
             caption = html.escape(title) + (f"<br>{score:.2f} dB" if score is not None and np.isfinite(score) else "")
             shown = size * max(1, REPORT_DISPLAY // size)
@@ -509,56 +700,89 @@ Crops of {cfg.crop_size}px (HR) from the image centre; the caption gives the ima
 </body></html>
 """
     path = os.path.join(out, "report.html")
-    with open(path, "w") as f:
-        f.write(page)
+    _write_text(path, page)
     return path
 
 
 # ---- the job --------------------------------------------------------------------------------------
-def evaluate(cfg: EvalConfig) -> Dict:
+def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Run the evaluation on Ray; writes the tables, per-image CSV, summary and report into
-    `cfg.out` (a local folder) and returns the summary dict."""
+    `cfg.out` (a local folder) and returns the summary dict.
+
+    OUT is written through `pipeline.output`: its lease (a concurrent run on OUT refuses), its
+    run record (a rerun with other inputs, settings or checkpoint refuses unless `overwrite`),
+    per-image results committed as Parquet parts under OUT/results as each batch finishes. A
+    rerun evaluates only the pairs without committed results; the tables are computed from all
+    parts. `on_part({"part", "rows"})` sees each part as it is committed (progress, tests).
+    Raises OutputBusy / RunMismatch (one-line `pipeline.output.OutputError`s) and ValueError for
+    inputs that hold no pairs.
+    """
     import ray
 
-    if not is_local(cfg.out):
-        raise ValueError(f"out must be a local folder (tables and report are written there), got {cfg.out}")
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
     suite = MetricSuite(cfg.metrics, allow_download=cfg.allow_download, crop_border=cfg.scale)
     per_image_metrics = [m for m in suite.available if m not in SET_METRICS]
-    init_ray(cfg.address)
-    ds = build_dataset(cfg).map_batches(
-        PairEvaluator, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "metrics": per_image_metrics},
-        batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_gpus=cfg.num_gpus or None, batch_format="numpy")
-    rows = sorted(ds.take_all(), key=lambda r: str(r["sample_id"]))
-    if not rows:
-        raise ValueError(f"no pairs in {cfg.data}")
-    per_image = [{k: (str(v) if k == "sample_id" else float(v)) for k, v in r.items()} for r in rows]
+    record = eval_record(cfg, per_image_metrics)
     methods = cfg.methods()
-    wins = add_winners(per_image, [key for key, _, _ in methods])
-    mean = {key: {m: float(np.nanmean([r[f"{key}/{m}"] for r in per_image]))
-                  for m in PAPER_METRICS if f"{key}/{m}" in per_image[0]} for key, _, _ in methods}
+    keys = [key for key, _, _ in methods]
+    items = pair_items(cfg)  # the inputs are checked before OUT is touched, OUT before Ray is started
+    with open_output(cfg.out, record, overwrite=cfg.overwrite, advice=OVERWRITE_ADVICE) as output:
+        started = init_ray(cfg.address)
+        try:
+            pairs = build_dataset(cfg, items)
+            write_json_atomic(output.fs, output.path("config.json"), dataclasses.asdict(cfg))
+            results = output.path(RESULTS_DIR)
+            done = build_done_index(output, list_parts(output.fs, results), "sample_id", RESULTS_DIR)
+            if done is not EMPTY_INDEX:
+                pairs = pairs.map_batches(drop_done, fn_kwargs={"done": done}, batch_format="pyarrow")
+            # one block per evaluator batch: each batch's results are committed as soon as it is done
+            pairs = pairs.repartition(target_num_rows_per_block=cfg.batch_size)
+            ds = pairs.map_batches(
+                PairEvaluator, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "metrics": per_image_metrics},
+                batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+                num_gpus=cfg.num_gpus or None, batch_format="numpy")
+            # the part writer only turns a batch of numbers into Parquet: no CPU of its own
+            ds = ds.map_batches(commit_results, fn_kwargs={"results_dir": output.uri_of(RESULTS_DIR), "keys": keys},
+                                batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0)
+            evaluated = 0
+            for row in ds.iter_rows():
+                evaluated += int(row["rows"])
+                if on_part is not None:
+                    on_part(row)
+            summary = summarize(cfg, output, suite, methods, {"evaluated": evaluated, "resumed": output.resumed})
+            if output.fs.get_file_info(output.path(INDEX_DIR)).type == pafs.FileType.Directory:
+                output.fs.delete_dir(output.path(INDEX_DIR))  # this run's resume state
+        finally:
+            if started:
+                ray.shutdown()
+    return summary
+
+
+def summarize(cfg: EvalConfig, output: Output, suite: MetricSuite, methods: Sequence[Tuple[str, str, str]],
+              run: Optional[Dict] = None) -> Dict:
+    """Tables, per-image CSV, report and summary.json from every committed result part of OUT
+    (streamed in sample_id order: the same numbers whichever run committed which part)."""
+    keys = [key for key, _, _ in methods]
+    totals = ResultTotals(keys, keep=cfg.report_images)
+    write_per_image(output, list_parts(output.fs, output.path(RESULTS_DIR)), totals)
+    if not totals.rows:
+        raise ValueError(f"no pairs in {cfg.data}")
+    mean = totals.mean()
     if "fid" in suite.available:
         images = os.path.join(cfg.out, "images")
-        for key, _, _ in methods:
+        for key in keys:
             mean[key]["fid"] = suite.fid(os.path.join(images, safe_name(key)), os.path.join(images, "hr"))
     order = [m for m in PAPER_METRICS if m in suite.names]
-    summary = {"dataset": cfg.dataset_name or os.path.basename(cfg.data.rstrip("/")), "n_images": len(per_image),
+    summary = {"dataset": cfg.dataset_name or os.path.basename(cfg.data.rstrip("/")), "n_images": totals.rows,
                "scale": cfg.scale, "methods": [list(m) for m in methods], "metrics_order": order, "mean": mean,
-               "status": suite.status(), "unavailable": dict(suite.unavailable), "wins": wins}
+               "status": suite.status(), "unavailable": dict(suite.unavailable), "wins": totals.wins,
+               **(run or {})}
     headers, _, raw = table1(summary)
     write_csv(os.path.join(cfg.out, "table1.csv"), headers, raw)
-    with open(os.path.join(cfg.out, "table1.md"), "w") as f:
-        f.write(table1_markdown(summary))
-    columns = ["sample_id"] + sorted({k for r in per_image for k in r} - {"sample_id"})
-    write_csv(os.path.join(cfg.out, "per_image.csv"), columns, [[r.get(c, "") for c in columns] for r in per_image])
-    summary["report"] = write_report(summary, cfg, per_image)
+    _write_text(os.path.join(cfg.out, "table1.md"), table1_markdown(summary))
+    summary["report"] = write_report(summary, cfg, totals.first)
     summary["files"] = {n: os.path.join(cfg.out, n) for n in ("table1.md", "table1.csv", "per_image.csv",
                                                               "summary.json", "report.html")}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json_atomic(output.fs, output.path("summary.json"), summary)
     return summary
 
 
@@ -625,6 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images shown as side-by-side crops in the HTML report")
     p.add_argument("--crop-size", type=int, default=128,
                    help="size of those crops, HR pixels")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results OUT holds instead of resuming them (needed when the inputs, settings "
+                        "or checkpoint differ from the run that wrote them)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, run nothing")
     add_ray_args(p)
     return p
@@ -640,7 +867,8 @@ def config_from_args(args) -> EvalConfig:
                       pretrained=args.pretrained,
                       color_fix=args.color_fix, tile=args.tile or None, seed=args.seed, limit=args.limit,
                       batch_size=args.batch_size, num_actors=args.num_actors, num_gpus=args.num_gpus,
-                      report_images=args.report_images, crop_size=args.crop_size, address=args.address)
+                      report_images=args.report_images, crop_size=args.crop_size, address=args.address,
+                      overwrite=args.overwrite)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -654,7 +882,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    summary = evaluate(cfg)
+    try:
+        summary = evaluate(cfg)
+    except (OutputError, FileNotFoundError, ValueError) as err:
+        from ray.exceptions import RayError
+
+        if isinstance(err, RayError):  # a failure inside a task: its traceback is the information
+            raise
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 2
     print(table1_markdown(summary))
     print(json.dumps(summary["files"], indent=2))
     return 0

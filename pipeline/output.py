@@ -408,13 +408,15 @@ def _remove_results(fs: pafs.FileSystem, root: str) -> None:
 
 @contextlib.contextmanager
 def open_output(uri: str, record: Dict[str, Any], *, overwrite: bool = False,
-                remove_results: bool = True, ttl_s: float = LEASE_TTL_S) -> Iterator[Output]:
+                remove_results: bool = True, ttl_s: float = LEASE_TTL_S,
+                advice: str = OVERWRITE_ADVICE) -> Iterator[Output]:
     """Hold `uri`'s lease, check (or write) its run record, clear stale temporaries.
 
     overwrite: replace the run record; with `remove_results` also delete the output's earlier
     results first (the lease makes this safe). A job whose outputs are files named after its
     inputs (upscale) keeps them and rewrites each one instead.
-    Raises OutputBusy / RunMismatch (one-line OutputErrors) before anything is written.
+    Raises OutputBusy / RunMismatch (one-line OutputErrors) before anything is written;
+    `advice` ends a RunMismatch's line (the job's own flag names).
     """
     fs, root = resolve_fs(uri)
     fs.create_dir(root, recursive=True)
@@ -423,7 +425,7 @@ def open_output(uri: str, record: Dict[str, Any], *, overwrite: bool = False,
             _remove_results(fs, root)
         elif overwrite:
             fs.delete_file(f"{root}/{RUN_FILE}") if fs.get_file_info(f"{root}/{RUN_FILE}").is_file else None
-        resumed = check_run_record(fs, root, record, label=uri)
+        resumed = check_run_record(fs, root, record, label=uri, advice=advice)
         cleared = clear_tmp(fs, root)
         yield Output(uri=uri, fs=fs, root=root, resumed=resumed, cleared=cleared)
 
@@ -533,3 +535,26 @@ def _index_uri(output: Output, directory: str) -> str:
     if is_local(output.uri):
         return directory
     return f"{output.uri.split('://', 1)[0]}://{directory}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Output names proven inside the output
+# ---------------------------------------------------------------------------------------------
+
+def path_inside(fs: pafs.FileSystem, root: str, *names: str) -> str:
+    """`root/name/...` (a path on `fs`), proven inside `root`.
+
+    Each name must be one plain path component (not empty, no `/` or `\\`, not `.` or `..`);
+    on a local filesystem the resolved path (symbolic links followed) must lie under `root`'s
+    resolved path too. Raises OutputError naming the path otherwise.
+    """
+    root = root.rstrip("/") or "/"
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise OutputError(f"output name {name!r} is not a plain file name inside {root}")
+    path = "/".join([root.rstrip("/"), *names])
+    if isinstance(fs, pafs.LocalFileSystem):
+        real_root = os.path.realpath(root)
+        if not os.path.realpath(path).startswith(real_root.rstrip(os.sep) + os.sep):
+            raise OutputError(f"output path {path} resolves outside {root} (a symbolic link?)")
+    return path

@@ -30,13 +30,46 @@ def _chromium(*args, timeout=120):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from jobs.demo import demo
+    """`flowsr demo` as a user runs it: its own process, its console (stdout and stderr as one
+    stream) kept for the checks below, its figures read back from `summary.json`."""
+    import sys
+
+    from jobs.demo import SUMMARY_FILE
 
     out = tmp_path_factory.mktemp("demo")
     # the demo's own schedule (400 + 100 steps, 64 crops per image, every held-out tile): shorter
     # ones do not beat bicubic (stage-1 validation, 1-step minus bicubic: -0.001 dB after 150
     # steps, -0.07 dB after 300 with 16 crops per image)
-    return demo(str(out))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "demo", "--out", str(out)], cwd=root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    with open(out / SUMMARY_FILE) as f:
+        return {**json.load(f), "console": proc.stdout}
+
+
+ERROR_LINE = re.compile(r"Traceback|\bERROR\b|\bE\d{4} |\[E\]|Error:|Failed to|core_worker\.cc|raylet\.cc"
+                        r"|PlacementGroupCleaner|PreemptionWatcher|kernels-community")
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\s")
+
+
+@pytest.mark.slow
+def test_demo_console_has_no_ray_error_lines_and_no_repeats(demo_run):
+    """What a user sees: the phases, one line per logged training step, the figures; no Ray error
+    or warning dumps (they stay in the session's log folder) and no line printed twice."""
+    from jobs.common import ACTOR_PREFIX, ANSI
+
+    lines = [ANSI.sub("", line) for line in demo_run["console"].splitlines()]
+    errors = [line for line in lines if ERROR_LINE.search(line)]
+    assert errors == [], "\n".join(errors[:10])
+    bodies = [TIMESTAMP.sub("", ACTOR_PREFIX.sub("", line)).strip() for line in lines]
+    bodies = [b for b in bodies if b]
+    repeats = [b for i, b in enumerate(bodies) if b in bodies[max(0, i - 8):i]]
+    assert repeats == [], "\n".join(repeats[:10])
+    steps = [b for b in bodies if re.match(r"INFO flowsr\.train: stage [12] step \d+/\d+", b)]
+    assert len(steps) == len(set(steps)) >= 2  # both stages log, each step once
+    assert sum(b.startswith("== ") for b in bodies) == 5 and bodies[-1].startswith("report: ")
 
 
 @pytest.mark.slow

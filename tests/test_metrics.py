@@ -258,6 +258,192 @@ def test_evaluate_job_on_ray_writes_tables_and_report(tmp_path, tiny_checkpoint,
     assert "coffee2_hr.png" not in page  # only --report-images crops
 
 
+# ---- the evaluation job's output: lease, run record, resume from committed parts -----------------
+def _eval_args(shards, ckpt, out, *extra):
+    return ["--data", str(shards), "--checkpoint", ckpt, "--out", str(out), "--steps", "1", "--metrics",
+            "--batch-size", "1", "--report-images", "1", "--crop-size", "16", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_shot(tmp_path_factory, tiny_checkpoint, ray_local):
+    """Four 32x32 pairs as a shard, and one uninterrupted evaluation of them (one part per pair)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.evaluate import main
+    from pipeline.schema import encode_png
+
+    root = tmp_path_factory.mktemp("eval_output")
+    (root / "shards").mkdir()
+    pairs = _pairs(4, size=32)
+    pq.write_table(pa.table({"sample_id": [p[0] for p in pairs], "hr": [encode_png(p[2]) for p in pairs],
+                             "lr": [encode_png(p[1]) for p in pairs]}), root / "shards" / "pairs.parquet")
+    assert main(_eval_args(root / "shards", tiny_checkpoint, root / "one")) == 0
+    return root
+
+
+def _files(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _ids(paths):
+    import pyarrow.parquet as pq
+
+    return sorted(i for p in paths for i in pq.read_table(p, columns=["sample_id"]).column(0).to_pylist())
+
+
+def test_evaluate_rerun_evaluates_only_missing_pairs_and_gives_the_one_shot_tables(one_shot, tiny_checkpoint,
+                                                                                   tmp_path, monkeypatch):
+    """A run killed after two of four batches (its other parts and images removed) resumes: the
+    rerun evaluates exactly the two missing pairs, and every table equals the one-shot run's."""
+    import shutil
+
+    import jobs.evaluate as E
+
+    one = one_shot / "one"
+    parts = sorted((one / "results").glob("part-*.parquet"))
+    assert len(parts) == 4 and _ids(parts) == ["coffee0", "coffee1", "coffee2", "coffee3"]
+    out = tmp_path / "partial"
+    shutil.copytree(one, out)
+    gone = _ids(parts[2:])
+    for part in parts[2:]:
+        (out / "results" / part.name).unlink()
+    for sid in gone:
+        (out / "images" / "1-step" / f"{sid}.png").unlink()
+    for name in ("table1.csv", "table1.md", "per_image.csv", "summary.json", "report.html"):
+        (out / name).unlink()
+    committed = []
+    monkeypatch.setattr(E, "DRIVER_SORT_ROWS", 0)  # the tables through Ray Data's sort (the large-output path)
+    cfg = E.config_from_args(E.build_parser().parse_args(_eval_args(one_shot / "shards", tiny_checkpoint, out)))
+    summary = E.evaluate(cfg, on_part=committed.append)
+    assert summary["evaluated"] == 2 and summary["resumed"] and summary["n_images"] == 4
+    assert _ids([out / "results" / row["part"] for row in committed]) == gone  # only the missing pairs
+    assert sorted(p.name for p in (out / "results").glob("part-*")) == sorted(p.name for p in parts)  # same names
+    for sid in gone:
+        assert (out / "images" / "1-step" / f"{sid}.png").read_bytes() == \
+            (one / "images" / "1-step" / f"{sid}.png").read_bytes()
+    for name in ("table1.csv", "table1.md", "per_image.csv"):
+        assert (out / name).read_text() == (one / name).read_text(), name
+    ours, theirs = json.loads((out / "summary.json").read_text()), json.loads((one / "summary.json").read_text())
+    assert ours["mean"] == theirs["mean"] and ours["wins"] == theirs["wins"] and ours["n_images"] == 4
+    assert [r["sample_id"] for r in csv.DictReader((out / "per_image.csv").read_text().splitlines())] == \
+        ["coffee0", "coffee1", "coffee2", "coffee3"]
+    assert not list(out.rglob(".tmp-*")) and not (out / "_lease.json").exists() and not (out / "_resume").exists()
+    # a rerun of a finished output evaluates nothing and writes the same tables
+    monkeypatch.setattr(E, "DRIVER_SORT_ROWS", 100_000)
+    again = E.evaluate(cfg)
+    assert again["evaluated"] == 0 and (out / "table1.csv").read_text() == (one / "table1.csv").read_text()
+
+
+def test_evaluate_rerun_with_other_settings_is_refused_in_one_line(one_shot, tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from flowsr.build import build_stage1
+    from flowsr.checkpoint import save_checkpoint
+    from flowsr.config import apply_overrides, preset
+    from jobs.evaluate import main
+
+    one = one_shot / "one"
+    before = _files(one)
+    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]", "data.patch_size=32"])
+    torch.manual_seed(1)
+    other = str(tmp_path / "other_checkpoint")
+    save_checkpoint(other, cfg=cfg, stage=1, step=0, models=build_stage1(cfg), optimizers=[])
+    for extra, changed in ((["--steps", "2"], "steps"), (["--seed", "3"], "seed"),
+                           (["--color-fix", "wavelet"], "color_fix"), (["--tile", "16"], "tile"),
+                           (["--scale", "2"], "scale"), (["--limit", "2"], "limit")):
+        capsys.readouterr()
+        assert main(_eval_args(one_shot / "shards", tiny_checkpoint, one, *extra)) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and changed in err and "--overwrite" in err and err.endswith("a new --out"), err
+    assert main(_eval_args(one_shot / "shards", other, one)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint" in err, err
+    grown = tmp_path / "shards"  # other data under the same sample_ids
+    shutil.copytree(one_shot / "shards", grown)
+    shutil.copy(grown / "pairs.parquet", grown / "more.parquet")
+    assert main(_eval_args(grown, tiny_checkpoint, one)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "inputs" in err, err
+    moved = tmp_path / "moved"  # the same data elsewhere is the same input
+    shutil.copytree(one_shot / "shards", moved)
+    (moved / "_lease.json").write_text("{}")  # underscore files are not data
+    from jobs.evaluate import EvalConfig, input_fingerprint
+
+    assert input_fingerprint(EvalConfig(data=str(moved), out="x", checkpoint="c")) == \
+        input_fingerprint(EvalConfig(data=str(one_shot / "shards"), out="x", checkpoint="c"))
+    assert _files(one) == before  # nothing written, nothing removed
+
+
+def test_evaluate_overwrite_recomputes_every_pair(one_shot, tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.evaluate import main
+
+    out = tmp_path / "replaced"
+    shutil.copytree(one_shot / "one", out)
+    ghost = out / "results" / "part-ghost.parquet"  # a result of the earlier run that the new one lacks
+    pq.write_table(pa.table({"sample_id": ["ghost"], "bicubic/psnr": [1.0]}), ghost)
+    assert main(_eval_args(one_shot / "shards", tiny_checkpoint, out, "--steps", "2")) == 2
+    assert main(_eval_args(one_shot / "shards", tiny_checkpoint, out, "--steps", "2", "--overwrite")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluated"] == 4 and summary["n_images"] == 4 and not ghost.exists()
+    assert [m[0] for m in summary["methods"]] == ["bicubic", "2-step"] and not (out / "images" / "1-step").exists()
+    rows = list(csv.reader((out / "table1.csv").read_text().splitlines()))
+    assert [r[1:3] for r in rows[1:]] == [["Bicubic", "-"], ["FlowSR", "2"]]
+    assert json.loads((out / "_run.json").read_text())["params"]["steps"] == [2]
+
+
+def test_evaluate_refuses_an_output_held_by_a_live_run(one_shot, tiny_checkpoint, tmp_path, capsys):
+    from jobs.evaluate import main
+    from pipeline.output import Lease
+    from pipeline.storage import resolve_fs
+
+    out = tmp_path / "busy"
+    fs, root = resolve_fs(str(out))
+    fs.create_dir(root)
+    with Lease(fs, root, str(out)):  # another evaluate holding OUT (a live process: this one)
+        capsys.readouterr()
+        assert main(_eval_args(one_shot / "shards", tiny_checkpoint, out)) == 2
+        err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "in use by another run" in err, err
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written beside the lease
+
+
+def test_evaluate_images_are_written_atomically_and_only_inside_out(tmp_path):
+    """Per-image PNGs go through `pipeline.output.path_inside`: a folder of OUT that is a symbolic
+    link to elsewhere is refused, a hostile sample_id stays one file name, no temporary is left."""
+    import dataclasses
+    import os
+
+    from jobs.evaluate import EvalConfig, PairEvaluator, safe_name
+    from pipeline.output import OutputError, path_inside
+    from pipeline.storage import resolve_fs
+
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    (out / "images").mkdir(parents=True)
+    outside.mkdir()
+    os.symlink(outside, out / "images" / "hr")
+    evaluator = PairEvaluator(dataclasses.asdict(EvalConfig(data=str(tmp_path), out=str(out),
+                                                            sr=(("m", str(tmp_path)),), metrics=())))
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(OutputError, match="outside"):
+        evaluator._save("hr", "s0", image)
+    assert not list(outside.iterdir())
+    evaluator._save("bicubic", "../../escape", image)
+    assert [p.name for p in (out / "images" / "bicubic").iterdir()] == [f"{safe_name('../../escape')}.png"]
+    assert all(out in p.parents for p in tmp_path.rglob("*escape*"))
+    fs, root = resolve_fs(str(out))
+    for bad in ("..", "a/b", "", "."):
+        with pytest.raises(OutputError, match="plain file name"):
+            path_inside(fs, root, "images", bad)
+
+
 # ---- the ablation job -----------------------------------------------------------------------------
 def test_ablate_tiny_end_to_end(tmp_path):
     from diffusers import UNet2DModel  # noqa: F401  (import costs are not the job's: warm them first)

@@ -383,6 +383,65 @@ class _BandColorFix:
         self.held = None
 
 
+# ---- blended bands: tiles in, final rows out ----------------------------------------------------
+class TileBlender:
+    """The Gaussian blend of a grid of tiles (MultiDiffusion / StableSR), done a band of rows at a time.
+
+    Tiles are `th` x `tw` pixels at rows `ys` (tile_starts) and columns `xs` of a canvas `width`
+    pixels wide, weighted by a separable Gaussian (`gaussian_weights`) and normalised by the sum of
+    the weights. `band(size, emit)` gives one image's accumulator: its tiles are added tile row by
+    tile row (top to bottom, left to right), and as soon as a tile row is complete the rows no later
+    tile touches are normalised and handed to `emit(top, rows)` (rows (C, n, W) float32, cropped to
+    the image's `size` = (H, W)). A band holds at most `th` rows of the canvas: O(tile x width)."""
+
+    def __init__(self, ys: Sequence[int], xs: Sequence[int], th: int, tw: int, width: int, device=None):
+        self.ys, self.xs, self.th, self.tw, self.width = list(ys), list(xs), th, tw, width
+        gy = gaussian_weights(th, 1, device=device)[0, 0, :, 0]
+        gx = gaussian_weights(1, tw, device=device)[0, 0, 0]
+        self.wsum_y = torch.zeros(self.ys[-1] + th, device=device)
+        self.wsum_x = torch.zeros(width, device=device)
+        for y in self.ys:
+            self.wsum_y[y:y + th] += gy
+        for x in self.xs:
+            self.wsum_x[x:x + tw] += gx
+        self.weight = gy[:, None] * gx[None, :]
+        self.device = device
+
+    def band(self, size: Tuple[int, int], emit: Callable[[int, torch.Tensor], None]) -> "BlendedBand":
+        return BlendedBand(self, size, emit)
+
+
+class BlendedBand:
+    """One image's rows under blend (see `TileBlender`)."""
+
+    def __init__(self, grid: TileBlender, size: Tuple[int, int], emit: Callable[[int, torch.Tensor], None]):
+        self.grid, self.size, self.emit = grid, tuple(size), emit
+        self.acc, self.top = None, 0  # rows [top, top + acc.shape[1]) of the canvas
+
+    def add(self, r: int, x: int, tile: torch.Tensor) -> None:
+        """Add the output `tile` (C, th, tw) of tile row `r` (rows from ys[r]) at column `x`."""
+        g = self.grid
+        if self.acc is None:
+            self.acc = torch.zeros(tile.shape[0], 0, g.width, device=g.device)
+        y = g.ys[r] - self.top
+        if y + g.th > self.acc.shape[1]:
+            grow = torch.zeros(self.acc.shape[0], y + g.th - self.acc.shape[1], g.width, device=g.device)
+            self.acc = torch.cat([self.acc, grow], 1)
+        self.acc[:, y:y + g.th, x:x + g.tw] += tile.float() * g.weight
+        if x == g.xs[-1]:  # tile row r is complete: rows above the next tile row are final
+            end = g.ys[r + 1] if r + 1 < len(g.ys) else g.ys[-1] + g.th
+            self._finalize(self.acc[:, :end - self.top])
+            self.acc = self.acc[:, end - self.top:].clone()
+            self.top = end
+
+    def _finalize(self, acc: torch.Tensor) -> None:
+        H, W = self.size
+        n = min(acc.shape[1], H - self.top)
+        if n > 0:
+            rows = acc[:, :n, :W] / (self.grid.wsum_y[self.top:self.top + n, None] * self.grid.wsum_x[None, :W])
+            self.emit(self.top, rows)
+
+
 # ---- upscale: any size, streamed tile by tile ---------------------------------------------------
 @torch.no_grad()
 def upscale_stream(backbone, images: Sequence[torch.Tensor], sizes: Sequence[Tuple[int, int]],
@@ -418,19 +477,12 @@ def upscale_stream(backbone, images: Sequence[torch.Tensor], sizes: Sequence[Tup
     ys = tile_starts(Hp, th, min(tile_overlap, th - 1))
     xs = tile_starts(Wp, tw, min(tile_overlap, tw - 1))
     device = images[0].device
-    gy, gx = gaussian_weights(th, 1, device=device)[0, 0, :, 0], gaussian_weights(1, tw, device=device)[0, 0, 0]
-    wsum_y, wsum_x = torch.zeros(Hp, device=device), torch.zeros(Wp, device=device)
-    for y in ys:
-        wsum_y[y:y + th] += gy
-    for x in xs:
-        wsum_x[x:x + tw] += gx
-    weight = gy[:, None] * gx[None, :]
+    blender = TileBlender(ys, xs, th, tw, Wp, device=device)
     peaks = peaks or [None] * len(images)
     sources = [BicubicSource(im, size, peak) for im, size, peak in zip(images, sizes, peaks)]
     fixers = [_BandColorFix(color_fix, src, size, functools.partial(emit, k))
               for k, (src, size) in enumerate(zip(sources, sizes))]
-    bands = [torch.zeros(3, 0, Wp, device=device) for _ in images]
-    band_top = [0] * len(images)
+    bands = [blender.band(size, functools.partial(_clamped, fixer.add)) for size, fixer in zip(sizes, fixers)]
     boxes = [(r, b, x) for r in range(len(ys)) for b in range(len(images)) for x in xs]
     for i in range(0, len(boxes), tile_batch):
         chunk = boxes[i:i + tile_batch]
@@ -440,27 +492,13 @@ def upscale_stream(backbone, images: Sequence[torch.Tensor], sizes: Sequence[Tup
                             tile_batch=tile_batch, cond=None if cond is None else cond[index],
                             generator=generator)
         for (r, b, x), t in zip(chunk, sr):
-            y = ys[r] - band_top[b]
-            if y + th > bands[b].shape[1]:
-                grow = torch.zeros(3, y + th - bands[b].shape[1], Wp, device=device)
-                bands[b] = torch.cat([bands[b], grow], 1)
-            bands[b][:, y:y + th, x:x + tw] += t.float() * weight
-            if x == xs[-1]:  # tile row r of image b is complete: rows above the next row are final
-                end = ys[r + 1] if r + 1 < len(ys) else Hp
-                _finalize_rows(bands[b][:, :end - band_top[b]], band_top[b], wsum_y, wsum_x, sizes[b], fixers[b])
-                bands[b] = bands[b][:, end - band_top[b]:].clone()
-                band_top[b] = end
+            bands[b].add(r, x, t)
     for fixer in fixers:
         fixer.finish()
 
 
-def _finalize_rows(acc, top, wsum_y, wsum_x, size, fixer) -> None:
-    """Normalise blended rows [top, top + n) and pass the ones inside the image to the colour fix."""
-    H, W = size
-    n = min(acc.shape[1], H - top)
-    if n > 0:
-        rows = acc[:, :n, :W] / (wsum_y[top:top + n, None] * wsum_x[None, :W])
-        fixer.add(rows.clamp(-1, 1))
+def _clamped(add, top, rows) -> None:
+    add(rows.clamp(-1, 1))
 
 
 @torch.no_grad()

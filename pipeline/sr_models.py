@@ -14,20 +14,20 @@ as Real-ESRGAN's `--outscale` does (with Lanczos there).
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-import torch.nn.functional as F
 
 from pipeline.storage import is_local, resolve_fs
 
-from flowsr.sample import LUMA_WEIGHTS, Upscaler, default_device, output_size, tiled_apply
+from flowsr.sample import LUMA_WEIGHTS, TileBlender, Upscaler, default_device, output_size, tile_starts
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 FLOWSR_CONFIG = "config.json"  # what makes a folder a FlowSR checkpoint (flowsr.checkpoint.CONFIG_NAME)
@@ -159,14 +159,76 @@ def _fit_tile(tile: Optional[int], model) -> Optional[int]:
     return max(req.minimum, -(-tile // req.multiple_of) * req.multiple_of)
 
 
-def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Pad (B, C, h, w) by `pad` at the bottom and right: reflect as far as it goes, then replicate
-    (Real-ESRGAN's --pre_pad; spandrel pads to its size requirements the same way)."""
-    if not pad:
-        return x
-    rh, rw = min(pad, x.shape[-2] - 1), min(pad, x.shape[-1] - 1)
-    x = F.pad(x, (0, rw, 0, rh), mode="reflect")
-    return F.pad(x, (0, pad - rw, 0, pad - rh), mode="replicate") if (rh, rw) != (pad, pad) else x
+def _pad_index(n: int, pad: int) -> np.ndarray:
+    """The source index of each of the `n + pad` positions of a length-`n` axis padded by `pad` at
+    its end: reflected as far as it goes, then the last reflected position repeated (Real-ESRGAN's
+    --pre_pad; spandrel pads to its size requirements the same way)."""
+    index = np.arange(n + pad)
+    reflect = min(pad, n - 1)
+    index[n:n + reflect] = 2 * (n - 1) - index[n:n + reflect]
+    index[n + reflect:] = n - 1 - reflect
+    return index
+
+
+# ---- resizing a stream of rows (Real-ESRGAN's --outscale) -------------------------------------------
+def resize_taps(in_size: int, out_size: int, device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, weights, last), indices and weights (out_size, K): the source pixels and weights of
+    each output pixel of `F.interpolate(mode="bicubic", antialias=True, align_corners=False)` from
+    `in_size` to `out_size` pixels (Keys' cubic with a = -0.5, as PIL; widened by the scale when
+    shrinking; taps outside the image dropped and the rest renormalised), and `last` (out_size,):
+    the last source pixel each output pixel reads."""
+    scale = in_size / out_size
+    support, stretch = (2.0 * scale, 1.0 / scale) if scale >= 1 else (2.0, 1.0)
+    center = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
+    first = (center - support + 0.5).trunc().clamp(min=0).long()
+    last = (center + support + 0.5).trunc().clamp(max=in_size).long() - 1
+    index = first[:, None] + torch.arange(int((last - first).max()) + 1)[None]
+    inside = index <= last[:, None]
+    d = ((index - center[:, None] + 0.5) * stretch).abs()
+    a = -0.5
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    weights = torch.where(d < 1, near, torch.where(d < 2, far, torch.zeros_like(d))) * inside
+    weights = weights / weights.sum(1, keepdim=True)
+    index = torch.where(inside, index, first[:, None])
+    return index.to(device), weights.float().to(device), last.to(device)
+
+
+class RowResizer:
+    """Resizes an image of `size` = (h, w) that arrives as bands of rows, top to bottom, to `out_size`
+    (antialiased bicubic, `resize_taps`), clamped to [0, 1], and hands output rows to
+    `emit(top, rows)` as soon as the rows they read have arrived. Columns are resized as rows
+    arrive; only the rows that later output rows still read are held (about one band plus the
+    filter's reach): memory O(band x width). The bound: equal to the whole-image `F.interpolate`
+    of the float64 image within 1e-6 at any size (taps placed in float64; float32 `F.interpolate`
+    places them in float32 and is itself off by ~1e-5 at a few hundred pixels, ~5e-4 at 10^4)."""
+
+    def __init__(self, size: Tuple[int, int], out_size: Tuple[int, int], emit, device=None):
+        self.size, self.out_size, self.emit = tuple(size), tuple(out_size), emit
+        self.row_index, self.row_weight, self.row_last = resize_taps(size[0], out_size[0], device)
+        self.col_index, self.col_weight, _ = resize_taps(size[1], out_size[1], device)
+        self.held, self.held_top, self.received, self.done = None, 0, 0, 0
+
+    def add(self, top: int, rows: torch.Tensor) -> None:
+        """The next rows (C, n, w) of the source image, starting at row `top`."""
+        if top != self.received:
+            raise ValueError(f"rows must arrive in order: expected row {self.received}, got {top}")
+        cols = sum(rows[:, :, self.col_index[:, k]] * self.col_weight[:, k] for k in range(self.col_index.shape[1]))
+        self.held = cols if self.held is None else torch.cat([self.held, cols], 1)
+        self.received = top + rows.shape[1]
+        end = int(torch.searchsorted(self.row_last, self.received))  # output rows whose sources all arrived
+        if end <= self.done:
+            return
+        index = self.row_index[self.done:end] - self.held_top
+        weight = self.row_weight[self.done:end]
+        out = sum(self.held[:, index[:, k], :] * weight[:, k, None] for k in range(index.shape[1]))
+        self.emit(self.done, out.clamp(0, 1))
+        self.done = end
+        if end < self.out_size[0]:
+            keep = int(self.row_index[end:, 0].min())
+            self.held, self.held_top = self.held[:, keep - self.held_top:].clone(), keep
+        else:
+            self.held = None
 
 
 class WeightsUpscaler:
@@ -174,10 +236,15 @@ class WeightsUpscaler:
 
     `upscale_images` maps HxWxC uint8 / uint16 arrays (C = 1 or 3) to SR arrays of the same
     dtype and channel count at `output_size(h, w, scale)`. Images of equal size run as one
-    batch; each is cut into `tile` x `tile` input-pixel tiles overlapping by `tile_overlap`
-    (blended with Gaussian weights, `flowsr.sample.tiled_apply`), `tile_batch` tiles per forward.
-    Tiles are rounded up to the model's size requirements; a model that spandrel marks as tiling
-    internally runs on whole images. The model sees exactly what a direct spandrel call sees
+    batch; each is cut into `tile` x `tile` input-pixel tiles overlapping by `tile_overlap`,
+    `tile_batch` tiles per forward, and streamed as `flowsr.sample.Upscaler` streams: tile outputs
+    are blended with Gaussian weights (`flowsr.sample.TileBlender`) into a band of rows, and rows
+    go into the output array as soon as no later tile touches them (resized on the way for a
+    scale other than the native one, `RowResizer`). Peak memory: O(tile^2 x tile_batch) for the
+    network, O(tile x scale x output width) per image for the bands, plus the input and the one
+    output array; no image-sized float buffer. `tile=None` runs whole images, as does a model
+    that spandrel marks as tiling internally (its memory is then the model's). Tiles are rounded
+    up to the model's size requirements. The model sees exactly what a direct spandrel call sees
     (values in [0, 1], its dtype); a gray image is repeated to RGB for an RGB model and its
     output reduced to luma (ITU-R 601).
     """
@@ -204,26 +271,67 @@ class WeightsUpscaler:
         self.tile = _fit_tile(tile, self.model) if self.info.tiling != "internal" else None
         self.tile_overlap, self.tile_batch, self.pre_pad = tile_overlap, tile_batch, pre_pad
 
+    def _run(self, tiles: torch.Tensor) -> torch.Tensor:
+        tiles = tiles.to(self.device, self.dtype)
+        if self.device.type == "cuda":
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        return self.model(tiles).float()
+
+    @torch.no_grad()
+    def upscale_stream(self, crop: Callable[[int, np.ndarray, np.ndarray], torch.Tensor], count: int,
+                       size: Tuple[int, int], emit: Callable[[int, int, torch.Tensor], None],
+                       out_size: Optional[Tuple[int, int]] = None) -> None:
+        """Upscale `count` images of input size `size` = (h, w) to `out_size` (default
+        `output_size(h, w, scale)`), handing each image k's result to `emit(k, top, rows)` in bands
+        of final rows, top to bottom (rows: (C', n, W) float32 in [0, 1], C' the model's output
+        channels). `crop(k, rows, cols)` gives image k's pixels at the index arrays `rows`, `cols`
+        as (C, len(rows), len(cols)) float in [0, 1] in the model's input channels.
+
+        The image padded by `pre_pad` (reflected) is cut into tiles (see the class); with one tile
+        per image the model's output goes straight on. At the native scale rows are the blend as
+        it is; another scale resizes them on the way (`RowResizer`), which equals resizing the
+        whole native result with `F.interpolate(mode="bicubic", antialias=True)` in float64 within
+        1e-6 (so an output level differs only where a value lies on a rounding boundary)."""
+        h, w = size
+        s = self.model.scale
+        native = (h * s, w * s)
+        out_size = tuple(out_size or output_size(h, w, self.scale))
+        rows_of, cols_of = _pad_index(h, self.pre_pad), _pad_index(w, self.pre_pad)
+        hp, wp = len(rows_of), len(cols_of)
+        T = self.tile or max(hp, wp)
+        th, tw = min(T, hp), min(T, wp)
+        overlap = min(self.tile_overlap, T - 1)
+        ys, xs = tile_starts(hp, T, overlap), tile_starts(wp, T, overlap)
+        sinks = [functools.partial(emit, k) if out_size == native else
+                 RowResizer(native, out_size, functools.partial(emit, k), self.device).add for k in range(count)]
+        boxes = [(r, k, x) for r in range(len(ys)) for k in range(count) for x in xs]
+        if len(ys) == len(xs) == 1:  # one tile per image: no blend
+            bands = [_Crop(native, sink) for sink in sinks]
+        else:
+            blender = TileBlender([y * s for y in ys], [x * s for x in xs], th * s, tw * s, wp * s, device=self.device)
+            bands = [blender.band(native, sink) for sink in sinks]
+        for i in range(0, len(boxes), self.tile_batch):
+            chunk = boxes[i:i + self.tile_batch]
+            tiles = torch.stack([crop(k, rows_of[ys[r]:ys[r] + th], cols_of[x:x + tw]) for r, k, x in chunk])
+            for (r, k, x), t in zip(chunk, self._run(tiles)):
+                bands[k].add(r, x * s, t)
+
     @torch.no_grad()
     def upscale_tensor(self, x: torch.Tensor, out_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(B, C, h, w) float in [0, 1] (C = the model's input channels) -> (B, C', H, W) float32 in
-        [0, 1], (H, W) = `out_size` or `output_size(h, w, scale)`."""
+        [0, 1], (H, W) = `out_size` or `output_size(h, w, scale)`. Streams as `upscale_images`, but
+        the result is one float32 tensor: for large images use `upscale_images`."""
         h, w = x.shape[-2:]
-        s = self.model.scale
         out_size = tuple(out_size or output_size(h, w, self.scale))
+        out = torch.empty(x.shape[0], self.model.output_channels, *out_size, device=x.device)
 
-        def run(tiles, boxes):
-            tiles = tiles.to(self.device, self.dtype)
-            if self.device.type == "cuda":
-                tiles = tiles.contiguous(memory_format=torch.channels_last)
-            return self.model(tiles)
+        def crop(k, rows, cols):
+            return x[k][:, torch.from_numpy(rows).to(x.device)][:, :, torch.from_numpy(cols).to(x.device)].float()
 
-        padded = _reflect_pad(x.float(), self.pre_pad)
-        y = tiled_apply(run, padded, self.tile, self.tile_overlap, unit_out=s, tile_batch=self.tile_batch)
-        y = y[..., :h * s, :w * s]
-        if out_size != (h * s, w * s):
-            y = F.interpolate(y, size=out_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        return y
+        def emit(k, top, rows):
+            out[k, :, top:top + rows.shape[1]] = rows.to(out.device)
+        self.upscale_stream(crop, x.shape[0], (h, w), emit, out_size)
+        return out
 
     def _to_model_channels(self, x: torch.Tensor) -> torch.Tensor:
         c = self.model.input_channels
@@ -247,12 +355,20 @@ class WeightsUpscaler:
                 raise ValueError(f"expected uint8/uint16 HxWx1 or HxWx3, got {image.dtype} {image.shape}")
             groups.setdefault(self.bucket_key(image), []).append(i)
         out, seconds = [None] * len(images), [0.0] * len(images)
-        for index in groups.values():
+        for (h, w), index in groups.items():
             start = time.perf_counter()
-            x = torch.cat([self._to_model_channels(_to_unit(images[i], self.device)) for i in index])
-            y = self.upscale_tensor(x)
-            for k, i in enumerate(index):
-                out[i] = _from_unit(y[k], images[i].dtype, images[i].shape[2])
+            H, W = output_size(h, w, self.scale)
+            for i in index:
+                out[i] = np.empty((H, W, images[i].shape[2]), images[i].dtype)
+
+            def crop(k, rows, cols, index=index):
+                image = images[index[k]]
+                return self._to_model_channels(_to_unit(image[np.ix_(rows, cols)], self.device))[0]
+
+            def emit(k, top, rows, index=index):
+                i = index[k]
+                out[i][top:top + rows.shape[1]] = _from_unit(rows, images[i].dtype, images[i].shape[2])
+            self.upscale_stream(crop, len(index), (h, w), emit)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             for i in index:
@@ -262,6 +378,16 @@ class WeightsUpscaler:
     def __call__(self, batch: dict) -> dict:
         images, seconds = self.upscale_images(list(batch["image"]))
         return {**batch, "image": images, "upscale_seconds": np.asarray(seconds)}
+
+
+class _Crop:
+    """The one-tile case of `TileBlender`'s bands: a tile's output, cropped to `size`, goes straight on."""
+
+    def __init__(self, size: Tuple[int, int], emit):
+        self.size, self.emit = size, emit
+
+    def add(self, r: int, x: int, tile: torch.Tensor) -> None:
+        self.emit(0, tile[:, :self.size[0], :self.size[1]])
 
 
 def _to_unit(image: np.ndarray, device) -> torch.Tensor:

@@ -203,6 +203,120 @@ def test_pre_pad_reflects_and_crops(esrgan):
     assert out.shape == (1, 3, 80, 96) and (out - reference).abs().max() < 1e-6
 
 
+# ---- streaming: bounded memory, the same pixels ----------------------------------------------------------
+def _old_whole_image(path, image, scale, tile, overlap, pre_pad=0):
+    """What upscaling did before it streamed, computed here from spandrel and torch alone: the whole
+    image in float, tiles blended over the whole output (`tiled_apply`), cropped, resized with
+    `F.interpolate(bicubic, antialias)` for another scale; then rounded to the image's dtype."""
+    import spandrel
+
+    model = spandrel.ModelLoader().load_from_file(path).eval()
+    peak = np.iinfo(image.dtype).max
+    h, w, c = image.shape
+    x = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None] / peak
+    x = x.expand(-1, 3, -1, -1)
+    rows = [min(r, 2 * (h - 1) - r) if r < h + min(pre_pad, h - 1) else h - 1 - min(pre_pad, h - 1)
+            for r in range(h + pre_pad)]  # reflect, then repeat
+    cols = [min(r, 2 * (w - 1) - r) if r < w + min(pre_pad, w - 1) else w - 1 - min(pre_pad, w - 1)
+            for r in range(w + pre_pad)]
+    x = x[:, :, rows][:, :, :, cols]
+    s = model.scale
+    with torch.no_grad():
+        y = S.tiled_apply(lambda t, boxes: model(t), x, tile, overlap, unit_out=s)[..., :h * s, :w * s]
+    size = S.output_size(h, w, scale or s)
+    if size != (h * s, w * s):
+        y = F.interpolate(y, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    if c == 1:
+        y = (y * torch.tensor(S.LUMA_WEIGHTS)[:, None, None]).sum(1, keepdim=True)
+    return y[0].permute(1, 2, 0).numpy() * peak
+
+
+@pytest.mark.parametrize("scale, dtype, channels", [(None, np.uint8, 3), (None, np.uint16, 1), (3, np.uint16, 1),
+                                                    (3, np.uint8, 3), (5.5, np.uint8, 1), (5.5, np.uint16, 3)])
+def test_streamed_bands_equal_the_whole_image_result(compact, scale, dtype, channels):
+    """Tiles of 16 input pixels (overlap 6, 3 tiles per forward) on a 37 x 45 image streamed in
+    bands, at the native x4, a smaller (x3) and a larger (x5.5) scale, equal the whole-image blend
+    and resize within one level (float32 rounding; F.interpolate places its taps in float32)."""
+    rgb = _rgb(37, 45, seed=11).astype(np.float64) / 255
+    image = (rgb if channels == 3 else rgb[..., 1:2]) * np.iinfo(dtype).max
+    image = image.round().astype(dtype)
+    up = M.load_upscaler(compact, scale=scale, tile=16, tile_overlap=6, tile_batch=3, device="cpu")
+    (out,), _ = up.upscale_images([image])
+    reference = _old_whole_image(compact, image, scale, 16, 6)
+    assert out.shape == reference.shape and out.dtype == dtype
+    assert np.abs(out - reference).max() <= 1  # within one level of the unrounded reference
+    rounded_apart = np.abs(out - reference.round()) > 0
+    assert rounded_apart.mean() < (0.06 if dtype == np.uint16 else 2e-3)
+    if scale:  # the float values, before rounding: the bound the resize states
+        x = _unit(image).expand(-1, 3, -1, -1)
+        streamed = up.upscale_tensor(x)[0]
+        whole = M.load_upscaler(compact, tile=16, tile_overlap=6, device="cpu").upscale_tensor(x)
+        whole = F.interpolate(whole.double(), size=streamed.shape[-2:], mode="bicubic", antialias=True)
+        assert (streamed - whole.clamp(0, 1)[0]).abs().max() < 1e-6
+
+
+def test_row_resizer_is_the_whole_image_resize_at_any_width():
+    """Bands of 5 rows resized from 6000 to 8000 and 4500 columns equal `F.interpolate` (bicubic,
+    antialiased) of the whole float64 image within 1e-6 (float32 `F.interpolate` is ~3e-4 off here)."""
+    x = torch.rand(1, 2, 23, 6000, generator=torch.Generator().manual_seed(0))
+    for size in ((31, 8000), (17, 4500)):
+        bands = []
+        resizer = M.RowResizer((23, 6000), size, lambda top, rows: bands.append((top, rows)))
+        for top in range(0, 23, 5):
+            resizer.add(top, x[0, :, top:top + 5])
+        assert [top for top, _ in bands] == list(np.cumsum([0] + [r.shape[1] for _, r in bands])[:-1])
+        out = torch.cat([rows for _, rows in bands], 1)
+        whole = F.interpolate(x.double(), size=size, mode="bicubic", antialias=True).clamp(0, 1)[0]
+        assert out.shape == whole.shape and (out - whole).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="in order"):
+        M.RowResizer((23, 60), (30, 80), print).add(5, x[0, :, 5:10, :60])
+
+
+@pytest.mark.parametrize("size, tile, pre_pad, scale", [((37, 45), 0, 0, 3), ((37, 45), 64, 0, None),
+                                                        ((37, 45), 64, 0, 2.5), ((12, 45), 16, 0, None),
+                                                        ((37, 45), 16, 40, 3), ((3, 5), 0, 6, None)])
+def test_one_tile_whole_images_and_pre_pad_stream_too(compact, size, tile, pre_pad, scale):
+    """`tile=0` (whole images), an image smaller than a tile, one row of tiles, and a pre_pad longer
+    than the image (reflected, then the last reflected row repeated) give the whole-image result."""
+    image = _rgb(*size, seed=12)
+    up = M.load_upscaler(compact, scale=scale, tile=tile, tile_overlap=6, pre_pad=pre_pad, device="cpu")
+    (out,), _ = up.upscale_images([image])
+    reference = _old_whole_image(compact, image, scale, tile or None, 6, pre_pad)
+    assert out.shape == reference.shape
+    assert np.abs(out - reference).max() <= 1 and (np.abs(out - reference.round()) > 0).mean() < 2e-3
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest number of elements of any tensor any torch operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("scale, dtype, channels", [(None, np.uint8, 3), (3, np.uint16, 1), (5, np.uint8, 3)])
+def test_no_tensor_is_image_sized(compact, scale, dtype, channels):
+    """The memory bound: upscaling a 96 x 96 image at x4 (native), x3 and x5 in tiles of 16 input
+    pixels, 2 tiles per forward, no torch tensor (input, blend, weights, resize or output conversion)
+    holds more than two tile heights of rows (O(tile x width)); the whole native result is six."""
+    image = _rgb(96, 96, seed=13)[..., :channels].astype(dtype)
+    up = M.load_upscaler(compact, scale=scale, tile=16, tile_overlap=4, tile_batch=2, device="cpu")
+    with LargestTensor() as seen:
+        (out,), _ = up.upscale_images([image])
+    H, W = out.shape[:2]
+    assert (H, W) == S.output_size(96, 96, scale or 4)
+    native = 96 * 4
+    band = 3 * 2 * 16 * 4 * max(W, native)  # RGB x 2 tile heights of rows x the wider of the widths
+    assert seen.largest <= band < 3 * native * native / 2
+
+
 @pytest.fixture(scope="module")
 def flowsr_ckpt(tmp_path_factory):
     """A FlowSR inference checkpoint of the small pixel-space backbone (random init)."""

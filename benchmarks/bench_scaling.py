@@ -100,17 +100,20 @@ def run_once(work: Path, n_cpus: int, tag: str, args) -> Dict[str, float]:
 
 
 def upscale_rates(work: Path, args) -> None:
-    """jobs.upscale with its default pool (tiny SD shapes, 128^2 -> 512^2) at each CPU count: the
-    steady images/s of the whole job (listing, probe, decode, upscale, encode, write)."""
+    """jobs.upscale (tiny SD shapes, 128^2 -> 512^2) and jobs.evaluate (1 step on as many of the
+    prepared pairs, PSNR/SSIM) with their default single model actor, at each CPU count: images/s
+    of the whole job (for upscale: listing, probe, decode, upscale, encode, write)."""
     import ray
 
     from benchmarks.bench_upscale import make_checkpoint, make_inputs
     from jobs.common import init_ray
+    from jobs.evaluate import EvalConfig, evaluate
     from jobs.upscale import UpscaleJobConfig, upscale_corpus
 
     ckpt = make_checkpoint(str(work / "upscale-model"), sd21=False)
     make_inputs(str(work / "upscale-in"), args.upscale_images)
     rates: Dict[int, List[float]] = {n: [] for n in args.cpus}
+    eval_rates: Dict[int, List[float]] = {n: [] for n in args.cpus}
     for r in range(args.rounds):
         for n in args.cpus:
             init_ray(None, num_cpus=n, object_store_memory=1 << 29)
@@ -122,14 +125,21 @@ def upscale_rates(work: Path, args) -> None:
                                                        checkpoint=ckpt, scale=4, tile=0, color_fix="none",
                                                        format="png"))["ok"]
                 rates[n].append(done / (time.perf_counter() - start))
+                start = time.perf_counter()
+                pairs = next(work.glob("pairs-*/shards"))  # written by the prepare_data runs above
+                scored = evaluate(EvalConfig(data=str(pairs), out=str(work / f"eval-{r}-{n}"), checkpoint=ckpt,
+                                             steps=(1,), metrics=(), limit=args.upscale_images,
+                                             report_images=0))["n_images"]
+                eval_rates[n].append(scored / (time.perf_counter() - start))
             finally:
                 ray.shutdown()
             shutil.rmtree(out, ignore_errors=True)
-            print(f"  round {r} {n} CPU(s): upscale {rates[n][-1]:6.2f} img/s; load average "
-                  f"{os.getloadavg()[0]:.1f}", flush=True)
+            print(f"  round {r} {n} CPU(s): upscale {rates[n][-1]:6.2f} img/s, evaluate {eval_rates[n][-1]:6.2f} "
+                  f"pairs/s; load average {os.getloadavg()[0]:.1f}", flush=True)
     base = args.cpus[0]
-    print("upscale img/s: " + ", ".join(f"{n} CPU(s) best {max(rates[n]):.2f} ({max(rates[n]) / max(rates[base]):.2f}x)"
-                                        for n in args.cpus), flush=True)
+    for label, got in (("upscale img/s", rates), ("evaluate (1 step, PSNR/SSIM) pairs/s", eval_rates)):
+        print(f"{label}: " + ", ".join(f"{n} CPU(s) best {max(got[n]):.2f} ({max(got[n]) / max(got[base]):.2f}x)"
+                                       for n in args.cpus), flush=True)
 
 
 def main(argv=None) -> None:

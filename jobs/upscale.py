@@ -305,6 +305,19 @@ def check_before_run(cfg: UpscaleJobConfig) -> None:
         raise UsageError(f"output {cfg.output} is a file, not a folder")
 
 
+def actor_cpus(cfg: UpscaleJobConfig, cluster_cpus: float) -> float:
+    """Logical CPUs per upscaler actor: `cpus_per_actor`, less when the pool would leave no whole
+    CPU for the decode and write tasks (which ask for one each), since the job would then wait
+    forever (a 1-CPU local Ray: the actor held the CPU, no image was ever decoded)."""
+    spare = cluster_cpus - cfg.pool_size * cfg.cpus_per_actor
+    if spare >= 1:
+        return cfg.cpus_per_actor
+    fitted = max(0.0, (cluster_cpus - 1) / cfg.pool_size)
+    log.info("upscale: %g CPU(s) per actor instead of %g, so that decoding and writing keep a CPU "
+             "(the cluster has %g)", fitted, cfg.cpus_per_actor, cluster_cpus)
+    return fitted
+
+
 def exit_status(summary: dict, allow_errors: bool = False) -> int:
     """0 when nothing failed (or `allow_errors`), else 1."""
     return EXIT_ITEM_ERRORS if summary.get("error") and not allow_errors else EXIT_OK
@@ -333,7 +346,7 @@ def _run_pipeline(cfg: UpscaleJobConfig, parts: str, todo: int) -> Optional[floa
     ds = ds.map_batches(_make_upscale_stage(), fn_constructor_args=(cfg.checkpoint,), fn_constructor_kwargs=stage_kwargs,
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.pool_size), num_gpus=num_gpus,
-                        num_cpus=cfg.cpus_per_actor)
+                        num_cpus=actor_cpus(cfg, ray.cluster_resources().get("CPU", 0)))
     ds = ds.map_batches(_arrow(io.write_and_count, output_root=cfg.output, parts_dir=parts), batch_format="pyarrow",
                         batch_size=IO_BATCH)
     start = last = time.perf_counter()

@@ -363,3 +363,15 @@ def test_exit_codes_early_checks_and_summary(ray_local, pixel_ckpt, tmp_path, ca
                  "--allow-errors"]) == 0
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert '"skipped": 1' in summary and '"error": 1' in summary
+
+
+def test_upscaler_actors_leave_a_cpu_for_decoding_and_writing():
+    """A 1-CPU local Ray hung: the actor held the CPU and no decode task could ever start."""
+    from jobs.upscale import UpscaleJobConfig, actor_cpus
+
+    cfg = lambda **kw: UpscaleJobConfig(input="in", output="out", checkpoint="ckpt", **kw)
+    assert actor_cpus(cfg(), 1) == 0.0
+    assert actor_cpus(cfg(), 2) == 1.0
+    assert actor_cpus(cfg(pool_size=3), 4) == 1.0
+    assert actor_cpus(cfg(pool_size=3), 3) == pytest.approx(2 / 3)
+    assert actor_cpus(cfg(pool_size=2, cpus_per_actor=4.0), 16) == 4.0

@@ -32,6 +32,18 @@ def config_or_exit(build: Callable[[], T]) -> T:
         raise SystemExit(2) from None
 
 
+def fit_actor_cpus(per_actor: float, actors: int, cluster_cpus: float, job: str) -> float:
+    """Logical CPUs per model actor: `per_actor`, or less when `actors` of them would leave no
+    whole CPU for the job's 1-CPU read / decode / write tasks, which would then never start (the
+    job would wait forever)."""
+    if cluster_cpus - actors * per_actor >= 1:
+        return per_actor
+    fitted = max(0.0, (cluster_cpus - 1) / actors)
+    log.info("%s: %g CPU(s) per model actor instead of %g, so that reading and writing keep a CPU "
+             "(the cluster has %g)", job, fitted, per_actor, cluster_cpus)
+    return fitted
+
+
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
              object_store_memory: Optional[int] = None, runtime_env: Optional[dict] = None):
     """Connect to `address` (or $RAY_ADDRESS); with neither, start a local Ray in-process.

@@ -57,7 +57,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flowsr.metrics import LEARNED_METRICS, LOWER_BETTER, PAPER_METRICS, SET_METRICS, MetricSuite, mean_metrics
-from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
+from jobs.common import add_ray_args, fit_actor_cpus, init_ray, is_local, resolve_fs
 from pipeline.output import (EMPTY_INDEX, INDEX_DIR, DoneIndex, Output, OutputError, atomic_write,
                              build_done_index, checkpoint_digest, content_part_name, list_parts, open_output,
                              part_rows, path_inside, run_record, write_bytes_atomic, write_json_atomic,
@@ -739,7 +739,8 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
             ds = pairs.map_batches(
                 PairEvaluator, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "metrics": per_image_metrics},
                 batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                num_gpus=cfg.num_gpus or None, batch_format="numpy")
+                num_gpus=cfg.num_gpus or None, batch_format="numpy",
+                num_cpus=fit_actor_cpus(1.0, cfg.num_actors, ray.cluster_resources().get("CPU", 0), "evaluate"))
             # the part writer only turns a batch of numbers into Parquet: no CPU of its own
             ds = ds.map_batches(commit_results, fn_kwargs={"results_dir": output.uri_of(RESULTS_DIR), "keys": keys},
                                 batch_size=cfg.batch_size, batch_format="numpy", num_cpus=0)

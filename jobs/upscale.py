@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, init_ray, is_local, log
+from jobs.common import add_ray_args, fit_actor_cpus, init_ray, is_local, log
 
 PROBE_BLOCK = 256  # rows per probe task (and per probe part)
 SHUFFLE_PARTITION_ROWS, MAX_SHUFFLE_PARTITIONS = 20_000, 1000  # the sort by output size and the plan of a list
@@ -306,16 +306,9 @@ def check_before_run(cfg: UpscaleJobConfig) -> None:
 
 
 def actor_cpus(cfg: UpscaleJobConfig, cluster_cpus: float) -> float:
-    """Logical CPUs per upscaler actor: `cpus_per_actor`, less when the pool would leave no whole
-    CPU for the decode and write tasks (which ask for one each), since the job would then wait
-    forever (a 1-CPU local Ray: the actor held the CPU, no image was ever decoded)."""
-    spare = cluster_cpus - cfg.pool_size * cfg.cpus_per_actor
-    if spare >= 1:
-        return cfg.cpus_per_actor
-    fitted = max(0.0, (cluster_cpus - 1) / cfg.pool_size)
-    log.info("upscale: %g CPU(s) per actor instead of %g, so that decoding and writing keep a CPU "
-             "(the cluster has %g)", fitted, cfg.cpus_per_actor, cluster_cpus)
-    return fitted
+    """Logical CPUs per upscaler actor (`jobs.common.fit_actor_cpus`): a 1-CPU local Ray hung, the
+    actor holding the CPU that decoding needed."""
+    return fit_actor_cpus(cfg.cpus_per_actor, cfg.pool_size, cluster_cpus, "upscale")
 
 
 def exit_status(summary: dict, allow_errors: bool = False) -> int:

@@ -130,7 +130,8 @@ RAY_NOISE = (
     # (and any actor of Ray Data's pools, restartable by design, on the driver's own stderr)
     re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
     # the GCS killing an actor whose worker has already exited (Train's worker group between stages)
-    re.compile(r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor [0-9a-f]+$"),
+    # (with or without the RPC status that follows: "return status: Invalid: KillActor RPC failed")
+    re.compile(r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor [0-9a-f]+(?:,|$)"),
     # the hub lookup of optional kernels (no network here, and not needed)
     re.compile(r"kernels-community"),
     re.compile(r"Token authentication is enabled for this Ray cluster"),

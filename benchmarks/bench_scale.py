@@ -32,31 +32,23 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 PATCH = 16  # tiny files: the job's per-item overhead dominates, which is what is measured
 
-# The job run in a subprocess; prints one JSON line with its wall time and peak RSS.
-JOB = """
+# A job run in a subprocess; prints one JSON line with its wall time, peak RSS and item count.
+JOB_SCRIPT = """
 import json, resource, sys, time
 import ray
 ray.init(num_cpus={num_cpus}, object_store_memory=1 << 29, include_dashboard=False, log_to_driver=False)
-from jobs.prepare_data import PrepareConfig, prepare
+from {module} import {config}, {run}
 start = time.perf_counter()
-summary = prepare(PrepareConfig(**{cfg!r}))
+summary = {run}({config}(**{cfg!r}))
 wall = time.perf_counter() - start
 print("RESULT " + json.dumps({{"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                               "pairs": summary.get("pairs_written")}}))
+                               "pairs": summary.get("{count}")}}))
 """
-
-# The upscale job, the same way; "pairs" is the number of images written.
-UPSCALE_JOB = """
-import json, resource, sys, time
-import ray
-ray.init(num_cpus={num_cpus}, object_store_memory=1 << 29, include_dashboard=False, log_to_driver=False)
-from jobs.upscale import UpscaleJobConfig, upscale_corpus
-start = time.perf_counter()
-summary = upscale_corpus(UpscaleJobConfig(**{cfg!r}))
-wall = time.perf_counter() - start
-print("RESULT " + json.dumps({{"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                               "pairs": summary["ok"]}}))
-"""
+JOB = JOB_SCRIPT.replace("{module}", "jobs.prepare_data").replace("{config}", "PrepareConfig").replace(
+    "{run}", "prepare").replace("{count}", "pairs_written")
+# the upscale job, the same way; "pairs" is the number of images written
+UPSCALE_JOB = JOB_SCRIPT.replace("{module}", "jobs.upscale").replace("{config}", "UpscaleJobConfig").replace(
+    "{run}", "upscale_corpus").replace("{count}", "ok")
 UPSCALE_BATCH = 64  # images per upscaler call: tiny images, so the per-batch overhead is what is measured
 
 

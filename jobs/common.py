@@ -131,7 +131,7 @@ RAY_NOISE = (
     re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"),
     # the GCS killing an actor whose worker has already exited (Train's worker group between stages)
     # (with or without the RPC status that follows: "return status: Invalid: KillActor RPC failed")
-    re.compile(r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor [0-9a-f]+(?:,|$)"),
+    re.compile(r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor (?:[0-9a-f]+|NIL_ID)(?:,|$)"),
     # the hub lookup of optional kernels (no network here, and not needed)
     re.compile(r"kernels-community"),
     re.compile(r"Token authentication is enabled for this Ray cluster"),

@@ -518,6 +518,9 @@ RAY_NOISE_LINES = [
     "\x1b[36m(pid=gcs_server)\x1b[0m [2026-11-30 08:04:24,024 E 20833 20833] (gcs_server) gcs_actor_scheduler.cc:538: "
     "Failed to kill actor b8f43d77a94d84aa2eba876201000000, return status: Invalid: KillActor RPC failed for actor "
     "b8f43d77a94d84aa2eba876201000000: RpcError: RPC error: Socket closed rpc_code: 14",
+    "(pid=gcs_server) [2026-11-30 08:55:02,292 E 26409 26409] (gcs_server) gcs_actor_scheduler.cc:538: "
+    "Failed to kill actor NIL_ID, return status: Invalid: KillActor RPC failed for actor NIL_ID: RpcError: "
+    "RPC error: Socket closed rpc_code: 14",
 ]
 TRAIN_LINE = ("\x1b[36m(RayTrainWorker pid=16678)\x1b[0m stage 1 step 6/6 loss=0.01408 flow=0.01408 "
               "grad_norm=0.568 lr=0.0003")

@@ -16,6 +16,7 @@ Goals (DESIGN.md): >= 1.7x the 1-CPU rate at 2 CPUs; Ray overhead <= 10% CPU per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -28,6 +29,7 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_degrade import bare_loop, measure, write_sources  # noqa: E402
+from jobs.prepare_data import PrepareConfig  # noqa: E402
 
 
 def task_parallelism(since: float, name: str) -> float:
@@ -42,6 +44,32 @@ def task_parallelism(since: float, name: str) -> float:
     busy = sum(e["dur"] for e in events) / 1e6
     span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) / 1e6
     return busy / span if span > 0 else float("nan")
+
+
+@contextlib.contextmanager
+def local_ray(n_cpus: int, pin: bool):
+    """A local Ray of `n_cpus` logical CPUs; with `pin`, it and this driver run on `n_cpus` cores
+    only (CPU affinity, inherited by Ray's daemons and workers), so that "1 CPU" is one core of
+    the machine for all of Ray's processes, not one worker with the driver, the raylet and the
+    shard writer on the other cores."""
+    import ray
+
+    from jobs.common import init_ray
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = pin and 0 < n_cpus <= len(cores)
+    if pinned:
+        os.sched_setaffinity(0, cores[:n_cpus])
+    try:
+        init_ray(None, num_cpus=n_cpus, object_store_memory=1 << 29)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    finally:
+        if pinned:
+            os.sched_setaffinity(0, cores)
 
 
 def caption_corpus(pairs: Path, folder: Path, shards: int) -> Path:
@@ -69,16 +97,12 @@ def caption_corpus(pairs: Path, folder: Path, shards: int) -> Path:
 
 
 def run_once(work: Path, n_cpus: int, tag: str, args) -> Dict[str, float]:
-    import ray
 
     from jobs import caption as C
     from jobs import prepare_data as P
-    from jobs.common import init_ray
     from pipeline.caption import CaptionConfig
 
-    init_ray(None, num_cpus=n_cpus, object_store_memory=1 << 29)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_ray(n_cpus, args.pin):
         def config(source: str, out: str):
             return P.PrepareConfig(input=str(work / source), output=str(work / out), patch_size=args.patch,
                                    crops_per_image=args.crops, shard_rows=64, captioner="template")
@@ -88,14 +112,12 @@ def run_once(work: Path, n_cpus: int, tag: str, args) -> Dict[str, float]:
         start = time.perf_counter()
         pairs = P.prepare(config("in", f"pairs-{tag}"))["pairs_written"]
         prepare_rate = pairs / (time.perf_counter() - start)
-        parallel = task_parallelism(since, "degrade_batch")
+        parallel = task_parallelism(since, "degrade_units")
         shards = caption_corpus(work / f"pairs-{tag}" / "shards", work / f"caption-in-{tag}", args.caption_shards)
         start = time.perf_counter()
         captioned = C.regenerate(C.RegenerateConfig(shards=str(shards), output=str(work / f"captions-{tag}"),
                                                     caption=CaptionConfig(backend="template")))["captioned"]
         caption_rate = captioned / (time.perf_counter() - start)
-    finally:
-        ray.shutdown()
     return {"prepare": prepare_rate, "parallel": parallel, "caption": caption_rate, "load": load}
 
 
@@ -103,10 +125,8 @@ def upscale_rates(work: Path, args) -> None:
     """jobs.upscale (tiny SD shapes, 128^2 -> 512^2) and jobs.evaluate (1 step on as many of the
     prepared pairs, PSNR/SSIM) with their default single model actor, at each CPU count: images/s
     of the whole job (for upscale: listing, probe, decode, upscale, encode, write)."""
-    import ray
 
     from benchmarks.bench_upscale import make_checkpoint, make_inputs
-    from jobs.common import init_ray
     from jobs.evaluate import EvalConfig, evaluate
     from jobs.upscale import UpscaleJobConfig, upscale_corpus
 
@@ -116,9 +136,7 @@ def upscale_rates(work: Path, args) -> None:
     eval_rates: Dict[int, List[float]] = {n: [] for n in args.cpus}
     for r in range(args.rounds):
         for n in args.cpus:
-            init_ray(None, num_cpus=n, object_store_memory=1 << 29)
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            try:
+            with local_ray(n, args.pin):
                 out = work / f"upscale-out-{r}-{n}"
                 start = time.perf_counter()
                 done = upscale_corpus(UpscaleJobConfig(input=str(work / "upscale-in"), output=str(out),
@@ -131,8 +149,6 @@ def upscale_rates(work: Path, args) -> None:
                                              steps=(1,), metrics=(), limit=args.upscale_images,
                                              report_images=0))["n_images"]
                 eval_rates[n].append(scored / (time.perf_counter() - start))
-            finally:
-                ray.shutdown()
             shutil.rmtree(out, ignore_errors=True)
             print(f"  round {r} {n} CPU(s): upscale {rates[n][-1]:6.2f} img/s, evaluate {eval_rates[n][-1]:6.2f} "
                   f"pairs/s; load average {os.getloadavg()[0]:.1f}", flush=True)
@@ -154,6 +170,8 @@ def main(argv=None) -> None:
     p.add_argument("--upscale-images", type=int, default=0,
                    help="also time jobs.upscale over this many 128^2 images (tiny SD shapes) at each CPU count")
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="do not confine each local Ray (and this driver) to as many cores as it has CPUs")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import cv2
@@ -162,7 +180,9 @@ def main(argv=None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_scaling_"))
     try:
         write_sources(work / "in", args.files)
-        write_sources(work / "warmup", 2)
+        # the warm-up starts a task worker per CPU of the largest count (a unit of files per
+        # worker, twice over), so that no count pays Ray's worker start-up inside its timing
+        write_sources(work / "warmup", 2 * max(args.cpus) * PrepareConfig.files_per_task)
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.files} files x "
               f"{args.crops} crops = {args.files * args.crops} pairs of {args.patch}->{args.patch // 4}", flush=True)
         runs: Dict[int, List[Dict[str, float]]] = {n: [] for n in args.cpus}
@@ -192,23 +212,17 @@ def main(argv=None) -> None:
 
 def overhead(work: Path, args) -> None:
     """CPU seconds per pair: the Ray job at 1 CPU (all processes) vs the bare loop."""
-    import ray
 
     from jobs import prepare_data as P
-    from jobs.common import init_ray
 
     def config(source: str, out: str):
         return P.PrepareConfig(input=str(work / source), output=str(work / out), patch_size=args.patch,
                                crops_per_image=args.crops, shard_rows=64)
 
     bare = measure(lambda: bare_loop(config("in", "bare")))
-    init_ray(None, num_cpus=1, object_store_memory=1 << 29)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
+    with local_ray(1, pin=False):
         P.prepare(config("warmup", "warm-overhead"))
         job = measure(lambda: P.prepare(config("in", "ray-overhead"))["pairs_written"])
-    finally:
-        ray.shutdown()
     bare_ms, job_ms = (m["cpu"] / m["pairs"] * 1e3 for m in (bare, job))
     print(f"Ray overhead at 1 CPU: bare loop {bare_ms:.1f} CPU-ms/pair, Ray job {job_ms:.1f} CPU-ms/pair "
           f"(task workers {job['workers'] / job['pairs'] * 1e3:.1f}, driver {job['driver'] / job['pairs'] * 1e3:.1f}, "

@@ -5,9 +5,10 @@
         [--scale 4] [--seed 0] [--shard-rows N] [--max-pixels N] [--max-bytes N]
         [--captioner off|template|qwen2vl] [--overwrite] [--address ...] [--num-cpus ...]
 
-Pipeline: list files (streamed into `_work/` Parquet chunks) -> [read, digest, skip finished,
-decode, crop, degrade] (Ray tasks, `files_per_task` files each) -> [captions] -> [write one
-shard per `shard_rows` rows]. Layout of `--output` (written through `pipeline.output`):
+Pipeline: list files (streamed into `_work/` Parquet chunks, cut into units of `files_per_task`
+files) -> [read, digest, skip finished, decode, crop, degrade, template captions] (Ray tasks,
+about four per cluster CPU, each working through a run of units and passing each unit's pairs
+on as it goes) -> [write one shard per `shard_rows` rows] (a small pool of writer actors). Layout of `--output` (written through `pipeline.output`):
 
     _run.json                   run record: the settings that define the pairs; a rerun must match
     _lease.json                 held while a run writes; a second concurrent run refuses
@@ -94,7 +95,7 @@ class PrepareConfig:
     seed: int = 0
     shard_rows: int = 500
     captioner: str = "off"
-    files_per_task: int = 4  # source files per decode/degrade task
+    files_per_task: int = 4  # source files per unit of work (a task works through a run of units)
     num_workers: Optional[int] = None  # concurrent decode/degrade tasks; None: as many as CPUs
     alpha: str = "white"  # transparent pixels: composited on "white", or the alpha "drop"ped
     extensions: Tuple[str, ...] = IMAGE_EXTENSIONS
@@ -514,7 +515,8 @@ def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneInd
     return pairs_table(pairs)
 
 
-WRITER_CPUS = 0  # logical CPUs of a shard-writing task (see build_dataset)
+WRITER_CPUS = 0  # logical CPUs of a shard writer (see build_dataset)
+CPUS_PER_WRITER = 32  # cluster CPUs of degrade tasks one shard writer keeps up with
 SHARD_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64())])
 
 
@@ -524,7 +526,21 @@ def shard_batch(batch: pa.Table, output: str) -> pa.Table:
     return pa.Table.from_pylist([written] if written else [], schema=SHARD_SCHEMA)
 
 
-def add_captions(ds, captioner: str, files_per_task: int = 1):
+class ShardWriter:
+    """`shard_batch` on a Ray Data actor: one long-lived process per writer (see build_dataset)."""
+
+    def __init__(self, output: str):
+        self.output = output
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return shard_batch(batch, self.output)
+
+
+def writer_pool_size(cluster_cpus: float) -> int:
+    return max(1, int(cluster_cpus // CPUS_PER_WRITER))
+
+
+def add_captions(ds, captioner: str):
     """The caption stage of `pipeline.caption`, or the dataset unchanged when it is missing."""
     try:
         from pipeline.caption import CaptionConfig, add_caption_stage
@@ -533,64 +549,61 @@ def add_captions(ds, captioner: str, files_per_task: int = 1):
               file=sys.stderr)
         return ds
     # template captions are a few string operations per row: they run inside the degrade tasks,
-    # at their granularity (a larger batch here would make Ray Data's fusion bundle that many
-    # files into each degrade task); qwen2vl runs on its own GPU actor pool at its own batch size
-    batching = {"batch_size": files_per_task} if captioner == "template" else {}
-    return add_caption_stage(ds, CaptionConfig(backend=captioner, **batching))
+    # on each unit's pairs as they come; qwen2vl runs on its own GPU actor pool at its own batch size
+    return add_caption_stage(ds, CaptionConfig(backend=captioner), whole_blocks=captioner == "template")
 
 
-def build_dataset(work: Sequence[str], cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX, filesystem=None):
-    """Listing chunks (Parquet of WORK_SCHEMA) -> a Ray Dataset of written shards ({shard, rows})."""
+def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Dict[str, Any],
+                  shards_done: out.DoneIndex = out.EMPTY_INDEX,
+                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> Iterator[pa.Table]:
+    """Batch of run numbers {id} -> the pair rows of each unit of those runs (`degrade_batch` on
+    the unit's files), yielded unit by unit."""
+    for run in batch.column("id").to_pylist():
+        for unit in listing.units_of_run(run, runs):
+            yield degrade_batch(listing.rows_of(unit), cfg, shards_done, errors_done)
+
+
+def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
+                  errors_done: out.DoneIndex = out.EMPTY_INDEX):
+    """The listing, `files_per_task` files a unit -> a Ray Dataset of written shards ({shard, rows})."""
     import ray
 
     compute = ray.data.TaskPoolStrategy(size=cfg.num_workers) if cfg.num_workers else None
-    # listing chunks are big; stream them on as one block per task, so tasks spread over the cluster
-    ds = ray.data.read_parquet(list(work), filesystem=filesystem).repartition(
-        target_num_rows_per_block=cfg.files_per_task)
-    ds = ds.map_batches(degrade_batch, fn_kwargs={"cfg": asdict(cfg), "shards_done": shards_done,
-                                                  "errors_done": errors_done},
-                        batch_size=cfg.files_per_task, batch_format="pyarrow", compute=compute)
+    # one run of units per task (no batch size, so the read of the run numbers fuses with it):
+    # each task works through its run and yields each unit's pairs as it goes
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    runs = listing.runs(cluster_cpus)
+    ds = listing.dataset(runs).map_batches(
+        degrade_units, fn_kwargs={"listing": listing, "runs": runs, "cfg": asdict(cfg),
+                                  "shards_done": shards_done, "errors_done": errors_done},
+        batch_size=None, batch_format="pyarrow", compute=compute)
     if cfg.captioner != "off":
-        ds = add_captions(ds, cfg.captioner, cfg.files_per_task)
-    # The shard writer only concatenates rows whose PNGs are already encoded: it asks for no CPU.
-    # With the default of one CPU, Ray Data would (1) fuse it into the degrade operator, so that
-    # each degrade task got `shard_rows` files and one task did the work of the whole job, and
-    # (2) otherwise reserve a whole CPU of the budget for it, idle most of the time, leaving one
-    # degrade task running on a 2-CPU machine.
-    return ds.map_batches(shard_batch, fn_kwargs={"output": cfg.output}, batch_size=cfg.shard_rows,
-                          batch_format="pyarrow", num_cpus=WRITER_CPUS)
+        ds = add_captions(ds, cfg.captioner)
+    # The shard writer only concatenates rows whose PNGs are already encoded: it asks for no CPU
+    # (with one, Ray Data would fuse its `shard_rows` batching into the degrade tasks, one task
+    # doing a small job's whole work, or hold a CPU of the budget for it, idle most of the time).
+    # It runs on a small actor pool, not as tasks: each writer task took a worker process of its
+    # own when the degrade tasks held the others, and Ray started (and, above its idle-worker
+    # limit of one per CPU, killed again) a Python process for most shards, ~1.5 CPU-s each.
+    return ds.map_batches(ShardWriter, fn_constructor_args=(cfg.output,), batch_size=cfg.shard_rows,
+                          batch_format="pyarrow", num_cpus=WRITER_CPUS,
+                          compute=ray.data.ActorPoolStrategy(size=writer_pool_size(cluster_cpus)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Output state
 # ---------------------------------------------------------------------------------------------
 
-def write_work_listing(cfg: PrepareConfig, output: out.Output) -> Tuple[List[str], int]:
-    """Stream the input listing into `_work/listing-NNNNN.parquet` chunks (WORK_SCHEMA).
-
-    Returns (chunk paths, number of listed files); the listing is never held whole.
-    """
+def write_work_listing(cfg: PrepareConfig, output: out.Output) -> out.ListingUnits:
+    """Stream the input listing into `_work/listing-NNNNN.parquet` chunks (WORK_SCHEMA), cut into
+    units of `files_per_task` files; the listing is never held whole."""
     directory = output.path(WORK_DIR)
     output.fs.delete_dir_contents(directory, missing_dir_ok=True)
-    paths, chunk, listed = [], [], 0
-
-    def flush():
-        path = output.path(WORK_DIR, f"listing-{len(paths):05d}{PARQUET_SUFFIX}")
-        out.write_parquet_atomic(output.fs, path, pa.Table.from_pylist(chunk, schema=WORK_SCHEMA),
-                                 row_group_size=1 << 16)
-        paths.append(path)
-        chunk.clear()
-
     exclude = [output.root] if out.is_local(cfg.output) else []
-    for uri, reject in iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude):
-        chunk.append({"source_uri": uri, "reject": reject})
-        listed += 1
-        if len(chunk) >= WORK_CHUNK_ROWS:
-            flush()
-    if chunk:
-        flush()
-    return paths, listed
+    rows = ({"source_uri": uri, "reject": reject}
+            for uri, reject in iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude))
+    chunks, counts = out.write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)
+    return out.ListingUnits(output.fs, chunks, counts, cfg.files_per_task)
 
 
 def count_rows(fs: pafs.FileSystem, root: str, directory: str) -> Tuple[List[str], int]:
@@ -638,16 +651,17 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
     start = time.perf_counter()
     with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
         fs, root = output.fs, output.root
-        work, listed = write_work_listing(cfg, output)
+        listing = write_work_listing(cfg, output)
+        listed = sum(listing.rows)
         shard_parts, pairs_before = count_rows(fs, root, SHARDS_DIR)
         error_parts, errors_before = count_rows(fs, root, ERRORS_DIR)
         pairs = shards = 0
-        if work:
+        if listing.count:
             started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
             try:
                 shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
                 errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
-                for row in build_dataset(work, cfg, shards_done, errors_done, fs).iter_rows():
+                for row in build_dataset(listing, cfg, shards_done, errors_done).iter_rows():
                     pairs, shards = pairs + row["rows"], shards + 1
                     if on_shard is not None:
                         on_shard(row)
@@ -698,7 +712,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, boo
     p.add_argument("--captioner", choices=CAPTIONERS, default=defaults.captioner,
                    help="caption columns: off, template (from the degradation), qwen2vl (use jobs.caption for a VLM at scale)")
     p.add_argument("--files-per-task", type=int, default=defaults.files_per_task,
-                   help="source files per degrade task (smaller: more parallel tasks)")
+                   help="source files per unit of work; a degrade task works through a run of units "
+                        "(about four tasks per cluster CPU)")
     p.add_argument("--num-workers", type=int, default=defaults.num_workers,
                    help="at most this many degrade tasks at once (default: as many as CPUs)")
     p.add_argument("--alpha", choices=ALPHA_MODES, default=defaults.alpha,

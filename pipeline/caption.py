@@ -493,15 +493,20 @@ def no_captions(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {**batch, **caption_columns([None] * n, [None] * n, None, None)}
 
 
-def add_caption_stage(ds, cfg: CaptionConfig):
-    """Ray Data adapter: `ds` rows gain the caption columns. qwen2vl runs on an actor pool."""
+def add_caption_stage(ds, cfg: CaptionConfig, *, whole_blocks: bool = False):
+    """Ray Data adapter: `ds` rows gain the caption columns. qwen2vl runs on an actor pool.
+
+    `whole_blocks`: the CPU backends (off, template) caption each block as it comes, not
+    `batch_size` rows at a time, so they fuse into the tasks that make the blocks whatever those
+    tasks read (a batch size would keep Ray Data from fusing them with a read)."""
     import ray
 
+    cpu_batch = None if whole_blocks else cfg.batch_size
     if cfg.backend == "off":
-        return ds.map_batches(no_captions, batch_size=cfg.batch_size, batch_format="numpy")
+        return ds.map_batches(no_captions, batch_size=cpu_batch, batch_format="numpy")
     if cfg.backend == "template":
         return ds.map_batches(template_captions, fn_kwargs={"cfg": asdict(cfg)},
-                              batch_size=cfg.batch_size, batch_format="numpy")
+                              batch_size=cpu_batch, batch_format="numpy")
     if cfg.backend == "qwen2vl":
         return ds.map_batches(Captioner, fn_constructor_kwargs={"cfg": asdict(cfg)},
                               batch_size=cfg.batch_size, batch_format="numpy",

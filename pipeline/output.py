@@ -541,6 +541,115 @@ def _index_uri(output: Output, directory: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Work listings: chunk files of listed inputs, handed to tasks a slice at a time
+# ---------------------------------------------------------------------------------------------
+
+LISTING_ROW_GROUP = 1024  # rows per row group of a listing chunk: a task reads one group or two
+# Ray Data tasks over a listing, each working through a run of consecutive units: about
+# TASKS_PER_CPU per cluster CPU (each task start costs ~0.25 s of a worker's time, a unit of small
+# crops ~0.4 s), more when that makes runs longer than MAX_UNITS_PER_TASK (a new node joining an
+# autoscaling cluster finds work), never more than MAX_LISTING_BLOCKS (the driver holds the tasks)
+TASKS_PER_CPU = 4
+MAX_UNITS_PER_TASK = 16
+MAX_LISTING_BLOCKS = 10_000
+
+
+@dataclass(frozen=True)
+class ListingUnits:
+    """The rows of listing chunks (Parquet files on `fs`, `rows[i]` rows in `chunks[i]`) cut into
+    units of `per_unit` consecutive rows of one chunk, numbered 0 .. count-1.
+
+    The units are spread over `runs(cluster_cpus)` runs of consecutive units; `dataset(runs)` is
+    a Ray Dataset of the run numbers (column "id"), made inside Ray Data from one integer range:
+    the driver holds the chunk paths and their row counts, never a row per unit, and no Ray task
+    lists or reads the chunks up front (Ray Data's Parquet read would run a listing task and a
+    footer reader before the first unit, and its repartition task would keep a CPU busy while it
+    passes every row on). A task takes its run's units (`units_of_run`) and turns each into its
+    rows with `rows_of(unit)`: one row-group read of one chunk.
+    """
+    fs: pafs.FileSystem
+    chunks: Sequence[str]
+    rows: Sequence[int]
+    per_unit: int
+
+    @functools.cached_property
+    def ends(self) -> List[int]:
+        """Unit number one past the last unit of each chunk."""
+        ends, total = [], 0
+        for n in self.rows:
+            total += -(-n // self.per_unit)
+            ends.append(total)
+        return ends
+
+    @property
+    def count(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def runs(self, cluster_cpus: float) -> int:
+        """Runs of consecutive units to spread over the cluster, one task each (see TASKS_PER_CPU)."""
+        wanted = max(TASKS_PER_CPU * max(1, int(cluster_cpus)), -(-self.count // MAX_UNITS_PER_TASK))
+        return max(1, min(self.count, wanted, MAX_LISTING_BLOCKS))
+
+    @staticmethod
+    def dataset(runs: int):
+        """Run numbers 0 .. runs-1 as a Ray Dataset of one block each: a map with no batch size
+        fuses with their read, so each run is one task."""
+        import ray
+
+        return ray.data.range(runs, override_num_blocks=runs)
+
+    def units_of_run(self, run: int, runs: int) -> range:
+        """The units of run `run` of `runs` (runs differ in length by one unit at most)."""
+        return range(run * self.count // runs, (run + 1) * self.count // runs)
+
+    def locate(self, unit: int) -> tuple:
+        """(chunk index, first row, row after the last) of `unit`."""
+        if not 0 <= unit < self.count:
+            raise IndexError(f"listing unit {unit} is not in 0..{self.count - 1}")
+        chunk = int(np.searchsorted(self.ends, unit, side="right"))
+        first = (unit - (self.ends[chunk - 1] if chunk else 0)) * self.per_unit
+        return chunk, first, min(first + self.per_unit, self.rows[chunk])
+
+    def rows_of(self, unit: int) -> pa.Table:
+        """The listing rows of `unit`, read from the row groups of its chunk that hold them."""
+        chunk, first, stop = self.locate(unit)
+        with self.fs.open_input_file(self.chunks[chunk]) as f:
+            reader = pq.ParquetFile(f)
+            groups, offset, start = [], 0, 0
+            for g in range(reader.metadata.num_row_groups):
+                n = reader.metadata.row_group(g).num_rows
+                if start < stop and start + n > first:
+                    offset = offset if groups else start
+                    groups.append(g)
+                start += n
+            table = reader.read_row_groups(groups)
+        return table.slice(first - offset, stop - first)
+
+
+def write_listing_chunks(fs: pafs.FileSystem, directory: str, rows: Iterable[Dict[str, Any]],
+                         schema: pa.Schema, chunk_rows: int, row_group: int = LISTING_ROW_GROUP) -> tuple:
+    """Stream listing `rows` into `directory/listing-NNNNN.parquet` files of `chunk_rows` rows
+    (the last one fewer), row groups of `row_group` rows. Returns (chunk paths, their row
+    counts). The listing is never held whole."""
+    paths, counts, chunk = [], [], []
+
+    def flush():
+        path = f"{directory.rstrip('/')}/listing-{len(paths):05d}{PARQUET_SUFFIX}"
+        write_parquet_atomic(fs, path, pa.Table.from_pylist(chunk, schema=schema), row_group)
+        paths.append(path)
+        counts.append(len(chunk))
+        chunk.clear()
+
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= chunk_rows:
+            flush()
+    if chunk:
+        flush()
+    return paths, counts
+
+
+# ---------------------------------------------------------------------------------------------
 # Output names proven inside the output
 # ---------------------------------------------------------------------------------------------
 

@@ -23,13 +23,13 @@ def test_degrade_tasks_follow_files_per_task(ray_local, tmp_path):
     cfg = P.PrepareConfig(input=str(src), output=str(tmp_path / "out"), patch_size=32, crops_per_image=1,
                           shard_rows=500, files_per_task=2, captioner="template")
     with out.open_output(cfg.output, cfg.record()) as output:
-        work, _ = P.write_work_listing(cfg, output)
-        ds = P.build_dataset(work, cfg)
+        listing = P.write_work_listing(cfg, output)
+        ds = P.build_dataset(listing, cfg)
         written = list(ds.iter_rows())
     assert sum(r["rows"] for r in written) == 6 and len(written) == 1  # one shard of <= shard_rows rows
     stats = ds.stats()
-    degrade = re.search(r"MapBatches\(degrade_batch\)[^\n:]*: (\d+) tasks executed", stats)
+    degrade = re.search(r"MapBatches\(degrade_units\)[^\n:]*: (\d+) tasks executed", stats)
     assert degrade is not None, stats
-    assert "shard_batch" not in degrade.group(0), stats  # the writer is an operator of its own
+    assert "ShardWriter" not in degrade.group(0), stats  # the writer is an operator of its own
     assert "template_captions" in degrade.group(0), stats  # captions inside the degrade tasks
     assert int(degrade.group(1)) == 3, stats  # 6 files / files_per_task 2

@@ -146,3 +146,47 @@ def test_done_index_from_committed_parts(tmp_path, ray_local, rows_per_bucket):
             ids = pq.read_table(os.path.join(index.directory, path)).column("id").to_pylist()
             assert all(zlib.crc32(i.encode()) % index.buckets == bucket for i in ids)
     assert not out.EMPTY_INDEX.done(["x"]).any()
+
+
+@pytest.mark.parametrize("per_unit,chunk_rows,row_group", [(4, 10, 3), (3, 9, 9), (7, 5, 2)])
+def test_listing_units_cover_the_listing_once_in_order(tmp_path, per_unit, chunk_rows, row_group):
+    """Units are consecutive runs of `per_unit` rows within a chunk (the last of a chunk shorter),
+    read back from the row groups that hold them; together they are the listing, in order."""
+    import math
+
+    fs, root = resolve_fs(str(tmp_path / "work"))
+    names = [f"img{i:03d}.png" for i in range(23)]
+    schema = pa.schema([("source_uri", pa.string())])
+    chunks, counts = out.write_listing_chunks(fs, root, ({"source_uri": n} for n in names), schema,
+                                              chunk_rows, row_group)
+    assert counts == [chunk_rows] * (23 // chunk_rows) + ([23 % chunk_rows] if 23 % chunk_rows else [])
+    assert all(pq.ParquetFile(c).metadata.num_row_groups == math.ceil(n / row_group)
+               for c, n in zip(chunks, counts))
+    units = out.ListingUnits(fs, chunks, counts, per_unit)
+    # independent reference: cut each chunk's names into runs of per_unit
+    expected = [names[start + k:start + min(k + per_unit, n)]
+                for start, n in zip(np.cumsum([0] + counts[:-1]), counts) for k in range(0, n, per_unit)]
+    assert units.count == len(expected)
+    assert [units.rows_of(u).column("source_uri").to_pylist() for u in range(units.count)] == expected
+    with pytest.raises(IndexError):
+        units.rows_of(units.count)
+    # runs: ~4 per CPU, at most one per unit, more when runs would pass MAX_UNITS_PER_TASK; each
+    # unit in exactly one run, in order
+    assert units.runs(1) == min(units.count, out.TASKS_PER_CPU)
+    assert units.runs(64) == units.count
+    for runs in (1, units.runs(1), units.count):
+        assert [u for r in range(runs) for u in units.units_of_run(r, runs)] == list(range(units.count))
+    many = out.ListingUnits(fs, chunks * 1000, counts * 1000, per_unit)
+    assert many.runs(2) == math.ceil(many.count / out.MAX_UNITS_PER_TASK) > 2 * out.TASKS_PER_CPU
+    assert max(len(many.units_of_run(r, many.runs(2))) for r in range(many.runs(2))) <= out.MAX_UNITS_PER_TASK
+
+def test_listing_units_dataset_yields_every_unit_once(tmp_path, ray_local):
+    fs, root = resolve_fs(str(tmp_path / "work"))
+    chunks, counts = out.write_listing_chunks(fs, root, ({"source_uri": str(i)} for i in range(50)),
+                                              pa.schema([("source_uri", pa.string())]), 20, 8)
+    units = out.ListingUnits(fs, chunks, counts, 3)
+    runs = units.runs(cluster_cpus=2)
+    ds = units.dataset(runs).materialize()
+    assert runs == 2 * out.TASKS_PER_CPU < units.count == 7 + 7 + 4
+    assert sorted(r["id"] for r in ds.iter_rows()) == list(range(runs))
+    assert ds.num_blocks() == runs  # one read task per run

@@ -57,16 +57,18 @@ import pyarrow.parquet as pq
 
 from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
 from pipeline import output as out
+from pipeline import shards as pair_shards
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, load_image, to_rgb8
 from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, content_sample_id, dataset_card,
-                             encode_png, with_shard_metadata)
+                             encode_png)
 
 CROP_MODES = ("random", "grid")
 CAPTIONERS = ("off", "template", "qwen2vl")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
                     ".pgm", ".jfif")
-SHARDS_DIR, ERRORS_DIR, WORK_DIR = "shards", "errors", "_work"
+SHARDS_DIR, ERRORS_DIR, WORK_DIR = pair_shards.SHARDS_DIR, "errors", "_work"
+conform_pairs = pair_shards.conform_pairs
 ERRORS_FILE, MANIFEST_FILE = ERRORS_DIR, "manifest.json"  # errors: a directory of parts
 PART_PREFIX, TMP_PREFIX, PARQUET_SUFFIX = out.PART_PREFIX, out.TMP_PREFIX, out.PARQUET_SUFFIX
 ROW_GROUP_ROWS = out.ROW_GROUP_ROWS  # pairs per Parquet row group: readers stream a shard in small steps
@@ -448,32 +450,13 @@ def pairs_table(rows: List[Dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=_STAGE_SCHEMA)
 
 
-def conform_pairs(table: pa.Table) -> pa.Table:
-    """A batch of pair rows -> exactly PAIR_SCHEMA; missing caption columns become ""."""
-    columns = []
-    for field in PAIR_SCHEMA:
-        if field.name in table.column_names:
-            columns.append(table.column(field.name).cast(field.type))
-        elif field.name in CAPTION_COLUMNS:
-            columns.append(pa.array([""] * table.num_rows, field.type))
-        else:
-            raise ValueError(f"pair batch lacks column {field.name!r}")
-    return pa.Table.from_arrays(columns, schema=PAIR_SCHEMA)
-
-
 def _join(root: str, *names: str) -> str:
     return "/".join([root.rstrip("/"), *names])
 
 
 def write_shard(table: pa.Table, output: str) -> Optional[Dict[str, Any]]:
     """Commit one shard of pair rows under output/shards; its {"shard", "rows"} or None if empty."""
-    if table.num_rows == 0:
-        return None
-    fs, root = resolve_fs(output)
-    table = with_shard_metadata(conform_pairs(table), params_version=PARAMS_VERSION)
-    name = out.content_part_name(table.column("sample_id").to_pylist())
-    out.write_parquet_atomic(fs, _join(root, SHARDS_DIR, name), table)
-    return {"shard": f"{SHARDS_DIR}/{name}", "rows": table.num_rows}
+    return pair_shards.write_shard(table, output, PARAMS_VERSION)
 
 
 def write_errors(rows: List[Dict[str, str]], output: str) -> None:
@@ -516,28 +499,6 @@ def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneInd
 
 
 WRITER_CPUS = 0  # logical CPUs of a shard writer (see build_dataset)
-CPUS_PER_WRITER = 32  # cluster CPUs of degrade tasks one shard writer keeps up with
-SHARD_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64())])
-
-
-def shard_batch(batch: pa.Table, output: str) -> pa.Table:
-    """Batch of pair rows -> one shard; returns its {"shard", "rows"} row (none when empty)."""
-    written = write_shard(batch, output)
-    return pa.Table.from_pylist([written] if written else [], schema=SHARD_SCHEMA)
-
-
-class ShardWriter:
-    """`shard_batch` on a Ray Data actor: one long-lived process per writer (see build_dataset)."""
-
-    def __init__(self, output: str):
-        self.output = output
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return shard_batch(batch, self.output)
-
-
-def writer_pool_size(cluster_cpus: float) -> int:
-    return max(1, int(cluster_cpus // CPUS_PER_WRITER))
 
 
 def add_captions(ds, captioner: str):
@@ -581,13 +542,11 @@ def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: ou
         ds = add_captions(ds, cfg.captioner)
     # The shard writer only concatenates rows whose PNGs are already encoded: it asks for no CPU
     # (with one, Ray Data would fuse its `shard_rows` batching into the degrade tasks, one task
-    # doing a small job's whole work, or hold a CPU of the budget for it, idle most of the time).
-    # It runs on a small actor pool, not as tasks: each writer task took a worker process of its
-    # own when the degrade tasks held the others, and Ray started (and, above its idle-worker
-    # limit of one per CPU, killed again) a Python process for most shards, ~1.5 CPU-s each.
-    return ds.map_batches(ShardWriter, fn_constructor_args=(cfg.output,), batch_size=cfg.shard_rows,
-                          batch_format="pyarrow", num_cpus=WRITER_CPUS,
-                          compute=ray.data.ActorPoolStrategy(size=writer_pool_size(cluster_cpus)))
+    # doing a small job's whole work, or hold a CPU of the budget for it, idle most of the time),
+    # and runs on a small pool of actors, not as tasks (see pipeline.shards.ShardWriter).
+    return ds.map_batches(pair_shards.ShardWriter, fn_constructor_args=(cfg.output, PARAMS_VERSION),
+                          batch_size=cfg.shard_rows, batch_format="pyarrow", num_cpus=WRITER_CPUS,
+                          compute=ray.data.ActorPoolStrategy(size=pair_shards.writer_pool_size(cluster_cpus)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -721,11 +721,7 @@ def section_data_cpu_scaling(ctx: Context, rec: Record) -> None:
     patch, files_per_cpu, crops = ctx.pick(256, 24), ctx.pick(16, 2), ctx.pick(4, 2)
     height, width = ctx.pick((768, 1024), (96, 128))
     work = tempfile.mkdtemp(prefix="data_cpu_", dir=ctx.workdir)
-    originals = []
-    for i in range(8):
-        path = os.path.join(work, f"orig{i}.png")
-        Image.fromarray(synthetic_image(height, width, i)).save(path, compress_level=1)
-        originals.append(path)
+    originals = [synthetic_image(height, width, i) for i in range(8)]
     ensure_ray(ctx, num_cpus=min(cores, max(counts)) if not ctx.tiny else None)
     rec["setup"] = (f"{patch}^2 Real-ESRGAN pairs, {crops} crops of {width}x{height} PNGs, {files_per_cpu} files per "
                     f"degrade task slot; n concurrent degrade tasks (--num-workers n) on one Ray")
@@ -733,8 +729,10 @@ def section_data_cpu_scaling(ctx: Context, rec: Record) -> None:
     def run(n: int, name: str, files: int) -> float:
         src = os.path.join(work, f"in-{name}")
         os.makedirs(src)
-        for i in range(files):  # the same pixels under new names: new sample_ids, no new encoding
-            os.symlink(originals[i % len(originals)], os.path.join(src, f"src{i:05d}.png"))
+        for i in range(files):  # distinct bytes per file: sample_ids come from content
+            image = originals[i % len(originals)].copy()
+            image[0, 0] = (i & 255, (i >> 8) & 255, len(name))
+            Image.fromarray(image).save(os.path.join(src, f"src{i:05d}.png"), compress_level=1)
         cfg = PrepareConfig(input=src, output=os.path.join(work, f"out-{name}"), patch_size=patch,
                             crops_per_image=crops, shard_rows=256, num_workers=n)
         start = time.perf_counter()

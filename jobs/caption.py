@@ -127,7 +127,11 @@ def _caption_missing(cfg: RegenerateConfig, todo: List[Dict], on_part) -> Dict:
 
     started = init_ray(cfg.address)
     try:
-        items = ray.data.from_items(todo, override_num_blocks=min(len(todo), MAX_BLOCKS))
+        # template captions take ~0.1 s a shard, less than a task's start: a task works through a
+        # run of shards (out.task_count); a VLM's actors take the shards one at a time
+        blocks = (out.task_count(len(todo), ray.cluster_resources().get("CPU", 1), MAX_BLOCKS)
+                  if cfg.caption.backend == "template" else min(len(todo), MAX_BLOCKS))
+        items = ray.data.from_items(todo, override_num_blocks=blocks)
         ds = caption_shards(items, cfg.caption, cfg.output, cfg.shards)
         captioned = parts = 0
         begin = last = time.perf_counter()

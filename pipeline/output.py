@@ -554,6 +554,14 @@ MAX_UNITS_PER_TASK = 16
 MAX_LISTING_BLOCKS = 10_000
 
 
+def task_count(units: int, cluster_cpus: float, max_tasks: int = MAX_LISTING_BLOCKS) -> int:
+    """Tasks to spread `units` cheap units of work over (each task doing a run of consecutive
+    units): about TASKS_PER_CPU per cluster CPU, more when runs would pass MAX_UNITS_PER_TASK,
+    at most one per unit and at most `max_tasks`."""
+    wanted = max(TASKS_PER_CPU * max(1, int(cluster_cpus)), -(-units // MAX_UNITS_PER_TASK))
+    return max(1, min(units, wanted, max_tasks))
+
+
 @dataclass(frozen=True)
 class ListingUnits:
     """The rows of listing chunks (Parquet files on `fs`, `rows[i]` rows in `chunks[i]`) cut into
@@ -586,9 +594,8 @@ class ListingUnits:
         return self.ends[-1] if self.ends else 0
 
     def runs(self, cluster_cpus: float) -> int:
-        """Runs of consecutive units to spread over the cluster, one task each (see TASKS_PER_CPU)."""
-        wanted = max(TASKS_PER_CPU * max(1, int(cluster_cpus)), -(-self.count // MAX_UNITS_PER_TASK))
-        return max(1, min(self.count, wanted, MAX_LISTING_BLOCKS))
+        """Runs of consecutive units to spread over the cluster, one task each (`task_count`)."""
+        return task_count(self.count, cluster_cpus)
 
     @staticmethod
     def dataset(runs: int):

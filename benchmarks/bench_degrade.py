@@ -202,19 +202,20 @@ def bench_degradation(n_pairs: int) -> None:
 # Ray Data job vs a bare loop
 # ---------------------------------------------------------------------------------------------
 
-def write_sources(folder: Path, count: int) -> None:
-    """`count` distinct PNG files of 1024x768 (2x2 sample patches, cropped)."""
+def write_sources(folder: Path, count: int, start: int = 0) -> None:
+    """`count` distinct PNG files of 1024x768 (2x2 sample patches, cropped); files written with
+    another `start` (a range not overlapping this one) are distinct from these too."""
     from PIL import Image
 
     patches = hr_patches(len(SOURCE_IMAGES))
     folder.mkdir(parents=True)
-    for i in range(count):
+    for i in range(start, start + count):
         tiles = [patches[(i + k) % len(patches)] for k in range(4)]
         image = np.concatenate([np.concatenate(tiles[:2], axis=1),
                                 np.concatenate(tiles[2:], axis=1)], axis=0)
         image = np.ascontiguousarray(image[:768])
         image[0, :3] = (i & 255, (i >> 8) & 255, 7)  # every file its own content (ids are content digests)
-        Image.fromarray(image).save(folder / f"src_{i:04d}.png", compress_level=1)
+        Image.fromarray(image).save(folder / f"src_{i:05d}.png", compress_level=1)
 
 
 def cpu_seconds_by_role() -> Dict[str, float]:

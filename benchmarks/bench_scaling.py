@@ -211,23 +211,30 @@ def main(argv=None) -> None:
 
 
 def overhead(work: Path, args) -> None:
-    """CPU seconds per pair: the Ray job at 1 CPU (all processes) vs the bare loop."""
-
+    """CPU seconds per pair: the Ray job at 1 CPU (all processes) vs the bare loop; all-in on the
+    `--files` corpus, and marginal (the job on a corpus three times as large, minus the first,
+    per extra pair) with the fixed cost per job that leaves."""
     from jobs import prepare_data as P
 
     def config(source: str, out: str):
         return P.PrepareConfig(input=str(work / source), output=str(work / out), patch_size=args.patch,
                                crops_per_image=args.crops, shard_rows=64)
 
+    write_sources(work / "in-3x", 3 * args.files, start=args.files)  # distinct from "in"
     bare = measure(lambda: bare_loop(config("in", "bare")))
     with local_ray(1, pin=False):
         P.prepare(config("warmup", "warm-overhead"))
         job = measure(lambda: P.prepare(config("in", "ray-overhead"))["pairs_written"])
+        big = measure(lambda: P.prepare(config("in-3x", "ray-overhead-3x"))["pairs_written"])
     bare_ms, job_ms = (m["cpu"] / m["pairs"] * 1e3 for m in (bare, job))
-    print(f"Ray overhead at 1 CPU: bare loop {bare_ms:.1f} CPU-ms/pair, Ray job {job_ms:.1f} CPU-ms/pair "
-          f"(task workers {job['workers'] / job['pairs'] * 1e3:.1f}, driver {job['driver'] / job['pairs'] * 1e3:.1f}, "
-          f"Ray daemons {job['daemons'] / job['pairs'] * 1e3:.1f}): {(job_ms / bare_ms - 1) * 100:+.1f}% CPU per pair; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    marginal_ms = (big["cpu"] - job["cpu"]) / (big["pairs"] - job["pairs"]) * 1e3
+    fixed_s = job["cpu"] - marginal_ms * job["pairs"] / 1e3
+    print(f"Ray overhead at 1 CPU: bare loop {bare_ms:.1f} CPU-ms/pair; Ray job on {job['pairs']} pairs "
+          f"{job_ms:.1f} CPU-ms/pair (task workers {job['workers'] / job['pairs'] * 1e3:.1f}, driver "
+          f"{job['driver'] / job['pairs'] * 1e3:.1f}, Ray daemons {job['daemons'] / job['pairs'] * 1e3:.1f}): "
+          f"{(job_ms / bare_ms - 1) * 100:+.1f}% CPU per pair all-in; marginal (on {big['pairs']} pairs) "
+          f"{marginal_ms:.1f} CPU-ms/pair, {(marginal_ms / bare_ms - 1) * 100:+.1f}% per pair, plus {fixed_s:.1f} "
+          f"CPU-s per job; load average {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

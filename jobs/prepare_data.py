@@ -68,7 +68,6 @@ CAPTIONERS = ("off", "template", "qwen2vl")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
                     ".pgm", ".jfif")
 SHARDS_DIR, ERRORS_DIR, WORK_DIR = pair_shards.SHARDS_DIR, "errors", "_work"
-conform_pairs = pair_shards.conform_pairs
 ERRORS_FILE, MANIFEST_FILE = ERRORS_DIR, "manifest.json"  # errors: a directory of parts
 PART_PREFIX, TMP_PREFIX, PARQUET_SUFFIX = out.PART_PREFIX, out.TMP_PREFIX, out.PARQUET_SUFFIX
 ROW_GROUP_ROWS = out.ROW_GROUP_ROWS  # pairs per Parquet row group: readers stream a shard in small steps
@@ -498,9 +497,6 @@ def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneInd
     return pairs_table(pairs)
 
 
-WRITER_CPUS = 0  # logical CPUs of a shard writer (see build_dataset)
-
-
 def add_captions(ds, captioner: str):
     """The caption stage of `pipeline.caption`, or the dataset unchanged when it is missing."""
     try:
@@ -520,8 +516,8 @@ def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Di
     """Batch of run numbers {id} -> the pair rows of each unit of those runs (`degrade_batch` on
     the unit's files), yielded unit by unit."""
     for run in batch.column("id").to_pylist():
-        for unit in listing.units_of_run(run, runs):
-            yield degrade_batch(listing.rows_of(unit), cfg, shards_done, errors_done)
+        for files in listing.iter_rows(listing.units_of_run(run, runs)):
+            yield degrade_batch(files, cfg, shards_done, errors_done)
 
 
 def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
@@ -540,13 +536,7 @@ def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: ou
         batch_size=None, batch_format="pyarrow", compute=compute)
     if cfg.captioner != "off":
         ds = add_captions(ds, cfg.captioner)
-    # The shard writer only concatenates rows whose PNGs are already encoded: it asks for no CPU
-    # (with one, Ray Data would fuse its `shard_rows` batching into the degrade tasks, one task
-    # doing a small job's whole work, or hold a CPU of the budget for it, idle most of the time),
-    # and runs on a small pool of actors, not as tasks (see pipeline.shards.ShardWriter).
-    return ds.map_batches(pair_shards.ShardWriter, fn_constructor_args=(cfg.output, PARAMS_VERSION),
-                          batch_size=cfg.shard_rows, batch_format="pyarrow", num_cpus=WRITER_CPUS,
-                          compute=ray.data.ActorPoolStrategy(size=pair_shards.writer_pool_size(cluster_cpus)))
+    return pair_shards.add_shard_writer(ds, cfg.output, PARAMS_VERSION, cfg.shard_rows, cluster_cpus)
 
 
 # ---------------------------------------------------------------------------------------------

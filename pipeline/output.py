@@ -572,8 +572,8 @@ class ListingUnits:
     the driver holds the chunk paths and their row counts, never a row per unit, and no Ray task
     lists or reads the chunks up front (Ray Data's Parquet read would run a listing task and a
     footer reader before the first unit, and its repartition task would keep a CPU busy while it
-    passes every row on). A task takes its run's units (`units_of_run`) and turns each into its
-    rows with `rows_of(unit)`: one row-group read of one chunk.
+    passes every row on). A task takes its run's units (`units_of_run`) and reads their rows with
+    `iter_rows(units)`, each row group once.
     """
     fs: pafs.FileSystem
     chunks: Sequence[str]
@@ -618,19 +618,28 @@ class ListingUnits:
         return chunk, first, min(first + self.per_unit, self.rows[chunk])
 
     def rows_of(self, unit: int) -> pa.Table:
-        """The listing rows of `unit`, read from the row groups of its chunk that hold them."""
-        chunk, first, stop = self.locate(unit)
-        with self.fs.open_input_file(self.chunks[chunk]) as f:
-            reader = pq.ParquetFile(f)
-            groups, offset, start = [], 0, 0
-            for g in range(reader.metadata.num_row_groups):
-                n = reader.metadata.row_group(g).num_rows
-                if start < stop and start + n > first:
-                    offset = offset if groups else start
-                    groups.append(g)
-                start += n
-            table = reader.read_row_groups(groups)
-        return table.slice(first - offset, stop - first)
+        """The listing rows of `unit`."""
+        return next(self.iter_rows([unit]))
+
+    def iter_rows(self, units: Iterable[int]) -> Iterator[pa.Table]:
+        """The listing rows of each of `units` in turn, read from the row groups of its chunk
+        that hold them. Consecutive units of one chunk share the chunk's open file and footer,
+        and a row group is read once for all the units it holds (only the groups of the current
+        unit are kept)."""
+        with contextlib.ExitStack() as stack:
+            current, reader, starts, held = None, None, [], {}
+            for unit in units:
+                chunk, first, stop = self.locate(unit)
+                if chunk != current:
+                    stack.close()
+                    reader = pq.ParquetFile(stack.enter_context(self.fs.open_input_file(self.chunks[chunk])))
+                    sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+                    starts = list(np.cumsum([0] + sizes))
+                    current, held = chunk, {}
+                groups = [g for g in range(len(starts) - 1) if starts[g] < stop and starts[g + 1] > first]
+                held = {g: held[g] if g in held else reader.read_row_group(g) for g in groups}
+                table = pa.concat_tables([held[g] for g in groups])
+                yield table.slice(first - starts[groups[0]], stop - first)
 
 
 def write_listing_chunks(fs: pafs.FileSystem, directory: str, rows: Iterable[Dict[str, Any]],

@@ -65,3 +65,17 @@ class ShardWriter:
 def writer_pool_size(cluster_cpus: float) -> int:
     """Writer actors for a cluster of `cluster_cpus` CPUs: one per CPUS_PER_WRITER, at least one."""
     return max(1, int(cluster_cpus // CPUS_PER_WRITER))
+
+
+def add_shard_writer(ds, output: str, params_version: Optional[int], shard_rows: int, cluster_cpus: float):
+    """Ray Data adapter: pair rows -> one committed shard per `shard_rows` rows -> SHARD_SCHEMA rows.
+
+    The writer only concatenates rows whose PNGs are already encoded, so it asks for no CPU: with
+    one, Ray Data would fuse its `shard_rows` batching into the upstream tasks (one task doing a
+    small job's whole work) or hold a CPU of the budget for it, idle most of the time.
+    """
+    import ray
+
+    return ds.map_batches(ShardWriter, fn_constructor_args=(output, params_version), batch_size=shard_rows,
+                          batch_format="pyarrow", num_cpus=0,
+                          compute=ray.data.ActorPoolStrategy(size=writer_pool_size(cluster_cpus)))

@@ -168,6 +168,9 @@ def test_listing_units_cover_the_listing_once_in_order(tmp_path, per_unit, chunk
                 for start, n in zip(np.cumsum([0] + counts[:-1]), counts) for k in range(0, n, per_unit)]
     assert units.count == len(expected)
     assert [units.rows_of(u).column("source_uri").to_pylist() for u in range(units.count)] == expected
+    # all units in one pass (the reads shared between consecutive units), and a run that starts mid-chunk
+    assert [t.column("source_uri").to_pylist() for t in units.iter_rows(range(units.count))] == expected
+    assert [t.column("source_uri").to_pylist() for t in units.iter_rows(range(1, units.count))] == expected[1:]
     with pytest.raises(IndexError):
         units.rows_of(units.count)
     # runs: ~4 per CPU, at most one per unit, more when runs would pass MAX_UNITS_PER_TASK; each

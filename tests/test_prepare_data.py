@@ -185,7 +185,9 @@ def test_process_source_rows(tmp_path):
         assert hr.shape == (PATCH, PATCH, 3) and lr.shape == (PATCH // 4, PATCH // 4, 3)
         assert np.array_equal(hr, rgb[crop["y"]:crop["y"] + PATCH, crop["x"]:crop["x"] + PATCH])
         assert json.loads(row["degradation"])["scale"] == 4 and row["seed"] == cfg.seed
-    table = P.conform_pairs(P.pairs_table(rows))
+    from pipeline.shards import conform_pairs
+
+    table = conform_pairs(P.pairs_table(rows))
     assert table.schema.equals(PAIR_SCHEMA) and table.column("caption_model").to_pylist() == [""] * 3
     skipped, _ = P.process_source("mem://chelsea.png", png_bytes(rgb, format="PNG"), cfg,
                                   skip_ids=[rows[0]["sample_id"]])

@@ -4,12 +4,15 @@
     FlowSR model, x2) over N small and 10 N small files; the driver's peak RSS (the job's own
     process; Ray workers are other processes) must stay within 1.3x from N to 10 N: no per-item
     state in the driver.
-(b) upscale actor memory for 1, 16 and 64 MP outputs (its own section, below).
+(b) upscale actor memory for 1, 16 and 64 MP outputs (`bench_upscale_memory.py`, run from here).
 (c) the cost of the resumable-output layer (`pipeline.output`: lease, run record, streamed
     listing, content digests, Ray-built resume index) vs the same job at an older commit
-    (`--old-rev`, extracted with `git archive`) on N files: wall time ratio (goal <= 1.10).
+    (`--old-rev`, extracted with `git archive`) on N files: wall time ratio, best and median of
+    interleaved runs (goal <= 1.10).
 
-Every measurement runs the job in a fresh subprocess with its own local Ray, on the same files.
+Every measurement runs the job in a fresh subprocess with its own local Ray, on the same files;
+the clock starts once Ray is up and has one worker process per CPU (Ray's own start is not the
+job's cost; a job's actors and its workers' imports are).
 
     python benchmarks/bench_scale.py [--small 2000] [--large 20000] [--num-cpus 2]
         [--old-rev COMMIT] [--sections a,c] [--jobs prepare_data,upscale]
@@ -37,6 +40,8 @@ JOB_SCRIPT = """
 import json, resource, sys, time
 import ray
 ray.init(num_cpus={num_cpus}, object_store_memory=1 << 29, include_dashboard=False, log_to_driver=False)
+# one worker process up per CPU before the clock starts (Ray's own boot is not the job's cost)
+ray.get([ray.remote(lambda: time.sleep(0.5)).remote() for _ in range({num_cpus})])
 from {module} import {config}, {run}
 start = time.perf_counter()
 summary = {run}({config}(**{cfg!r}))
@@ -52,18 +57,23 @@ UPSCALE_JOB = JOB_SCRIPT.replace("{module}", "jobs.upscale").replace("{config}",
 UPSCALE_BATCH = 64  # images per upscaler call: tiny images, so the per-batch overhead is what is measured
 
 
-def make_checkpoint(folder: Path) -> Path:
-    """A tiny pixel-space FlowSR checkpoint (random weights; the job's cost, not its quality)."""
-    import torch
+CHECKPOINT_SCRIPT = """
+import sys, torch
+from flowsr.backbones import PixelBackbone
+from flowsr.config import apply_overrides, preset
+cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
+torch.manual_seed(0)
+cfg.save(sys.argv[1] + "/config.json")
+PixelBackbone.from_config(cfg.model).save_trainable(sys.argv[1] + "/student")
+"""
 
-    from flowsr.backbones import PixelBackbone
-    from flowsr.config import apply_overrides, preset
 
-    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
-    torch.manual_seed(0)
+def make_checkpoint(folder: Path, src: Path = REPO) -> Path:
+    """A tiny pixel-space FlowSR checkpoint (random weights; the job's cost, not its quality),
+    written by the code in `src` (an older commit reads only the config fields it knows)."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg.save(str(folder / "config.json"))
-    PixelBackbone.from_config(cfg.model).save_trainable(str(folder / "student"))
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    subprocess.run([sys.executable, "-c", CHECKPOINT_SCRIPT, str(folder)], cwd=src, env=env, check=True)
     return folder
 
 
@@ -134,33 +144,47 @@ def section_a(work: Path, small: int, large: int, num_cpus: int, jobs: List[str]
 # (b) upscale actor memory for 1 / 16 / 64 MP outputs
 # ---------------------------------------------------------------------------------------------
 
-def section_b(work: Path) -> None:
-    print("(b) upscale actor memory: not part of this script yet")
+def section_b(sizes: List[int]) -> None:
+    """`bench_upscale_memory.py` (its own script, so that it also runs alone): the upscaler
+    actor's peak RSS for each output size, FlowSR and a spandrel (Real-ESRGAN) model, and the
+    growth per extra output megapixel (goal <= 40 MB/MP)."""
+    print(f"(b) upscale actor peak RSS for {', '.join(map(str, sizes))} MP outputs (bench_upscale_memory.py)",
+          flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_upscale_memory.py"),
+                    "--sizes", *map(str, sizes)], cwd=REPO, env=env, check=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # (c) cost of the output layer vs an older commit
 # ---------------------------------------------------------------------------------------------
 
-def section_c(work: Path, count: int, num_cpus: int, old_rev: Optional[str], repeats: int) -> None:
+def section_c(work: Path, count: int, num_cpus: int, old_rev: Optional[str], repeats: int, jobs: List[str]) -> None:
     if not old_rev:
         print("(c) output-layer cost: skipped (give --old-rev COMMIT for the baseline)")
         return
-    print(f"(c) prepare_data wall time on {count} files: this checkout vs {old_rev} (best of {repeats})")
     folder = work / f"files-{count}"
     if not folder.exists():
         make_files(folder, count)
     old = old_source(old_rev, work / "old-src")
-    walls = {"old": [], "new": []}
-    for i in range(repeats):  # interleaved, so machine load drifts hit both alike
-        for name, src in (("old", old), ("new", REPO)):
-            walls[name].append(run_job(src, folder, work / f"out-c-{name}-{i}", num_cpus)["wall_s"])
-            shutil.rmtree(work / f"out-c-{name}-{i}", ignore_errors=True)
-    best = {k: min(v) for k, v in walls.items()}
-    ratio = best["new"] / best["old"]
-    print(f"    old {best['old']:.1f} s, new {best['new']:.1f} s (all: old {[round(w, 1) for w in walls['old']]}, "
-          f"new {[round(w, 1) for w in walls['new']]})")
-    print(f"    new/old wall: {ratio:.3f} (goal <= 1.10): {'ok' if ratio <= 1.1 else 'MISSED'}")
+    for job in jobs:
+        checkpoints = {name: make_checkpoint(work / f"ckpt-{name}", src) if job == "upscale" else None
+                       for name, src in (("old", old), ("new", REPO))}
+        print(f"(c) {job} wall time on {count} files: this checkout vs {old_rev} "
+              f"({repeats} runs each, interleaved)", flush=True)
+        walls = {"old": [], "new": []}
+        for i in range(repeats):  # interleaved, so machine load drifts hit both alike
+            for name, src in (("old", old), ("new", REPO)):
+                target = work / f"out-c-{name}-{i}"
+                walls[name].append(run_job(src, folder, target, num_cpus, checkpoints[name])["wall_s"])
+                shutil.rmtree(target, ignore_errors=True)
+        best = {k: min(v) for k, v in walls.items()}
+        median = {k: float(np.median(v)) for k, v in walls.items()}
+        print(f"    old {[round(w, 2) for w in walls['old']]} s, new {[round(w, 2) for w in walls['new']]} s")
+        for label, figures in (("best", best), ("median", median)):
+            ratio = figures["new"] / figures["old"]
+            print(f"    {label:>6}: old {figures['old']:.2f} s, new {figures['new']:.2f} s, new/old {ratio:.3f} "
+                  f"(goal <= 1.10): {'ok' if ratio <= 1.1 else 'MISSED'}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -169,9 +193,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--large", type=int, default=20000)
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--old-rev", default=None, help="commit for (c)'s baseline")
-    p.add_argument("--repeats", type=int, default=2, help="runs per side in (c)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per side in (c)")
     p.add_argument("--sections", default="a,b,c")
-    p.add_argument("--jobs", default="prepare_data,upscale", help="the jobs (a) measures")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 16, 64], help="(b): output megapixels")
+    p.add_argument("--jobs", default="prepare_data,upscale", help="the jobs (a) and (c) measure")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-"))
@@ -180,9 +205,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if "a" in sections:
             section_a(work, args.small, args.large, args.num_cpus, args.jobs.split(","))
         if "b" in sections:
-            section_b(work)
+            section_b(args.sizes)
         if "c" in sections:
-            section_c(work, args.small, args.num_cpus, args.old_rev, args.repeats)
+            section_c(work, args.small, args.num_cpus, args.old_rev, args.repeats, args.jobs.split(","))
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

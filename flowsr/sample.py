@@ -254,6 +254,7 @@ def _tile_cond(cond, boxes, size, index, dtype):
 BICUBIC_A = -0.75  # PyTorch's (and OpenCV's) bicubic coefficient
 
 
+@functools.lru_cache(maxsize=64)  # a batch's images mostly share their sizes; the taps are read-only
 def _bicubic_taps(in_size: int, out_size: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(indices, weights), each (out_size, 4): the source pixels and weights of each output pixel
     of `F.interpolate(mode="bicubic", align_corners=False)` from `in_size` to `out_size` pixels

@@ -40,7 +40,6 @@ import contextlib
 import fnmatch
 import glob as globlib
 import hashlib
-import io
 import json
 import os
 import stat
@@ -59,7 +58,7 @@ from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
 from pipeline import output as out
 from pipeline import shards as pair_shards
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
-from pipeline.images import ALPHA_MODES, ImageDecodeError, load_image, to_rgb8
+from pipeline.images import ALPHA_MODES, ImageDecodeError, ImageTooLarge, load_image, to_rgb8
 from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, content_sample_id, dataset_card,
                              encode_png)
 
@@ -283,7 +282,10 @@ def read_bytes(uri: str, max_bytes: Optional[int] = None) -> bytes:
         if max_bytes is not None and info.st_size > max_bytes:
             raise InputTooLarge(f"file too large: {info.st_size} bytes > max_bytes {max_bytes}")
         with open(path, "rb") as f:
-            data = f.read(max_bytes + 1 if max_bytes is not None else -1)
+            # a buffer of the file's size, not the cap's (a 256 MB read buffer costs 30 us a file)
+            data = f.read(info.st_size + 1)
+            if len(data) > info.st_size:  # it grew since the stat: read on, up to the cap
+                data += f.read(max_bytes + 1 - len(data) if max_bytes is not None else -1)
     else:
         fs, path = resolve_fs(uri)
         info = fs.get_file_info(path)
@@ -304,20 +306,6 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return name
     return "special file"
-
-
-def header_pixels(data: bytes) -> Optional[Tuple[int, int]]:
-    """(width, height) from the image header, without decoding pixels; None when unreadable
-    (the decode then says why). Sizes past Pillow's own bomb limit give (-1, -1)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Image.DecompressionBombError:
-        return -1, -1
-    except Exception:  # an unreadable header is not decided here: the decode reports it as the file's error row
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,16 +370,11 @@ def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: I
     Crops whose sample_id is in `skip_ids` are not produced (they are already written).
     The pixel count is checked from the header before anything is decoded.
     """
-    size = header_pixels(data)
-    if size == (-1, -1):
-        return [], error_row(source_uri, "limit", "too many pixels: past Pillow's decompression-bomb "
-                                                  f"limit (max_pixels {cfg.max_pixels})")
-    if size is not None and size[0] * size[1] > cfg.max_pixels:
-        return [], error_row(source_uri, "limit", f"too many pixels: {size[0]}x{size[1]} = "
-                                                  f"{size[0] * size[1]} > max_pixels {cfg.max_pixels}")
     digest = digest or out.bytes_digest(data)
     try:
-        rgb, conversion = to_rgb8(load_image(data, source_uri), alpha=cfg.alpha)
+        rgb, conversion = to_rgb8(load_image(data, source_uri, cfg.max_pixels), alpha=cfg.alpha)
+    except ImageTooLarge as exc:
+        return [], error_row(source_uri, "limit", str(exc))
     except (ImageDecodeError, ValueError) as exc:
         return [], error_row(source_uri, "decode", str(exc))
     height, width = rgb.shape[:2]
@@ -498,45 +481,75 @@ def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneInd
 
 
 def add_captions(ds, captioner: str):
-    """The caption stage of `pipeline.caption`, or the dataset unchanged when it is missing."""
-    try:
-        from pipeline.caption import CaptionConfig, add_caption_stage
-    except ImportError as exc:
-        print(f"prepare_data: pipeline.caption unavailable ({exc}); caption columns left empty",
-              file=sys.stderr)
-        return ds
-    # template captions are a few string operations per row: they run inside the degrade tasks,
-    # on each unit's pairs as they come; qwen2vl runs on its own GPU actor pool at its own batch size
-    return add_caption_stage(ds, CaptionConfig(backend=captioner), whole_blocks=captioner == "template")
+    """The caption stage of `pipeline.caption` (qwen2vl: its GPU actor pool)."""
+    from pipeline.caption import CaptionConfig, add_caption_stage
+
+    return add_caption_stage(ds, CaptionConfig(backend=captioner))
 
 
 def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Dict[str, Any],
                   shards_done: out.DoneIndex = out.EMPTY_INDEX,
                   errors_done: out.DoneIndex = out.EMPTY_INDEX) -> Iterator[pa.Table]:
-    """Batch of run numbers {id} -> the pair rows of each unit of those runs (`degrade_batch` on
-    the unit's files), yielded unit by unit."""
-    for run in batch.column("id").to_pylist():
-        for files in listing.iter_rows(listing.units_of_run(run, runs)):
-            yield degrade_batch(files, cfg, shards_done, errors_done)
+    """Batch of run numbers {id} -> the pairs of each unit of those runs (`degrade_batch` on the
+    unit's files), unit by unit.
+
+    With a CPU captioner (template) or none, the task captions and writes them itself: it yields
+    the SHARD_SCHEMA row of each shard of `shard_rows` pairs as it commits it. With qwen2vl it
+    yields the pair rows, for the captioner's actor pool and the writer stage after it.
+    """
+    config = PrepareConfig(**cfg)
+    tables = (degrade_batch(files, cfg, shards_done, errors_done)
+              for run in batch.column("id").to_pylist()
+              for files in listing.iter_rows(listing.units_of_run(run, runs)))
+    if config.captioner == "qwen2vl":
+        yield from tables
+        return
+    if config.captioner != "off":
+        from pipeline.caption import CaptionConfig, caption_table
+
+        captions = CaptionConfig(backend=config.captioner)
+        tables = (caption_table(table, captions) for table in tables)
+    yield from pair_shards.write_shards(tables, config.output, PARAMS_VERSION, config.shard_rows)
+
+
+def degrade_runs(listing: out.ListingUnits, cfg: PrepareConfig, cluster_cpus: float) -> int:
+    """Degrade tasks (runs of units): `listing.runs`, but when the job writes its shards in the
+    degrade tasks no more than it takes to fill shards of `shard_rows` pairs (a task's last shard
+    is short), while keeping one task per CPU (or per `num_workers`)."""
+    runs = listing.runs(cluster_cpus)
+    if cfg.captioner == "qwen2vl":
+        return runs
+    pairs = sum(listing.rows) * cfg.crops_per_image  # at most; done and failed files make fewer
+    slots = cfg.num_workers or max(1, int(cluster_cpus))
+    return min(runs, max(slots, -(-pairs // cfg.shard_rows)))
 
 
 def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
                   errors_done: out.DoneIndex = out.EMPTY_INDEX):
-    """The listing, `files_per_task` files a unit -> a Ray Dataset of written shards ({shard, rows})."""
+    """The listing, `files_per_task` files a unit -> a Ray Dataset of written shards ({shard, rows}).
+
+    Without a GPU captioner it is a single operator: a run of units per task (no batch size, so
+    the read of the run numbers fuses with it), each task degrading, captioning and writing its
+    pairs as it goes. No writer actor: an actor pool's start (its worker process, and Ray Data's
+    actor-location tracker, which holds up the first tasks) cost ~1 s of a 3 s small job.
+    """
     import ray
 
     compute = ray.data.TaskPoolStrategy(size=cfg.num_workers) if cfg.num_workers else None
-    # one run of units per task (no batch size, so the read of the run numbers fuses with it):
-    # each task works through its run and yields each unit's pairs as it goes
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    runs = listing.runs(cluster_cpus)
+    runs = degrade_runs(listing, cfg, cluster_cpus)
     ds = listing.dataset(runs).map_batches(
         degrade_units, fn_kwargs={"listing": listing, "runs": runs, "cfg": asdict(cfg),
                                   "shards_done": shards_done, "errors_done": errors_done},
         batch_size=None, batch_format="pyarrow", compute=compute)
-    if cfg.captioner != "off":
+    if cfg.captioner == "qwen2vl":
         ds = add_captions(ds, cfg.captioner)
-    return pair_shards.add_shard_writer(ds, cfg.output, PARAMS_VERSION, cfg.shard_rows, cluster_cpus)
+        return pair_shards.add_shard_writer(ds, cfg.output, PARAMS_VERSION, cfg.shard_rows, cluster_cpus)
+    # One operator, whose output is a row per shard: Ray Data's per-operator reservation (there
+    # to share CPUs and object store among operators) only held it to one task at a time until
+    # its first task had finished (measured: a CPU idle for the first second on 2 CPUs).
+    ds.context.op_resource_reservation_enabled = False  # this dataset's own context
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------

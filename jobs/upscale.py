@@ -39,12 +39,14 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 from flowsr.metrics_log import progress_text
 from jobs.common import add_ray_args, fit_actor_cpus, init_ray, is_local, log
 
-PROBE_BLOCK = 256  # rows per probe task (and per probe part)
+# rows per probe unit (and per pending part): the driver holds a path per pending part, so
+# 10^8 inputs are ~100k paths (~10 MB); a unit probes in ~0.15 s
+PROBE_BLOCK = 1024
 SHUFFLE_PARTITION_ROWS, MAX_SHUFFLE_PARTITIONS = 20_000, 1000  # the sort by output size and the plan of a list
 LISTING_CHUNK_ROWS = 50_000  # listed inputs per listing chunk: the listing never sits whole in the driver
 MAX_SCALE = 16.0  # output / input size; beyond it the bicubic start carries no information
@@ -232,9 +234,9 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
     steady = None
     try:
         if chunks:
-            todo = _probe(cfg, chunks, listed, planned, parts)
-            if todo:
-                steady = _run_pipeline(cfg, parts, todo)
+            pending, mixed = _probe(cfg, chunks, listed, planned, parts)
+            if pending:
+                steady = _run_pipeline(cfg, parts, pending, sort=mixed)
     finally:
         counts = io.consolidate_manifest(parts, manifest)
         _clear(parts)
@@ -255,29 +257,39 @@ def _partitions(rows: int) -> int:
     return max(1, min(MAX_SHUFFLE_PARTITIONS, math.ceil(rows / SHUFFLE_PARTITION_ROWS)))
 
 
-def _probe(cfg: UpscaleJobConfig, chunks: list, listed: int, planned: bool, parts: str) -> int:
+def _probe(cfg: UpscaleJobConfig, chunks: list, listed: int, planned: bool, parts: str) -> Tuple[list, bool]:
     """Listing chunks -> [plan per folder key] -> probe (Ray tasks): finished rows become manifest
-    parts, pending rows pending parts (OUT/.flowsr-tmp/pending). Returns the number pending."""
+    parts, pending rows pending parts (OUT/.flowsr-tmp/pending). Returns the pending parts as
+    (path, rows) pairs (one per probe unit of PROBE_BLOCK inputs, not one per input) and whether
+    their rows fall in more than one output-size bucket."""
     import ray
 
+    from pipeline import output as out
     from pipeline import upscale_io as io
 
     fs, _ = io.split_uri(cfg.output)
-    ds = ray.data.read_parquet(chunks, filesystem=fs)
+    cluster_cpus = ray.cluster_resources().get("CPU", 1)
+    ds = out.ListingUnits(fs, chunks, out.part_rows(fs, chunks), PROBE_BLOCK).rows_dataset(cluster_cpus)
     if not planned:  # a Parquet list: names compete within a folder, so plan folder by folder
         ds = ds.groupby("key", num_partitions=_partitions(listed)).map_groups(_arrow(io.plan_batch, output_root=cfg.output, fmt=cfg.format,
                                                  suffix=cfg.name_suffix), batch_format="pyarrow")
-    ds = ds.repartition(target_num_rows_per_block=PROBE_BLOCK)
+        ds = ds.repartition(target_num_rows_per_block=PROBE_BLOCK)
     ds = ds.map_batches(_arrow(io.probe_and_commit, parts_dir=parts, pending_dir=_pending_dir(cfg), bucket=cfg.bucket,
                                scale=cfg.scale, resume=not cfg.overwrite, max_pixels=cfg.max_pixels,
                                max_output_pixels=cfg.max_output_pixels, max_bytes=cfg.max_bytes),
-                        batch_format="pyarrow", batch_size=PROBE_BLOCK)
+                        batch_format="pyarrow", batch_size=None)  # a unit (a block) at a time, in the reading task
     counts = dict.fromkeys((io.PENDING, io.SKIPPED, io.ERROR, io.UNSUPPORTED), 0)
+    pending, buckets = [], set()  # buckets: at most two keys are kept (one bucket, or more)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for status in counts:
             counts[status] += sum(batch.column(status).to_pylist())
+        for path, rows, key in zip(*(batch.column(c).to_pylist() for c in ("pending_part", "pending_rows", "pending_bucket"))):
+            if rows:
+                pending.append((path, rows))
+                if len(buckets) < 2:
+                    buckets.update({key, io.MIXED_BUCKETS} if key == io.MIXED_BUCKETS else {key})
     log.info("upscale: %d to do, %d skipped (valid output), %d errors, %d unsupported", *counts.values())
-    return counts[io.PENDING]
+    return pending, len(buckets) > 1
 
 
 def _pending_dir(cfg: UpscaleJobConfig) -> str:
@@ -316,21 +328,25 @@ def exit_status(summary: dict, allow_errors: bool = False) -> int:
     return EXIT_ITEM_ERRORS if summary.get("error") and not allow_errors else EXIT_OK
 
 
-def _run_pipeline(cfg: UpscaleJobConfig, parts: str, todo: int) -> Optional[float]:
-    """The pending parts, ordered by output-size bucket (a Ray Data sort, when there is more than
-    one batch), through decode -> upscale -> write, each write batch committing its manifest
-    part. The driver sees one row of counts per batch. Returns the steady rate: rows/s from the
-    first finished batch to the last (startup excluded)."""
+def _run_pipeline(cfg: UpscaleJobConfig, parts: str, pending: list, sort: bool = True) -> Optional[float]:
+    """The `pending` parts ((path, rows) pairs), ordered by output-size bucket (a Ray Data sort,
+    when there is more than one batch and `sort`: their rows fall in more than one bucket),
+    through decode -> upscale -> write, each write batch committing its manifest part. The
+    driver sees one row of counts per batch. Returns the steady rate: rows/s from the first
+    finished batch to the last (startup excluded)."""
     import ray
 
+    from pipeline import output as out
     from pipeline import upscale_io as io
 
     num_gpus = cfg.num_gpus
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    fs, pending = io.split_uri(_pending_dir(cfg))
-    ds = ray.data.read_parquet(pending, filesystem=fs)
-    if todo > cfg.batch_size:  # one batch needs no order
+    fs, _ = io.split_uri(_pending_dir(cfg))
+    paths, rows = [p for p, _ in pending], [n for _, n in pending]
+    todo = sum(rows)
+    ds = out.ListingUnits(fs, paths, rows, PROBE_BLOCK).rows_dataset(ray.cluster_resources().get("CPU", 1))
+    if sort and todo > cfg.batch_size:  # one batch needs no order
         ds.context.default_hash_shuffle_parallelism = _partitions(todo)  # this dataset's own context
         ds = ds.sort(["bucket_h", "bucket_w", "input"])
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)

@@ -493,6 +493,24 @@ def no_captions(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {**batch, **caption_columns([None] * n, [None] * n, None, None)}
 
 
+def caption_table(table: pa.Table, cfg: CaptionConfig) -> pa.Table:
+    """A CPU backend (template) on a table of pair rows, in the calling process: the rows gain
+    the caption columns (CAPTION_SCHEMA's types). Only the columns the backend reads are
+    converted; the PNG columns pass through untouched."""
+    if cfg.backend == "qwen2vl":
+        raise ValueError("qwen2vl captions run on their own actor pool (add_caption_stage)")
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False)
+             for name in ("sample_id", "degradation") if name in table.column_names}
+    captioned = no_captions(batch) if cfg.backend == "off" else Captioner(cfg)(batch)
+    for name in CAPTION_COLUMNS:
+        column = pa.array(list(captioned[name]), CAPTION_SCHEMA.field(name).type)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, column)
+        else:
+            table = table.append_column(name, column)
+    return table
+
+
 def add_caption_stage(ds, cfg: CaptionConfig, *, whole_blocks: bool = False):
     """Ray Data adapter: `ds` rows gain the caption columns. qwen2vl runs on an actor pool.
 

@@ -36,6 +36,10 @@ class ImageDecodeError(ValueError):
     """The bytes are not a usable image; the message says why."""
 
 
+class ImageTooLarge(ImageDecodeError):
+    """The header declares more pixels than allowed; nothing was decoded."""
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     """A decoded image in its source format.
@@ -123,21 +127,31 @@ def _pil_pixels(im: Image.Image, uri: str) -> np.ndarray:
     raise ImageDecodeError(f"{uri or '<bytes>'}: unsupported image mode {mode!r}")
 
 
-def load_image(data: bytes, uri: str = "") -> DecodedImage:
+def load_image(data: bytes, uri: str = "", max_pixels: Optional[int] = None) -> DecodedImage:
     """Decode image bytes (first frame of animations), EXIF orientation applied.
 
-    Raises ImageDecodeError for empty, unrecognised, truncated, oversized or unsupported data.
+    `max_pixels`: checked against the size in the header before any pixel is decoded
+    (ImageTooLarge). Raises ImageDecodeError for empty, unrecognised, truncated, oversized or
+    unsupported data.
     """
     name = uri or "<bytes>"
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
     try:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        im = Image.open(io.BytesIO(data))  # reads the header only
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{name}: not a recognised image format") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{name}: too many pixels ({exc})") from exc
+        raise ImageTooLarge(f"too many pixels: past Pillow's decompression-bomb limit ({exc})") from exc
+    except Exception as exc:  # a header that breaks off
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from exc
+    width, height = im.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"too many pixels: {width}x{height} = {width * height} > max_pixels {max_pixels}")
+    try:
+        im.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"too many pixels: past Pillow's decompression-bomb limit ({exc})") from exc
     except Exception as exc:  # truncated or corrupt streams raise OSError, SyntaxError, zlib.error...
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from exc
     mode, orientation = im.mode, _exif_orientation(im)

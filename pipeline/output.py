@@ -605,6 +605,15 @@ class ListingUnits:
 
         return ray.data.range(runs, override_num_blocks=runs)
 
+    def rows_dataset(self, cluster_cpus: float):
+        """Every row, as a Ray Dataset: `runs(cluster_cpus)` tasks, each reading its run's units
+        (a block per unit). What it is mapped with (no batch size) runs in the same tasks. Unlike
+        `ray.data.read_parquet`, no listing or footer task comes first (1.5-4 s of a small job
+        on 2 CPUs)."""
+        runs = self.runs(cluster_cpus)
+        return self.dataset(runs).map_batches(rows_of_runs, fn_kwargs={"listing": self, "runs": runs},
+                                              batch_size=None, batch_format="pyarrow")
+
     def units_of_run(self, run: int, runs: int) -> range:
         """The units of run `run` of `runs` (runs differ in length by one unit at most)."""
         return range(run * self.count // runs, (run + 1) * self.count // runs)
@@ -640,6 +649,12 @@ class ListingUnits:
                 held = {g: held[g] if g in held else reader.read_row_group(g) for g in groups}
                 table = pa.concat_tables([held[g] for g in groups])
                 yield table.slice(first - starts[groups[0]], stop - first)
+
+
+def rows_of_runs(batch: pa.Table, listing: ListingUnits, runs: int) -> Iterator[pa.Table]:
+    """Batch of run numbers {id} -> the rows of each unit of those runs, unit by unit."""
+    for run in batch.column("id").to_pylist():
+        yield from listing.iter_rows(listing.units_of_run(run, runs))
 
 
 def write_listing_chunks(fs: pafs.FileSystem, directory: str, rows: Iterable[Dict[str, Any]],

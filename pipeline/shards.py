@@ -1,5 +1,11 @@
-"""Pair shards: PAIR_SCHEMA Parquet parts committed under an output folder, and the Ray Data
-writer that makes them.
+"""Pair shards: PAIR_SCHEMA Parquet parts committed under an output folder, and the two ways
+they are made.
+
+- `write_shards`: inside the task that makes the pairs, its pairs cut into shards of
+  `shard_rows` rows as they come (the data stage with CPU captions or none: one operator, no
+  writer process at all);
+- `add_shard_writer`: a Ray Data stage of 0-CPU writer actors, for pairs that come out of
+  another pool first (the qwen2vl captioner's GPU actors).
 
 Apart from `jobs.prepare_data` so that a writer process imports pyarrow, the schema and the
 output layer only (not OpenCV, SciPy and the degradation): a writer actor starts in about half
@@ -7,7 +13,7 @@ the time, which a small job on a few cores feels.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import pyarrow as pa
 
@@ -45,6 +51,37 @@ def write_shard(table: pa.Table, output: str, params_version: Optional[int]) -> 
     return {"shard": f"{SHARDS_DIR}/{name}", "rows": table.num_rows}
 
 
+def shard_rows_table(written: Optional[Dict[str, Any]]) -> pa.Table:
+    """`write_shard`'s result as a SHARD_SCHEMA table (no row for an empty shard)."""
+    return pa.Table.from_pylist([written] if written else [], schema=SHARD_SCHEMA)
+
+
+def write_shards(tables: Iterable[pa.Table], output: str, params_version: Optional[int],
+                 shard_rows: int) -> Iterator[pa.Table]:
+    """Pair tables, as a task makes them -> a shard committed each time `shard_rows` rows have
+    come, and the rest as one last, shorter shard -> each shard's SHARD_SCHEMA row as it is written.
+
+    Which rows make a shard depends only on the order of the rows, so a retried task writes the
+    same shards under the same names (they replace, never duplicate). At most `shard_rows` rows
+    plus one incoming table are held.
+    """
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+    pending, held = [], 0
+    for table in tables:
+        if table.num_rows == 0:
+            continue
+        pending.append(table)
+        held += table.num_rows
+        while held >= shard_rows:
+            rows = pa.concat_tables(pending)
+            yield shard_rows_table(write_shard(rows.slice(0, shard_rows), output, params_version))
+            rest = rows.slice(shard_rows)
+            pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+    if held:
+        yield shard_rows_table(write_shard(pa.concat_tables(pending), output, params_version))
+
+
 class ShardWriter:
     """Ray Data callable class: a batch of pair rows -> one committed shard -> its SHARD_SCHEMA row.
 
@@ -58,8 +95,7 @@ class ShardWriter:
         self.output, self.params_version = output, params_version
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        written = write_shard(batch, self.output, self.params_version)
-        return pa.Table.from_pylist([written] if written else [], schema=SHARD_SCHEMA)
+        return shard_rows_table(write_shard(batch, self.output, self.params_version))
 
 
 def writer_pool_size(cluster_cpus: float) -> int:

@@ -920,12 +920,17 @@ def plan_batch(batch: Dict[str, Sequence], *, output_root: str, fmt: str, suffix
     return {k: [r[k] for r in rows] for k in ("input", "output", "status", "error")}
 
 
+MIXED_BUCKETS = "mixed"  # a probe unit's pending rows fall in more than one output-size bucket
+
+
 def probe_and_commit(batch: Dict[str, Sequence], *, parts_dir: str, pending_dir: str, bucket: int,
                      **probe_options) -> Dict[str, list]:
     """`probe_batch`, then: rows it finished (skipped, error, unsupported) are committed as a
     manifest part under `parts_dir`; pending rows, with their output-size bucket (`bucket_h`,
     `bucket_w`: output sides rounded up to `bucket`, for dense batches), are committed as a part
-    under `pending_dir`. Returns one row of counts by status (pending included)."""
+    under `pending_dir`. Returns one row of counts by status (pending included), and the pending
+    part's path, row count and bucket (`pending_part`, `pending_rows`, `pending_bucket`: "HxW" of
+    bucket sides when its rows share one, "mixed" when not; "", 0 and "" when none)."""
     from pipeline import output as layer
 
     probed = probe_batch(batch, **probe_options)
@@ -933,13 +938,18 @@ def probe_and_commit(batch: Dict[str, Sequence], *, parts_dir: str, pending_dir:
     finished = [i for i, s in enumerate(probed["status"]) if s != PENDING]
     if finished:
         commit_manifest_part({k: [v[i] for i in finished] for k, v in probed.items()}, parts_dir)
+    part = key = ""
     if pending:
         rows = {k: [v[i] for i in pending] for k, v in probed.items()}
         rows["bucket_h"] = [-(-h // bucket) for h in rows["out_height"]]
         rows["bucket_w"] = [-(-w // bucket) for w in rows["out_width"]]
         fs, root = split_uri(pending_dir)
-        layer.write_parquet_atomic(fs, f"{root}/{layer.content_part_name(rows['input'])}", pa_table(rows))
-    return {s: [sum(x == s for x in probed["status"])] for s in (PENDING, SKIPPED, ERROR, UNSUPPORTED)}
+        part = f"{root}/{layer.content_part_name(rows['input'])}"
+        layer.write_parquet_atomic(fs, part, pa_table(rows))
+        keys = set(zip(rows["bucket_h"], rows["bucket_w"]))
+        key = "x".join(map(str, keys.pop())) if len(keys) == 1 else MIXED_BUCKETS
+    counts = {s: [sum(x == s for x in probed["status"])] for s in (PENDING, SKIPPED, ERROR, UNSUPPORTED)}
+    return {**counts, "pending_part": [part], "pending_rows": [len(pending)], "pending_bucket": [key]}
 
 
 def write_and_count(batch: Dict[str, Sequence], *, output_root: str, parts_dir: str) -> Dict[str, list]:

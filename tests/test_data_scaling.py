@@ -1,35 +1,66 @@
-"""The data stage's Ray Data plan keeps its degrade work in parallel tasks of `files_per_task`
-files: the shard writer (which asks for no CPU) is neither fused into the degrade operator nor
-given a CPU of the budget, and template captions run inside the degrade tasks. Before, Ray
-Data fused the writer's `shard_rows` batching into the degrade operator, so one task degraded
-every file of a small job and a second CPU added nothing."""
+"""The data stage's Ray Data plan: one operator of parallel degrade tasks, each working through a
+run of `files_per_task`-file units and captioning (template) and writing its own pairs as shards
+of `shard_rows` rows. No writer stage: an actor pool's start held up a small job's first tasks
+for ~1 s, and 0-CPU writer tasks started a Python process for most shards. Before that, Ray Data
+fused a writer's `shard_rows` batching into the degrade operator, so one task degraded every file
+of a small job and a second CPU added nothing."""
 from __future__ import annotations
 
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs import prepare_data as P
 from pipeline import output as out
+from pipeline.caption import CaptionConfig
 
 
-def test_degrade_tasks_follow_files_per_task(ray_local, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
+def write_files(folder, count):
+    folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(src / f"f{i}.png")
-    cfg = P.PrepareConfig(input=str(src), output=str(tmp_path / "out"), patch_size=32, crops_per_image=1,
-                          shard_rows=500, files_per_task=2, captioner="template")
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(folder / f"f{i}.png")
+
+
+def run_plan(tmp_path, name, **kw):
+    cfg = P.PrepareConfig(input=str(tmp_path / "in"), output=str(tmp_path / name), patch_size=32,
+                          crops_per_image=1, **kw)
     with out.open_output(cfg.output, cfg.record()) as output:
         listing = P.write_work_listing(cfg, output)
         ds = P.build_dataset(listing, cfg)
         written = list(ds.iter_rows())
-    assert sum(r["rows"] for r in written) == 6 and len(written) == 1  # one shard of <= shard_rows rows
-    stats = ds.stats()
-    degrade = re.search(r"MapBatches\(degrade_units\)[^\n:]*: (\d+) tasks executed", stats)
+    return cfg, written, ds.stats()
+
+
+def degrade_tasks(stats: str) -> int:
+    degrade = re.search(r"Operator \d+ ([^\n:]*MapBatches\(degrade_units\)[^\n:]*): (\d+) tasks executed", stats)
     assert degrade is not None, stats
-    assert "ShardWriter" not in degrade.group(0), stats  # the writer is an operator of its own
-    assert "template_captions" in degrade.group(0), stats  # captions inside the degrade tasks
-    assert int(degrade.group(1)) == 3, stats  # 6 files / files_per_task 2
+    assert "ShardWriter" not in stats and "template_captions" not in stats, stats  # nothing after it
+    return int(degrade.group(2))
+
+
+def test_degrade_tasks_follow_files_per_task_and_write_their_shards(ray_local, tmp_path):
+    write_files(tmp_path / "in", 6)
+    cfg, written, stats = run_plan(tmp_path, "out", shard_rows=2, files_per_task=2, captioner="template")
+    assert degrade_tasks(stats) == 3, stats  # 6 files / files_per_task 2 (and 3 full shards of 2)
+    assert sorted(r["rows"] for r in written) == [2, 2, 2]
+    table = pq.read_table([str(tmp_path / "out" / r["shard"]) for r in written])
+    assert table.num_rows == 6 and len(set(table.column("sample_id").to_pylist())) == 6
+    # captioned in the tasks: the template's captions, one per pair, from its degradation
+    assert all(table.column("lr_caption").to_pylist()) and all(table.column("hr_caption").to_pylist())
+    assert set(table.column("caption_model").to_pylist()) == {CaptionConfig(backend="template").caption_model}
+
+
+def test_tasks_are_as_few_as_fill_their_shards_but_one_per_cpu(ray_local, tmp_path):
+    """8 one-file units would be 8 tasks; 8 pairs fill two shards of 4 and there are 2 CPUs: 2
+    tasks, each writing one full shard (not eight 1-row shards)."""
+    write_files(tmp_path / "in", 8)
+    cfg, written, stats = run_plan(tmp_path, "out", shard_rows=4, files_per_task=1)
+    assert degrade_tasks(stats) == 2, stats
+    assert sorted(r["rows"] for r in written) == [4, 4]
+    # a shard size above the corpus: still one task per CPU, each writing its part as one shard
+    cfg, written, stats = run_plan(tmp_path, "big", shard_rows=1000, files_per_task=1)
+    assert degrade_tasks(stats) == 2, stats
+    assert sorted(r["rows"] for r in written) == [4, 4]

@@ -196,6 +196,38 @@ def test_process_source_rows(tmp_path):
         "x.png", "decode", "x.png: not a recognised image format"))
 
 
+def test_write_shards_cuts_a_tasks_pairs_into_shards_of_shard_rows(tmp_path):
+    """A task's unit tables of 3, 0, 9 and 1 rows with shard_rows 4: shards of 4, 4, 4 and a
+    last one of 1, holding every row once in order; a second pass (a retried task) writes the
+    same files again, not new ones."""
+    from pipeline.caption import CaptionConfig, caption_table
+    from pipeline.shards import SHARD_SCHEMA, write_shards
+
+    cfg = make_cfg(tmp_path, tmp_path, "unused", crops_per_image=13, patch_size=16)
+    rows, _ = P.process_source("mem://chelsea.png", png_bytes(rgb_image("chelsea"), format="PNG"), cfg)
+    ids = [r["sample_id"] for r in rows]
+    assert len(set(ids)) == 13
+    sizes, start, tables = (3, 0, 9, 1), 0, []
+    for size in sizes:
+        tables.append(caption_table(P.pairs_table(rows[start:start + size]), CaptionConfig(backend="template")))
+        start += size
+    output = str(tmp_path / "out")
+    written = [t.to_pylist() for t in write_shards(iter(tables), output, P.PARAMS_VERSION, shard_rows=4)]
+    assert all(len(w) == 1 for w in written) and [w[0]["rows"] for w in written] == [4, 4, 4, 1]
+    shards = [pq.read_table(str(Path(output) / w[0]["shard"])) for w in written]
+    assert [s for t in shards for s in t.column("sample_id").to_pylist()] == ids
+    assert all(t.schema.equals(PAIR_SCHEMA) for t in shards)
+    template = CaptionConfig(backend="template")
+    assert {m for t in shards for m in t.column("caption_model").to_pylist()} == {template.caption_model}
+    again = [t.to_pylist()[0]["shard"] for t in write_shards(iter(tables), output, P.PARAMS_VERSION, 4)]
+    assert again == [w[0]["shard"] for w in written]
+    assert len(list((Path(output) / P.SHARDS_DIR).iterdir())) == 4
+    assert list(write_shards(iter([tables[1]]), output, P.PARAMS_VERSION, 4)) == []  # nothing, no shard
+    with pytest.raises(ValueError, match="shard_rows"):
+        list(write_shards(iter(tables), output, P.PARAMS_VERSION, 0))
+    assert SHARD_SCHEMA.names == ["shard", "rows"]
+
+
 def test_list_sources(tmp_path):
     paths = write_good_images(tmp_path / "in" / "sub", 2)
     (tmp_path / "in" / "README.txt").write_text("not an image")
@@ -212,12 +244,6 @@ def test_list_sources(tmp_path):
         uris + ["file://" + str(tmp_path / "in" / n) for n in ("README.txt", ".hidden.png")])
     assert P._list_remote("file://" + str(tmp_path / "in" / "sub" / "*_00.png")) == uris[:1]
     assert P.read_bytes(uris[0]) == Path(paths[0]).read_bytes()
-
-
-def test_captions_left_empty_without_caption_module(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pipeline.caption", None)  # import now raises ImportError
-    sentinel = object()
-    assert P.add_captions(sentinel, "template") is sentinel
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
@@ -305,12 +331,15 @@ KILL_SCRIPT = textwrap.dedent("""
     from jobs.prepare_data import PrepareConfig, prepare
     ray.init(address="local", num_cpus=1, object_store_memory=1 << 29, include_dashboard=False,
              log_to_driver=False)
-    written = []
-    def on_shard(row):
-        written.append(row)
-        if len(written) == {kill_after}:
-            os.kill(os.getpid(), signal.SIGKILL)  # a hard kill, mid-run
-    prepare(PrepareConfig(**{cfg!r}), on_shard=on_shard)
+    import threading, time
+    from pathlib import Path
+    shards = Path({cfg!r}["output"]) / "shards"
+    def kill_after_shards(count):  # the degrade tasks write the shards: watch them land
+        while len(list(shards.glob("part-*.parquet"))) < count:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGKILL)  # a hard kill of the job, mid-run
+    threading.Thread(target=kill_after_shards, args=({kill_after},), daemon=True).start()
+    prepare(PrepareConfig(**{cfg!r}))
 """)
 
 

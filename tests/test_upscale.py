@@ -480,8 +480,9 @@ def test_driver_holds_counters_not_rows_and_the_manifest_lists_each_input_once(r
     assert sorted(listed) == inputs  # each input exactly once
     assert (summary["ok"], summary["error"], summary["unsupported"]) == (5, 1, 1)
     assert len(chunk_rows) >= 3 and max(chunk_rows) <= 3  # chunks of at least 2 rows, cut at a folder's end
-    counters = {"pending", "skipped", "error", "unsupported", "ok"}
-    assert received and all(columns <= counters for columns, _ in received)  # counts, never rows
+    # counts, and a pending part per probe unit (PROBE_BLOCK inputs), never rows
+    counters = {"pending", "skipped", "error", "unsupported", "ok", "pending_part", "pending_rows", "pending_bucket"}
+    assert received and all(columns <= counters for columns, _ in received)
     again, listed, status = run(root, tmp_path / "out")
     assert sorted(listed) == inputs and (again["skipped"], again["ok"]) == (5, 0)
 

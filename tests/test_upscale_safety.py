@@ -183,6 +183,28 @@ def test_pixel_and_size_caps_are_per_item_errors_before_decode(tmp_path):
     assert out["status"][1:] == ["error", "error"] and "file size cap" in out["error"][1]
 
 
+def test_probe_unit_commits_one_pending_part_and_names_its_bucket(tmp_path):
+    """A probe unit's pending rows go to one part whose path and row count come back (the driver
+    holds a path per unit, not per input), with their output-size bucket when they share one
+    (the job then skips the sort by size) and "mixed" when not."""
+    for name, (h, w) in {"a.png": (10, 12), "b.png": (10, 12), "c.png": (30, 12)}.items():
+        _png(tmp_path / name, _rgb(h, w))
+
+    def probe(names, tag):
+        batch = {"input": [str(tmp_path / n) for n in names], "output": [str(tmp_path / f"{tag}{n}") for n in names]}
+        return uio.probe_and_commit(batch, parts_dir=str(tmp_path / "parts"), pending_dir=str(tmp_path / "pending"),
+                                    bucket=8, scale=2)
+    same = probe(["a.png", "b.png"], "s")
+    assert same["pending"] == same["pending_rows"] == [2] and same["pending_bucket"] == ["3x3"]  # 24x20 -> 3x3 of 8
+    part = pq.read_table(same["pending_part"][0])
+    assert sorted(part.column("input").to_pylist()) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert part.column("bucket_h").to_pylist() == [3, 3] and part.column("bucket_w").to_pylist() == [3, 3]
+    assert probe(["a.png", "c.png"], "m")["pending_bucket"] == [uio.MIXED_BUCKETS]  # 20 vs 60 rows
+    _png(tmp_path / "sa.png", _rgb(20, 24))  # a valid output already there: nothing pending
+    done = probe(["a.png"], "s")
+    assert (done["pending_part"], done["pending_rows"], done["pending_bucket"], done["skipped"]) == ([""], [0], [""], [1])
+
+
 def test_png_with_exif_after_the_image_data_is_not_redone(stage, tmp_path):
     buf = io.BytesIO()
     Image.fromarray(_rgb(10, 16)).save(buf, format="PNG")

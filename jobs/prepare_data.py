@@ -499,8 +499,7 @@ def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Di
     """
     config = PrepareConfig(**cfg)
     tables = (degrade_batch(files, cfg, shards_done, errors_done)
-              for run in batch.column("id").to_pylist()
-              for files in listing.iter_rows(listing.units_of_run(run, runs)))
+              for files in out.rows_of_runs(batch, listing, runs))
     if config.captioner == "qwen2vl":
         yield from tables
         return

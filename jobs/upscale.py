@@ -228,13 +228,13 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
     parts = io.join_uri(cfg.output, io.PARTS_DIR)
     io.clear_tmp(cfg.output)
     _clear(parts)  # a killed run's parts: this run probes its outputs again (skipped rows)
-    chunks, listed, planned = io.write_listing(listing, io.join_uri(io.tmp_root(cfg.output), "listing"), cfg.output,
+    chunks, chunk_rows, planned = io.write_listing(listing, io.join_uri(io.tmp_root(cfg.output), "listing"), cfg.output,
                                                cfg.format, cfg.name_suffix, LISTING_CHUNK_ROWS)
     started_ray = init_ray(cfg.address) if chunks else False
     steady = None
     try:
         if chunks:
-            pending, mixed = _probe(cfg, chunks, listed, planned, parts)
+            pending, mixed = _probe(cfg, chunks, chunk_rows, planned, parts)
             if pending:
                 steady = _run_pipeline(cfg, parts, pending, sort=mixed)
     finally:
@@ -257,7 +257,7 @@ def _partitions(rows: int) -> int:
     return max(1, min(MAX_SHUFFLE_PARTITIONS, math.ceil(rows / SHUFFLE_PARTITION_ROWS)))
 
 
-def _probe(cfg: UpscaleJobConfig, chunks: list, listed: int, planned: bool, parts: str) -> Tuple[list, bool]:
+def _probe(cfg: UpscaleJobConfig, chunks: list, chunk_rows: list, planned: bool, parts: str) -> Tuple[list, bool]:
     """Listing chunks -> [plan per folder key] -> probe (Ray tasks): finished rows become manifest
     parts, pending rows pending parts (OUT/.flowsr-tmp/pending). Returns the pending parts as
     (path, rows) pairs (one per probe unit of PROBE_BLOCK inputs, not one per input) and whether
@@ -269,9 +269,9 @@ def _probe(cfg: UpscaleJobConfig, chunks: list, listed: int, planned: bool, part
 
     fs, _ = io.split_uri(cfg.output)
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    ds = out.ListingUnits(fs, chunks, out.part_rows(fs, chunks), PROBE_BLOCK).rows_dataset(cluster_cpus)
+    ds = out.ListingUnits(fs, chunks, chunk_rows, PROBE_BLOCK).rows_dataset(cluster_cpus)
     if not planned:  # a Parquet list: names compete within a folder, so plan folder by folder
-        ds = ds.groupby("key", num_partitions=_partitions(listed)).map_groups(_arrow(io.plan_batch, output_root=cfg.output, fmt=cfg.format,
+        ds = ds.groupby("key", num_partitions=_partitions(sum(chunk_rows))).map_groups(_arrow(io.plan_batch, output_root=cfg.output, fmt=cfg.format,
                                                  suffix=cfg.name_suffix), batch_format="pyarrow")
         ds = ds.repartition(target_num_rows_per_block=PROBE_BLOCK)
     ds = ds.map_batches(_arrow(io.probe_and_commit, parts_dir=parts, pending_dir=_pending_dir(cfg), bucket=cfg.bucket,
@@ -279,17 +279,17 @@ def _probe(cfg: UpscaleJobConfig, chunks: list, listed: int, planned: bool, part
                                max_output_pixels=cfg.max_output_pixels, max_bytes=cfg.max_bytes),
                         batch_format="pyarrow", batch_size=None)  # a unit (a block) at a time, in the reading task
     counts = dict.fromkeys((io.PENDING, io.SKIPPED, io.ERROR, io.UNSUPPORTED), 0)
-    pending, buckets = [], set()  # buckets: at most two keys are kept (one bucket, or more)
+    pending, first_bucket, mixed = [], None, False
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for status in counts:
             counts[status] += sum(batch.column(status).to_pylist())
         for path, rows, key in zip(*(batch.column(c).to_pylist() for c in ("pending_part", "pending_rows", "pending_bucket"))):
             if rows:
                 pending.append((path, rows))
-                if len(buckets) < 2:
-                    buckets.update({key, io.MIXED_BUCKETS} if key == io.MIXED_BUCKETS else {key})
+                first_bucket = first_bucket or key
+                mixed = mixed or key != first_bucket or key == io.MIXED_BUCKETS
     log.info("upscale: %d to do, %d skipped (valid output), %d errors, %d unsupported", *counts.values())
-    return pending, len(buckets) > 1
+    return pending, mixed
 
 
 def _pending_dir(cfg: UpscaleJobConfig) -> str:

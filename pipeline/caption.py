@@ -497,11 +497,11 @@ def caption_table(table: pa.Table, cfg: CaptionConfig) -> pa.Table:
     """A CPU backend (template) on a table of pair rows, in the calling process: the rows gain
     the caption columns (CAPTION_SCHEMA's types). Only the columns the backend reads are
     converted; the PNG columns pass through untouched."""
-    if cfg.backend == "qwen2vl":
-        raise ValueError("qwen2vl captions run on their own actor pool (add_caption_stage)")
+    if cfg.backend != "template":
+        raise ValueError(f"{cfg.backend} captions do not run in the pair-making task (add_caption_stage)")
     batch = {name: table.column(name).to_numpy(zero_copy_only=False)
-             for name in ("sample_id", "degradation") if name in table.column_names}
-    captioned = no_captions(batch) if cfg.backend == "off" else Captioner(cfg)(batch)
+             for name in required_columns(cfg) if name in table.column_names}
+    captioned = Captioner(cfg)(batch)
     for name in CAPTION_COLUMNS:
         column = pa.array(list(captioned[name]), CAPTION_SCHEMA.field(name).type)
         if name in table.column_names:

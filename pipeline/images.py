@@ -139,17 +139,14 @@ def load_image(data: bytes, uri: str = "", max_pixels: Optional[int] = None) -> 
         raise ImageDecodeError(f"{name}: empty file")
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
+        width, height = im.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLarge(f"too many pixels: {width}x{height} = {width * height} > max_pixels {max_pixels}")
+        im.load()
+    except ImageTooLarge:
+        raise
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{name}: not a recognised image format") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"too many pixels: past Pillow's decompression-bomb limit ({exc})") from exc
-    except Exception as exc:  # a header that breaks off
-        raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc})") from exc
-    width, height = im.size
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageTooLarge(f"too many pixels: {width}x{height} = {width * height} > max_pixels {max_pixels}")
-    try:
-        im.load()
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"too many pixels: past Pillow's decompression-bomb limit ({exc})") from exc
     except Exception as exc:  # truncated or corrupt streams raise OSError, SyntaxError, zlib.error...

@@ -866,11 +866,11 @@ LISTING_COLUMNS = ("input", "relative", "output", "status", "error", "key")
 
 
 def write_listing(listing: Listing, listing_dir: str, output_root: str, fmt: str, suffix: str = "",
-                  rows_per_chunk: int = 50_000) -> Tuple[List[str], int, bool]:
+                  rows_per_chunk: int = 50_000) -> Tuple[List[str], List[int], bool]:
     """Stream `listing` into Parquet chunks of about `rows_per_chunk` rows under `listing_dir`
-    (columns LISTING_COLUMNS); returns (chunk paths, rows, planned). A listing by folder is
-    planned here, folder by folder (`plan_outputs`); a Parquet list's rows keep an empty output
-    and their `plan_key`, to be planned per key in Ray Data (`plan_batch`). Inputs inside the
+    (columns LISTING_COLUMNS); returns (chunk paths, their row counts, planned). A listing by
+    folder is planned here, folder by folder (`plan_outputs`); a Parquet list's rows keep an
+    empty output and their `plan_key`, to be planned per key in Ray Data (`plan_batch`). Inputs inside the
     output folder are left out. Holds one group and one chunk at a time."""
     from pipeline import output as layer
 
@@ -878,12 +878,13 @@ def write_listing(listing: Listing, listing_dir: str, output_root: str, fmt: str
     outside = _inside_output(output_root)
     chunk: Dict[str, list] = {k: [] for k in LISTING_COLUMNS}
     paths: List[str] = []
-    listed = 0
+    counts: List[int] = []
 
     def flush():
         path = f"{root}/listing-{len(paths):06d}.parquet"
         layer.write_parquet_atomic(fs, path, pa_table(chunk), row_group_size=1 << 16)
         paths.append(path)
+        counts.append(len(chunk["input"]))
         for column in chunk.values():
             column.clear()
 
@@ -896,12 +897,11 @@ def write_listing(listing: Listing, listing_dir: str, output_root: str, fmt: str
                 chunk[k].append(row[k])
             chunk["relative"].append(item.relative)
             chunk["key"].append(plan_key(item.relative))
-        listed += len(group)
         if len(chunk["input"]) >= rows_per_chunk:
             flush()
     if chunk["input"]:
         flush()
-    return paths, listed, listing.by_folder
+    return paths, counts, listing.by_folder
 
 
 def pa_table(columns: Dict[str, Sequence]):

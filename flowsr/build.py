@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .backbones import build_backbone
+from .backbones import SDLatentBackbone, build_backbone
 from .config import FlowSRConfig
 from .discriminator import DiscriminatorHeads
 from .losses import ImageDistance
@@ -21,8 +21,17 @@ def build_distance(cfg: FlowSRConfig, device=None) -> ImageDistance:
     return ImageDistance(lpips, cfg.loss.lambda_lpips)
 
 
+def _frozen_in_bf16(cfg: FlowSRConfig, student) -> None:
+    """Under bf16 mixed precision the SD backbone's frozen weights are held in bf16 (its LoRA
+    adapters stay fp32): `SDLatentBackbone.hold_frozen_in`."""
+    if cfg.train.mixed_precision == "bf16" and isinstance(student, SDLatentBackbone):
+        student.hold_frozen_in(torch.bfloat16)
+
+
 def build_stage1(cfg: FlowSRConfig, device=None) -> Models:
-    return Models(student=build_backbone(cfg.model, device=device), distance=build_distance(cfg, device))
+    student = build_backbone(cfg.model, device=device)
+    _frozen_in_bf16(cfg, student)
+    return Models(student=student, distance=build_distance(cfg, device))
 
 
 def build_stage2(cfg: FlowSRConfig, device=None, init_from: Optional[str] = None) -> Models:
@@ -33,14 +42,16 @@ def build_stage2(cfg: FlowSRConfig, device=None, init_from: Optional[str] = None
         student.load_trainable(init_from)
     teacher = student.frozen_copy("teacher")
     target = student.frozen_copy("target")
+    _frozen_in_bf16(cfg, student)
     disc = None
     if cfg.loss.lambda_adv > 0:
         disc = DiscriminatorHeads(student.feature_channels(), cfg.loss.disc_head_channels)
         disc = disc.to(device) if device is not None else disc
     iqa = None
     if cfg.loss.lambda_iqa > 0:
-        iqa = ClipIQA.from_pretrained(cfg.loss.clip_arch, cfg.loss.clip_pretrained, device=device,
+        iqa = ClipIQA.from_pretrained(cfg.loss.clip_arch, cfg.loss.clip_pretrained,
                                       quick_gelu=cfg.loss.clip_quick_gelu)
+        iqa = iqa.to(device) if device is not None else iqa  # the whole module: towers and its mean / std
     return Models(student=student, distance=build_distance(cfg, device), teacher=teacher, target=target,
                   disc=disc, iqa=iqa)
 

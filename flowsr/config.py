@@ -40,7 +40,10 @@ class ModelConfig:
     # The UNet is conditioned on the empty-prompt embedding, computed once. There is deliberately
     # no caption-conditioning option: training on the HR caption leaks ground truth that inference
     # never has, and upscaling has no caption at all, so train and inference would disagree.
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # UNet activations recomputed in backward (less memory, ~+30% time)
+    # VAE decoder activations recomputed in backward: every loss decodes to image space with a
+    # gradient, and at 512^2 the decoder's activations are the largest part of a step's memory
+    vae_gradient_checkpointing: bool = False
     # pixel backbone (UNet2DModel trained from scratch)
     pixel_channels: Tuple[int, ...] = (32, 64, 64)
     pixel_layers_per_block: int = 1
@@ -210,6 +213,9 @@ def validate(cfg: FlowSRConfig) -> None:
     m, lo, s, o, d, t = cfg.model, cfg.loss, cfg.schedule, cfg.optim, cfg.data, cfg.train
     _choice("model.backbone", m.backbone, ("sd", "pixel"))
     _choice("model.flow_source", m.flow_source, ("sr_flow", "noise", "noised_lr"))
+    if m.flow_source != "sr_flow" and m.backbone != "pixel":
+        raise ConfigError(f"model.flow_source={m.flow_source} (the Table-2 variants, conditioned on the LR by "
+                          f"channel concatenation) needs model.backbone=pixel: SD's UNet takes 4 latent channels")
     _choice("loss.consistency", lo.consistency, ("hrcl", "cd", "hr"))
     _choice("schedule.sampler", s.sampler, ("fast_slow", "n_interval", "slow_only"))
     _choice("train.mixed_precision", t.mixed_precision, ("bf16", "no"))

@@ -2,7 +2,7 @@
 UNet's encoder, applied to the latent noised at a random diffusion time (as in LADD / PCM / DMD2)."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import nn
@@ -26,12 +26,9 @@ class DiscriminatorHeads(nn.Module):
         return torch.stack(logits, 0).mean(0)
 
 
-def noise_latent(z: torch.Tensor, noise_scheduler, t_min: int, t_max: int,
-                 generator: Optional[torch.Generator] = None):
-    """(z noised at diffusion times drawn uniformly in [t_min, t_max], those times)."""
-    timesteps = torch.randint(t_min, t_max + 1, (z.shape[0],), generator=generator).to(z.device)
-    noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device, z.dtype)
-    return noise_scheduler.add_noise(z, noise, timesteps), timesteps
+def noise_latent(z: torch.Tensor, noise_scheduler, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z noised to the diffusion `timesteps` (B,) with `noise` (the DDPM forward process)."""
+    return noise_scheduler.add_noise(z, noise.to(z.dtype), timesteps)
 
 
 def discriminator_logits(backbone, heads: nn.Module, z_noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class ClipIQA(nn.Module):
                         quick_gelu: Optional[bool] = None) -> "ClipIQA":
         """open_clip `arch` with weights `pretrained` (a tag such as `openai`, or a checkpoint file);
         `arch = local-dir:/path` loads config and weights from that directory. `quick_gelu`: see
-        `uses_quick_gelu`."""
+        `uses_quick_gelu`. The whole module (towers, normalisation buffers) goes to `device`."""
         import open_clip
 
         hint = ("Pass loss.clip_pretrained=/path/to/open_clip_pytorch_model.bin (or loss.clip_arch="
@@ -52,14 +52,15 @@ class ClipIQA(nn.Module):
         force = uses_quick_gelu(arch, pretrained, quick_gelu)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=None if local_dir else pretrained, device=device or "cpu", force_quick_gelu=force)
+                arch, pretrained=None if local_dir else pretrained, device="cpu", force_quick_gelu=force)
         except Exception as err:  # open_clip raises RuntimeError / OSError / HF hub errors offline
             raise missing(f"CLIP {arch}", pretrained or arch, hint, err) from err
         tokenizer = open_clip.get_tokenizer(arch)
         size = model.visual.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
         norm = next(t for t in preprocess.transforms if hasattr(t, "mean"))
-        return cls(model, tokenizer, int(size), norm.mean, norm.std)
+        iqa = cls(model, tokenizer, int(size), norm.mean, norm.std)
+        return iqa.to(device) if device is not None else iqa
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> CLIP's normalised input at its image size; differentiable.
@@ -75,7 +76,7 @@ class ClipIQA(nn.Module):
 
     @torch.no_grad()
     def text_features(self, texts) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.mean.device)
+        tokens = self.tokenizer(list(texts)).to(self.mean.device, non_blocking=True)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
 

@@ -8,16 +8,19 @@ from and a report barrier that persists checkpoints. `jobs/train.py` implements 
 `LocalSession` runs the same loop in one process. The torch process group, when there is one,
 is set up by the runtime; this module only wraps the trainable networks in DDP.
 
-Randomness: each rank's generator is seeded from (seed, stage, rank, step) at the start and
-after every checkpoint, so a run resumed from step k draws exactly what an uninterrupted run
-draws after k. Crops are seeded per sample (`flowsr.data`); after a resume the data order
-restarts with a fresh epoch.
+Randomness: a step's draws come from streams keyed by (seed, stage, step) for the whole global
+batch, each rank taking its rows (`flowsr.draws`), so a run resumed from step k draws exactly what
+an uninterrupted run draws after k, and one worker draws what eight do. Crops are seeded per
+sample (`flowsr.data`); after a resume the data order restarts with a fresh epoch.
+
+Host syncs: the loss terms of each step stay on the device (`StepMetrics`) and are read, with one
+all-reduce across ranks, every `train.log_every` steps, at checkpoints and at validation.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
+import math
 import os
 import shutil
 import logging
@@ -37,7 +40,8 @@ from .data import collate
 from .metrics_log import MetricsLog, progress_text
 from .sample import super_resolve
 from .schedules import make_pair_sampler
-from .train_step import Models, lr_at, set_lr, stage1_step, stage2_step
+from .draws import StepDraws
+from .train_step import Models, StepMetrics, lr_at, set_lr, stage1_step, stage2_step
 
 VAL_STEPS = (1, 4)  # validation PSNR of 1-step and 4-step sampling (the paper's two settings)
 
@@ -153,22 +157,6 @@ def wrap_ddp(models: Models, device: torch.device) -> Models:
     return models
 
 
-def mean_across_ranks(metrics: Dict[str, float], device: torch.device) -> Dict[str, float]:
-    """Average scalar metrics over all ranks (identity in one process)."""
-    if not _distributed():
-        return metrics
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
-    return dict(zip(keys, (values / dist.get_world_size()).tolist()))
-
-
-def step_generator(seed: int, stage: int, rank: int, step: int) -> torch.Generator:
-    """CPU generator of one rank from `step` on: sha1(seed|stage|rank|step)."""
-    digest = hashlib.sha1(f"{seed}|{stage}|{rank}|{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 # ---- validation ------------------------------------------------------------------------------
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean PSNR in dB of images in [-1, 1] (B, 3, H, W), computed on [0, 1]."""
@@ -223,39 +211,19 @@ class Prefetcher:
 
 
 # ---- the loop --------------------------------------------------------------------------------
-def resume_point(directory: Optional[str], stage: int) -> Tuple[int, int]:
-    """(first step, first epoch) of a run resumed from checkpoint `directory`; (0, 0) without one.
-    The data restarts with a fresh epoch after the checkpoint's."""
-    if directory is None:
-        return 0, 0
-    meta = read_meta(directory)
-    if meta["stage"] != stage:
-        raise ValueError(f"cannot resume stage {stage} from a stage-{meta['stage']} checkpoint")
-    return int(meta["step"]), int(meta.get("epoch", -1)) + 1
-
-
-def _optimise(batch: Dict, step: int, stage: int, models: Models, optimizers, cfg: FlowSRConfig,
-              pair_sampler, generator) -> Dict[str, float]:
-    """One optimiser step of `stage` at the learning rates scheduled for (0-based) `step`."""
-    opt_g, opt_d = optimizers
+def _read_window(window: StepMetrics, cfg: FlowSRConfig, stage: int, step: int, steps: int, *,
+                 tick: float, started: float) -> Dict[str, float]:
+    """The mean of each metric over the last `steps` steps (ending at 1-based `step`) across every
+    rank: one all-reduce and one host sync. Adds the learning rate of the last step and the
+    window's throughput. Raises FloatingPointError on a non-finite value."""
+    metrics = window.read(across_ranks=True)
+    now = time.perf_counter()  # after the sync: the device has finished the window's steps
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(f"non-finite stage-{stage} metrics at step {step}: {metrics}")
     o = cfg.optim
-    schedule = dict(total_steps=stage_steps(cfg, stage), schedule=o.lr_schedule, floor=o.lr_floor)
-    lr = lr_at(step, stage_lr(cfg, stage), o.warmup_steps, **schedule)
-    set_lr(opt_g, lr)
-    if opt_d is not None:
-        set_lr(opt_d, lr_at(step, o.disc_lr, o.warmup_steps, **schedule))
-    if stage == 1:
-        return {**stage1_step(batch, models, opt_g, cfg, generator), "lr": lr}
-    return {**stage2_step(batch, models, optimizers, cfg, pair_sampler, generator), "lr": lr}
-
-
-def _checkpoint(session: Session, cfg: FlowSRConfig, stage: int, step: int, epoch: int, models: Models,
-                optimizers, generator, metrics: Dict[str, float]) -> None:
-    with tempfile.TemporaryDirectory(prefix="flowsr-ckpt-") as tmp:
-        if session.rank == 0:
-            save_checkpoint(tmp, cfg=cfg, stage=stage, step=step, models=models, optimizers=optimizers,
-                            generator=generator, extra={"epoch": epoch}, metrics=metrics)
-        session.report({**metrics, "stage": stage, "step": step}, tmp if session.rank == 0 else None)
+    lr = lr_at(step - 1, stage_lr(cfg, stage), o.warmup_steps, total_steps=stage_steps(cfg, stage),
+               schedule=o.lr_schedule, floor=o.lr_floor)
+    return {**metrics, "lr": lr, "img_per_s": steps * o.batch_size / max(now - tick, 1e-9), "elapsed_s": now - started}
 
 
 def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatches, *,
@@ -290,9 +258,9 @@ def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatch
         val_batch = collate(val_rows, cfg.data, augment=False, device=device)
     s = cfg.schedule
     pair_sampler = make_pair_sampler(s.sampler, n_fast=s.n_fast, n_slow=s.n_slow, n_intervals=s.n_intervals)
-    generator = step_generator(cfg.train.seed, stage, rank, start)
     step, metrics = start, {}
-    tick = loop_start = time.perf_counter()
+    window, window_start, window_tick = StepMetrics(), start, time.perf_counter()
+    loop_start = window_tick
     while step < total:
         seen = 0
         for batch in data or epoch_batches(epoch):
@@ -301,30 +269,31 @@ def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatch
                 raise InjectedFailure(f"train.fail_at_step={step + 1}: injected failure in worker 0, stage {stage}")
             if len(batch["hr"]) != local_batch:
                 raise ValueError(f"worker batch has {len(batch['hr'])} rows, expected {local_batch}")
-            metrics = _optimise(batch, step, stage, models, optimizers, cfg, pair_sampler, generator)
+            window.merge(_optimise(batch, step, stage, models, optimizers, cfg, pair_sampler,
+                                   step_draws(cfg, stage, step, session)))
             step += 1
-            metrics = mean_across_ranks(metrics, device)
-            now = time.perf_counter()
-            metrics.update(img_per_s=cfg.optim.batch_size / (now - tick), elapsed_s=now - started,
-                           epoch=epoch, resumed_from=start)
+            validating = step % cfg.train.val_every == 0 or step == total
+            checkpointing = step % cfg.train.checkpoint_every == 0 or step == total
+            if not (step % cfg.train.log_every == 0 or checkpointing or validating):
+                continue
+            metrics = _read_window(window, cfg, stage, step, step - window_start, tick=window_tick, started=started)
+            metrics.update(epoch=epoch, resumed_from=start)
             if device.type == "cuda":
                 metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            if val_batch is not None and (step % cfg.train.val_every == 0 or step == total):
+            if val_batch is not None and validating:
                 metrics.update(validate(models.student, val_batch, cfg))
             if log is not None:
                 log.log(step, metrics)
-                if step % cfg.train.log_every == 0 or step == total:
-                    progress = progress_text(step - start, total - start, now - loop_start, "img",
-                                             cfg.optim.batch_size)
-                    logger.info("stage %d step %d/%d | %s | %s", stage, step, total, progress, " ".join(
-                        f"{k}={v:.4g}" for k, v in metrics.items()
-                        if k not in ("epoch", "resumed_from", "img_per_s", "elapsed_s")))
-            if step % cfg.train.checkpoint_every == 0 or step == total:
+                progress = progress_text(step - start, total - start, time.perf_counter() - loop_start, "img",
+                                         cfg.optim.batch_size)
+                logger.info("stage %d step %d/%d | %s | %s", stage, step, total, progress, " ".join(
+                    f"{k}={v:.4g}" for k, v in metrics.items()
+                    if k not in ("epoch", "resumed_from", "img_per_s", "elapsed_s")))
+            if checkpointing:
                 if log is not None:
                     log.flush()
-                generator = step_generator(cfg.train.seed, stage, rank, step)
-                _checkpoint(session, cfg, stage, step, epoch, models, optimizers, generator, metrics)
-            tick = time.perf_counter()
+                _checkpoint(session, cfg, stage, step, epoch, models, optimizers, metrics)
+            window, window_start, window_tick = StepMetrics(), step, time.perf_counter()
             if step >= total:
                 break
         if not seen:

@@ -104,14 +104,16 @@ def test_consistency_losses_of_an_inexact_student_in_closed_form(mode):
     cfg = apply_overrides(preset("pixel-small"), ["schedule.flow_fraction=0.5", f"loss.consistency=\"{mode}\""])
     student = ScaledFlow(0.8)
     models = Models(student=student, distance=ImageDistance(None, 0.0), teacher=ScaledFlow(), target=ScaledFlow())
-    losses, _, _ = stage2_losses(batch, models, cfg, make_pair_sampler("fast_slow"), torch.Generator().manual_seed(1))
+    losses, _, _ = stage2_losses(batch, models, cfg, make_pair_sampler("fast_slow"), torch.Generator().manual_seed(3))  # draws with t > 0
     t_in = student.calls[0]  # [t_flow (2), t' (2), t (2)] in one student forward
     t_flow, t_prime, t = t_in[:2], t_in[2:4], t_in[4:]
+    # at flow_fraction 1/2 rows alternate, consistency first: rows 1, 3 get L_flow, rows 0, 2 Eq. 5/6
+    hr_flow, hr_cons = hr[[1, 3]], hr[[0, 2]]
     mse = lambda a, b: (a - b).pow(2).flatten(1).mean(1)
     on_path = lambda x_hr, tt: (1 + (C - 1) * tt.view(-1, 1, 1, 1)) * x_hr
-    flow_expected = mse(student.f(on_path(hr[:2], t_flow), t_flow), hr[:2])
-    cd = mse(student.f(on_path(hr[2:], t_prime), t_prime), hr[2:])
-    hr_term = mse(student.f(on_path(hr[2:], t), t), hr[2:])
+    flow_expected = mse(student.f(on_path(hr_flow, t_flow), t_flow), hr_flow)
+    cd = mse(student.f(on_path(hr_cons, t_prime), t_prime), hr_cons)
+    hr_term = mse(student.f(on_path(hr_cons, t), t), hr_cons)
     expected = {"hrcl": cd + hr_term, "cd": cd, "hr": hr_term}[mode]
     assert torch.allclose(losses["flow"], flow_expected, rtol=1e-5) and flow_expected.min() > 1e-4
     assert torch.allclose(losses["cons"], expected, rtol=1e-5) and expected.min() > 1e-4

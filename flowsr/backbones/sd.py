@@ -105,25 +105,40 @@ class SDLatentBackbone(nn.Module):
         backbone = cls(vae, unet, scheduler, empty, cfg)
         if cfg.gradient_checkpointing:
             backbone.unet.enable_gradient_checkpointing()
+        if cfg.vae_gradient_checkpointing:
+            backbone.vae.enable_gradient_checkpointing()
         if with_lora:
             backbone.unet.add_adapter(lora_config(cfg), adapter_name=STUDENT)
             backbone.unet.set_adapter(STUDENT)
             backbone._freeze_all_but(STUDENT)
         return backbone.to(device) if device is not None else backbone
 
+    def hold_frozen_in(self, dtype: torch.dtype) -> "SDLatentBackbone":
+        """Keep the frozen weights (VAE, base UNet) in `dtype` and every LoRA adapter in fp32.
+
+        Under bf16 autocast the convolutions and linear layers read bf16 copies of their weights
+        anyway: holding the frozen base in bf16 saves that per-pass cast and its fp32 original
+        (~1.7 GB for SD 2.1's UNet), while the adapters the optimiser updates stay fp32."""
+        self.vae.to(dtype)
+        self.unet.to(dtype)
+        for name, p in self.unet.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
+        return self
+
     # ---- the velocity contract --------------------------------------------------------------
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         """v(x_t, t) with the active adapter; `cond` = text hidden states or None (empty prompt)."""
         ehs = cond if cond is not None else self.empty_embedding.expand(x_t.shape[0], -1, -1)
         timesteps = timestep(t, self.cfg.timestep_scale)
-        dtype = self.unet.dtype  # the flow math hands over fp32; a bf16 UNet gets bf16 inputs
+        dtype = self.unet.conv_in.weight.dtype  # the flow math hands over fp32; a bf16 UNet gets bf16 inputs
         forward = self.student_forward if (self.student_forward is not None and self._active() == STUDENT) else self.unet
         return forward(x_t.to(dtype), timesteps, encoder_hidden_states=ehs.to(dtype)).sample
 
     # ---- image <-> latent ----------------------------------------------------------------------
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8); the posterior mode."""
-        return self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode() * self.scaling_factor
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), fp32; the posterior mode."""
+        return self.vae.encode(image.to(self.vae.dtype)).latent_dist.mode().float() * self.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> images in about [-1, 1] (not clamped: losses see the raw output)."""
@@ -168,27 +183,47 @@ class SDLatentBackbone(nn.Module):
         return self.adapter_parameters(STUDENT)
 
     def frozen_copy(self, name: str) -> AdapterView:
-        """A frozen adapter `name` initialised from the student (teacher, EMA target)."""
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
+        """A frozen adapter `name` initialised from the student (teacher, EMA target), on the
+        student's device (copied parameter by parameter, so any device works, `meta` included)."""
         if name in getattr(self.unet, "peft_config", {}):
             raise ValueError(f"adapter {name!r} exists already")
-        state = get_peft_model_state_dict(self.unet, adapter_name=STUDENT)
         self.unet.add_adapter(lora_config(self.cfg), adapter_name=name)
-        set_peft_model_state_dict(self.unet, state, adapter_name=name)
         self.unet.set_adapter(STUDENT)
         self._freeze_all_but(STUDENT)
-        view = AdapterView(self, name)
-        for p in view.parameters():
-            p.data = p.data.to(self.trainable_parameters()[0].device)
-        return view
+        device = self.trainable_parameters()[0].device
+        for module in self.unet.modules():  # peft leaves a new adapter where it cannot place it (meta)
+            for layers in (getattr(module, "lora_A", None), getattr(module, "lora_B", None)):
+                if isinstance(layers, nn.ModuleDict) and name in layers:
+                    layers[name].to(device)
+        copies, sources = self.adapter_parameters(name), self.trainable_parameters()
+        if [p.shape for p in copies] != [p.shape for p in sources]:
+            raise ValueError(f"adapter {name!r} does not mirror the student's LoRA layers")
+        for dst, src in zip(copies, sources):
+            dst.data = src.detach().clone()
+        return AdapterView(self, name)
 
     # ---- discriminator features ----------------------------------------------------------
     def discriminator_features(self, z_noisy: torch.Tensor, timesteps: torch.Tensor):
-        """Down- and mid-block features of the frozen base UNet (adapters off)."""
-        ehs = self.empty_embedding.expand(z_noisy.shape[0], -1, -1).to(z_noisy.dtype)
-        with self.adapters_disabled():
-            return unet_encoder_features(self.unet, z_noisy, timesteps, ehs)
+        """Down- and mid-block features of the frozen base UNet (adapters off).
+
+        Never through gradient checkpointing: a checkpointed block recomputes its forward during
+        backward, when the adapters are on again, and would differ from the forward it replaces
+        (torch raises CheckpointError). The feature pass is the encoder half only."""
+        dtype = self.unet.conv_in.weight.dtype
+        ehs = self.empty_embedding.expand(z_noisy.shape[0], -1, -1).to(dtype)
+        with self.adapters_disabled(), self._checkpointing_off():
+            return unet_encoder_features(self.unet, z_noisy.to(dtype), timesteps, ehs)
+
+    @contextlib.contextmanager
+    def _checkpointing_off(self):
+        was = self.unet.is_gradient_checkpointing
+        if was:
+            self.unet.disable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if was:
+                self.unet.enable_gradient_checkpointing()
 
     def feature_channels(self):
         ch = list(self.unet.config.block_out_channels)

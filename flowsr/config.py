@@ -117,6 +117,9 @@ class DataConfig:
     scale: int = 4
     hflip: bool = True
     caption_source: str = "shards"  # shards | table (a joined caption table)
+    # rows each worker shuffles in memory on top of the per-epoch shuffled file order; a shard holds
+    # consecutive crops of the same photos, so this should span many shards (~0.45 MB a row at 512^2)
+    shuffle_buffer_rows: int = 1024
     caption_table: Optional[str] = None
 
 
@@ -228,7 +231,7 @@ def validate(cfg: FlowSRConfig) -> None:
             ("optim.batch_size", o.batch_size, 1), ("optim.grad_accum", o.grad_accum, 1),
             ("optim.stage1_steps", o.stage1_steps, 0), ("optim.stage2_steps", o.stage2_steps, 0),
             ("optim.warmup_steps", o.warmup_steps, 0), ("data.patch_size", d.patch_size, 1),
-            ("data.scale", d.scale, 1), ("train.num_workers", t.num_workers, 1),
+            ("data.scale", d.scale, 1), ("data.shuffle_buffer_rows", d.shuffle_buffer_rows, 1), ("train.num_workers", t.num_workers, 1),
             ("train.cpus_per_worker", t.cpus_per_worker, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
             ("train.val_every", t.val_every, 1), ("train.val_images", t.val_images, 1),
             ("train.log_every", t.log_every, 1), ("train.keep_checkpoints", t.keep_checkpoints, 1),

@@ -39,7 +39,6 @@ from jobs.common import add_ray_args, config_or_exit, init_ray, resolve_fs
 from pipeline import output as out
 
 STAGES = {"1": (1,), "2": (2,), "all": (1, 2)}
-SHUFFLE_BATCHES = 4  # local shuffle buffer of each worker, in batches
 INGEST_MIN_SPARE_CPUS = 1  # CPUs beside the workers' for Ray Data's read tasks to get their own
 
 
@@ -141,13 +140,10 @@ def train_loop_per_worker(config: Dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     metrics_dir, sync = _metrics_dir(config["run"]) if rank == 0 else (None, None)
     session = RaySession(config["run"], after_report=sync)
-    local_batch = cfg.optim.batch_size // session.world_size
     shard = ray.train.get_dataset_shard("train")
 
     def batches(epoch: int):
-        return shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=True,
-                                  local_shuffle_buffer_size=SHUFFLE_BATCHES * local_batch,
-                                  local_shuffle_seed=cfg.train.seed * 1_000_003 + epoch * 1009 + rank)
+        return epoch_batches(shard, cfg, epoch, rank, session.world_size)
 
     val_rows = None
     if rank == 0 and config["has_val"]:
@@ -159,6 +155,18 @@ def train_loop_per_worker(config: Dict) -> None:
                   metrics_dir=metrics_dir)
     if sync is not None:
         sync()
+
+
+def epoch_batches(shard, cfg: FlowSRConfig, epoch: int, rank: int, world_size: int):
+    """One epoch of a worker's row batches: rows pass through a shuffle buffer of
+    `data.shuffle_buffer_rows` rows seeded by (seed, epoch, rank), on top of the file order
+    shuffled per epoch by `load_datasets` (shards hold consecutive crops of the same photos: a
+    buffer of a few batches would still train on one photo at a time)."""
+    from flowsr.draws import stream_seed
+
+    return shard.iter_batches(batch_size=cfg.optim.batch_size // world_size, batch_format="numpy",
+                              drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows,
+                              local_shuffle_seed=stream_seed(cfg.train.seed, "rows", epoch, rank) % 2 ** 31)
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -194,38 +202,51 @@ def ingest_cpus(cfg: FlowSRConfig, cluster: Dict[str, float]) -> Optional[float]
 
 
 def load_datasets(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None,
-                  read_cpus: Optional[float] = None) -> Dict:
+                  read_cpus: Optional[float] = None, first_epoch: int = 0) -> Dict:
     """{"train": ..., "val": ...} Ray Datasets of the pair shards, reduced to the columns training
     reads; with `data.caption_source=table` the captions come from the joined caption table.
-    `read_cpus`: logical CPUs of each read task (`ingest_cpus`; None: Ray Data's default)."""
+    `read_cpus`: logical CPUs of each read task (`ingest_cpus`; None: Ray Data's default).
+
+    Global shuffle, streaming: the training shards are read in an order shuffled on every pass
+    (Ray Data's file shuffle, reseeded per execution from a seed of (train.seed, `first_epoch`)),
+    with row order preserved after that so the order is reproducible; each worker's rows then go
+    through a shuffle buffer of `data.shuffle_buffer_rows` (`epoch_batches`). A full
+    `random_shuffle` or `randomize_block_order` would hold the whole dataset before the first
+    batch: not at 10^8 pairs."""
     import ray.data
+    from ray.data import FileShuffleConfig
 
     from flowsr.data import TRAIN_COLUMNS
+    from flowsr.draws import stream_seed
 
-    def read_parquet(uri: str, columns):
+    files = FileShuffleConfig(seed=stream_seed(cfg.train.seed, "files", first_epoch) % 2 ** 31,
+                              reseed_after_execution=True)
+
+    def read_parquet(uri: str, columns, shuffle=None):
         if read_cpus is None:
-            return ray.data.read_parquet(uri, columns=columns)
+            return ray.data.read_parquet(uri, columns=columns, shuffle=shuffle)
         # Ray Data's V2 Parquet source lists the files in a task of its own that always asks for
         # one CPU; the V1 source runs listing and reading as one operator that takes `num_cpus`
         context = ray.data.DataContext.get_current()
         v2, context.use_datasource_v2 = context.use_datasource_v2, False
         try:
-            return ray.data.read_parquet(uri, columns=columns, num_cpus=read_cpus)
+            return ray.data.read_parquet(uri, columns=columns, num_cpus=read_cpus, shuffle=shuffle)
         finally:
             context.use_datasource_v2 = v2
 
-    def read(uri: str):
+    def read(uri: str, shuffle=None):
         if cfg.data.caption_source == "shards":
-            return read_parquet(uri, list(TRAIN_COLUMNS))
+            return read_parquet(uri, list(TRAIN_COLUMNS), shuffle)
         if not cfg.data.caption_table:
             raise ValueError("data.caption_source=table needs data.caption_table (a caption table URI)")
         from pipeline.caption import join_captions
 
         images = [c for c in TRAIN_COLUMNS if not c.endswith("_caption")]
-        joined = join_captions(read_parquet(uri, images), cfg.data.caption_table, num_cpus=read_cpus)
+        joined = join_captions(read_parquet(uri, images, shuffle), cfg.data.caption_table, num_cpus=read_cpus)
         return joined.select_columns(list(TRAIN_COLUMNS))
 
-    datasets = {"train": read(data_uri)}
+    datasets = {"train": read(data_uri, files)}
+    datasets["train"].context.execution_options.preserve_order = True
     if val_uri:
         datasets["val"] = read(val_uri).limit(cfg.train.val_images)
     for ds in datasets.values():
@@ -247,6 +268,17 @@ def completed_checkpoint(stage_run: str, stage: int, total: int):
     if result.checkpoint is not None and metrics.get("stage") == stage and metrics.get("step", 0) >= total:
         return result.checkpoint
     return None
+
+
+def resume_epoch(stage_run: str, stage: int) -> int:
+    """The epoch a resumed stage continues with: one after its last report's (0 for a new run)."""
+    from ray.train import Result
+
+    try:
+        metrics = Result.from_path(stage_run).metrics or {}
+    except RuntimeError:  # no such run yet
+        return 0
+    return int(metrics.get("epoch", -1)) + 1 if metrics.get("stage") == stage else 0
 
 
 def fit_stage(cfg: FlowSRConfig, stage: int, datasets: Dict, run: str, init_from=None):
@@ -305,7 +337,6 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
     cluster = ray.cluster_resources()
     check_resources(cfg, cluster, can_grow=bool(address or os.environ.get("RAY_ADDRESS")))
     check_resume(run, cfg, data_uri, val_uri, init_from)  # records the run once the workers can run
-    datasets = load_datasets(cfg, data_uri, val_uri, read_cpus=ingest_cpus(cfg, cluster))
     previous = Checkpoint(init_from) if init_from else None
     out: Dict[str, str] = {"run_dir": run}
     for s in stages:
@@ -313,6 +344,8 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
             previous = completed_checkpoint(join(run, "stage1"), 1, cfg.optim.stage1_steps)
             if previous is None:
                 raise ValueError(f"stage 2 needs a finished stage 1 in {run} (or --init-from CHECKPOINT)")
+        datasets = load_datasets(cfg, data_uri, val_uri, read_cpus=ingest_cpus(cfg, cluster),
+                                 first_epoch=resume_epoch(join(run, f"stage{s}"), s))
         previous = fit_stage(cfg, s, datasets, run, init_from=previous)
         out[f"stage{s}_checkpoint"] = (previous.path if not is_remote(run) else
                                        previous.to_directory(tempfile.mkdtemp(prefix=f"flowsr-{name}-stage{s}-")))

@@ -218,3 +218,40 @@ def test_table2_flow_sources_need_the_pixel_backbone(tiny_dir):
             tiny_config(tiny_dir, [f"model.flow_source=\"{source}\""])
     pix = apply_overrides(tiny_config(tiny_dir), ["model.backbone=\"pixel\"", "model.flow_source=\"noise\""])
     assert pix.model.flow_source == "noise"
+
+
+# ---- memory before launch ----------------------------------------------------------------------
+def test_dry_run_prints_each_stages_memory_per_worker_and_warns(tiny_dir, capsys):
+    from jobs.train import main
+
+    args = ["--config", "tiny", *[f"--set={o}" for o in tiny_config_overrides(tiny_dir)], "--set=optim.batch_size=4",
+            "--num-workers", "2", "--dry-run"]
+    assert main([*args, "--gpu-memory", "80"]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)["plan"]
+    for stage in ("stage1", "stage2"):
+        est = plan["memory"][stage]
+        assert est["chunk_rows"] == 2 and est["total_gb"] == pytest.approx(sum(est["parts"].values()))
+        assert est["parts"]["activations"] > 0 and est["parts"]["frozen_base"] > 0
+    assert {"clip", "discriminator_heads"} <= set(plan["memory"]["stage2"]["parts"])
+    assert "stage2:" in captured.err and "WARNING" not in captured.err
+    assert main([*args, "--gpu-memory", "1e-6"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING: stage1 needs" in err and "WARNING: stage2 needs" in err and "vae_gradient_checkpointing" in err
+
+
+def test_memory_estimate_follows_rows_and_checkpointing(tiny_dir):
+    """Saved activations scale with the rows of a chunk; VAE checkpointing removes the decoder's."""
+    from flowsr.memory import estimate_training_memory
+
+    cfg = tiny_config(tiny_dir, ["optim.batch_size=4"])
+    one, two = (estimate_training_memory(cfg, 1, w)["parts"]["activations"] for w in (4, 2))
+    assert two == pytest.approx(2 * one, rel=0.05)
+    ckpt = tiny_config(tiny_dir, ["optim.batch_size=4", "model.vae_gradient_checkpointing=true"])
+    assert estimate_training_memory(ckpt, 1, 2)["parts"]["activations"] < 0.8 * two
+
+
+def tiny_config_overrides(tiny_dir):
+    from flowsr.tiny import tiny_overrides
+
+    return tiny_overrides(tiny_dir)

@@ -9,7 +9,7 @@ Batch 1 vs the stage's own batch size (CaptionConfig.batch_size), through
     python benchmarks/bench_caption.py --size tiny         # quick CPU smoke run
     python benchmarks/bench_caption.py --batch-sizes 1,64,256 --static-cache   # GPU speed-ups
 
-DESIGN.md anchors (one H200, plain generate, bf16): 0.45 captions/s at batch 1, 25 at 64, 57 at 256.
+docs/DESIGN.md anchors (one H200, plain generate, bf16): 0.45 captions/s at batch 1, 25 at 64, 57 at 256.
 """
 from __future__ import annotations
 

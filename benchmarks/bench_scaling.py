@@ -11,7 +11,7 @@ driver, Ray's daemons) against a bare single-process loop calling the same stage
     python benchmarks/bench_scaling.py [--files 32] [--crops 4] [--patch 256] [--cpus 1 2] [--rounds 2]
         [--caption-shards 64]
 
-Goals (DESIGN.md): >= 1.7x the 1-CPU rate at 2 CPUs; Ray overhead <= 10% CPU per pair.
+Goals (docs/DESIGN.md): >= 1.7x the 1-CPU rate at 2 CPUs; Ray overhead <= 10% CPU per pair.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import numpy as np
 
 WARMUP_STEPS = 3  # steps left out of every median (first batches, allocator warm-up)
 STAGE1_GOAL, STAGE2_GOAL = 35.0, 12.0  # img/s per H200 (issue 5)
-ANCHOR_STAGE1_S = 0.39  # s per stage-1 step at batch 8 without LPIPS, one H200 (DESIGN.md)
+ANCHOR_STAGE1_S = 0.39  # s per stage-1 step at batch 8 without LPIPS, one H200 (docs/DESIGN.md)
 
 
 def write_pairs(directory: str, n: int, hr_size: int, scale: int = 4, seed: int = 0) -> str:

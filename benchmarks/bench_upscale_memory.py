@@ -13,7 +13,7 @@ seam (`pipeline.sr_models.load_upscaler`):
   resizes its output on the way (Real-ESRGAN's --outscale).
 
 The growth per extra output megapixel between the smallest and the largest size is the figure
-DESIGN.md bounds (<= 40 MB per output MP); it includes the output itself (3 B/pixel for 8-bit
+docs/DESIGN.md bounds (<= 40 MB per output MP); it includes the output itself (3 B/pixel for 8-bit
 RGB) and the copies the row hand-over makes. Tiles are `--tile` input pixels.
 
     PYTHONPATH=. python benchmarks/bench_upscale_memory.py [--models flowsr spandrel] [--sizes 1 16 64] [--tile 128]

@@ -33,7 +33,7 @@ budget; a section that fails or runs out of time keeps what it measured so far a
                       bundled photographs: held-out PSNR/SSIM (Y) vs bicubic
     data_cpu_scaling  jobs.prepare_data pairs/s with 1, 4 and 16 concurrent degrade tasks
 
-Every section reports `anchor` (the figure of the design notes, DESIGN.md, or the baseline of the
+Every section reports `anchor` (the figure of the design notes, docs/DESIGN.md, or the baseline of the
 same run it is compared with) and `ratio` (measured / anchor; for upscale_4096 measured / limit, where
 <= 1 meets the goal). `--tiny` runs all of it with tiny models on CPU in one process; the test
 suite runs it so that the script does not rot.
@@ -59,7 +59,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# Anchors: docs' design notes (DESIGN.md "Performance anchors" / "Performance goals", one H200).
+# Anchors: docs' design notes (docs/DESIGN.md "Performance anchors" / "Performance goals", one H200).
 INFER_COMPILED_B16 = 88.0  # img/s, torch.compile, channels_last, batch 16
 INFER_EAGER = {1: 19.0, 16: 47.0}  # img/s, plain diffusers eager
 UPSCALE_GOAL = 120.0  # img/s through jobs.upscale, files in -> files out, 512^2 out
@@ -310,11 +310,11 @@ def finish_infer(rec: Dict) -> None:
     eager = (rec.get("eager") or {}).get("batch16_img_per_s") or (rec.get("eager") or {}).get("batch2_img_per_s")
     if compiled:
         rec["anchor"] = {"img_per_s": INFER_COMPILED_B16, "of": "compiled.batch16",
-                         "source": "DESIGN.md: torch.compile, channels_last, batch 16, one H200"}
+                         "source": "docs/DESIGN.md: torch.compile, channels_last, batch 16, one H200"}
         rec["ratio"] = sig(compiled / INFER_COMPILED_B16)
     else:
         rec["anchor"] = {"img_per_s": INFER_EAGER[16], "of": "eager.batch16",
-                         "source": "DESIGN.md: plain diffusers eager, batch 16, one H200"}
+                         "source": "docs/DESIGN.md: plain diffusers eager, batch 16, one H200"}
         rec["ratio"] = sig(eager / INFER_EAGER[16]) if eager else None
 
 
@@ -369,7 +369,7 @@ def section_upscale_job(ctx: Context, rec: Record) -> None:
     steady = summary.get("steady_images_per_s") or summary.get("images_per_s")
     rec["job_img_per_s"] = sig(steady)
     rec["vs_plain_loop"] = rnd(steady / rec["plain_loop_img_per_s"]) if rec["plain_loop_img_per_s"] else None
-    rec["anchor"] = {"img_per_s": UPSCALE_GOAL, "source": "DESIGN.md goal: jobs.upscale, 512^2 out, one H200"}
+    rec["anchor"] = {"img_per_s": UPSCALE_GOAL, "source": "docs/DESIGN.md goal: jobs.upscale, 512^2 out, one H200"}
     rec["ratio"] = sig(steady / UPSCALE_GOAL) if steady else None
 
 
@@ -434,7 +434,7 @@ def section_upscale_4096(ctx: Context, rec: Record) -> None:
         run["output_megapixels"] = rnd(run["output_megapixels"], 4)
     rec["mb_per_extra_output_megapixel"] = per_mp
     rec["anchor"] = {"mb_per_extra_output_megapixel": UPSCALE_MB_PER_MP,
-                     "source": "DESIGN.md goal: upscale memory bounded by tiles (ratio <= 1 meets it)"}
+                     "source": "docs/DESIGN.md goal: upscale memory bounded by tiles (ratio <= 1 meets it)"}
     rec["ratio"] = sig(max(max(per_mp.values()), 0.0) / UPSCALE_MB_PER_MP)
 
 
@@ -491,7 +491,7 @@ def _train_section(ctx: Context, rec: Record, stage: int) -> None:
             rec[f"batch{b}"] = {"error": "out of GPU memory"}
             free_gpu()
     goal = STAGE1_GOAL if stage == 1 else STAGE2_GOAL
-    rec["anchor"] = {"img_per_s": goal, "source": f"DESIGN.md goal: stage {stage} per H200, every loss term"}
+    rec["anchor"] = {"img_per_s": goal, "source": f"docs/DESIGN.md goal: stage {stage} per H200, every loss term"}
     rec["ratio"] = sig(best / goal) if best else None
 
 
@@ -617,7 +617,7 @@ def section_caption(ctx: Context, rec: Record) -> None:
         rec[f"batch{b}"] = {"captions_per_s": sig(speed), "seconds": rnd(seconds, 2), "peak_gb": peak_gb(ctx.device)}
         if b > ctx.pick(8, 0):  # batch 8 warms the GPU up
             best = max(best or 0.0, speed)
-    rec["anchor"] = {"captions_per_s": CAPTION_GOAL, "source": "DESIGN.md goal: Qwen2-VL-2B, caption stage, one H200"}
+    rec["anchor"] = {"captions_per_s": CAPTION_GOAL, "source": "docs/DESIGN.md goal: Qwen2-VL-2B, caption stage, one H200"}
     rec["ratio"] = sig(best / CAPTION_GOAL) if best else None
 
 

@@ -29,28 +29,28 @@ GB = 1e9
 class Figure:
     value: float
     unit: str
-    kind: str  # anchor (DESIGN.md, measured on an H200) | measured | paper | estimate | assumption
+    kind: str  # anchor (docs/DESIGN.md, measured on an H200) | measured | paper | estimate | assumption
     source: str
 
 
 FIGURES: Dict[str, Figure] = {
     # ---- per-GPU throughput ----
     "captions_per_s": Figure(57.0, "captions/s/GPU", "anchor",
-                             "DESIGN.md 'More GPU anchors': Qwen2-VL-2B shapes, random init, H200, bf16, "
+                             "docs/DESIGN.md 'More GPU anchors': Qwen2-VL-2B shapes, random init, H200, bf16, "
                              "batch 256, 512^2 image, 40 new tokens"),
     "captions_per_pair": Figure(2, "captions/pair", "measured",
                                 "pipeline/caption.py: one HR and one LR `generate` per pair"),
     "stage1_step_b4_s": Figure(0.24, "s/step", "anchor",
-                               "DESIGN.md 'Performance anchors': stage-1 step, SD 2.1-base shapes, LoRA r32, "
+                               "docs/DESIGN.md 'Performance anchors': stage-1 step, SD 2.1-base shapes, LoRA r32, "
                                "bf16, 512^2, batch 4, H200, no LPIPS"),
     "stage1_step_b8_s": Figure(0.39, "s/step", "anchor", "same, batch 8 (35 GB)"),
     "stage2_ratio": Figure(35 / 12, "x stage-1 step", "estimate",
                            "no stage-2 GPU figure yet: ratio of issue 5's goals (35 img/s stage 1, "
                            "12 img/s stage 2 per H200 at batch 8)"),
     "upscale_img_per_s": Figure(47.0, "img/s/GPU", "anchor",
-                                "DESIGN.md: one-step SR, plain diffusers eager, batch 16-32, 512^2 out, H200"),
+                                "docs/DESIGN.md: one-step SR, plain diffusers eager, batch 16-32, 512^2 out, H200"),
     "upscale_compiled_img_per_s": Figure(88.0, "img/s/GPU", "anchor",
-                                         "DESIGN.md: torch.compile, channels_last, batch 16, H200 "
+                                         "docs/DESIGN.md: torch.compile, channels_last, batch 16, H200 "
                                          "(model forward only; file I/O not included)"),
     # ---- sizes ----
     "hr_png_bytes": Figure(417e3, "bytes", "measured",
@@ -76,9 +76,9 @@ FIGURES: Dict[str, Figure] = {
     "deadline_h": Figure(24, "h", "assumption", "wall-clock target used to size the cluster for N items"),
     "allreduce_gbps": Figure(25.0, "GB/s", "assumption",
                              "effective all-reduce bus bandwidth per GPU (NVLink in a node; EFA across p5 nodes)"),
-    "recipe_stage1_steps": Figure(10_000, "steps", "paper", "paper / DESIGN.md hyper-parameters"),
-    "recipe_stage2_steps": Figure(20_000, "steps", "paper", "paper / DESIGN.md hyper-parameters"),
-    "recipe_batch": Figure(16, "pairs/step", "paper", "paper / DESIGN.md hyper-parameters"),
+    "recipe_stage1_steps": Figure(10_000, "steps", "paper", "paper / docs/DESIGN.md hyper-parameters"),
+    "recipe_stage2_steps": Figure(20_000, "steps", "paper", "paper / docs/DESIGN.md hyper-parameters"),
+    "recipe_batch": Figure(16, "pairs/step", "paper", "paper / docs/DESIGN.md hyper-parameters"),
 }
 
 N_VALUES = (10**5, 10**6, 10**7, 10**8, 10**9)
@@ -233,7 +233,7 @@ def render(figs: Dict[str, Figure] = FIGURES) -> str:
                     f"{r['gpus']:,} ({r['nodes']:,})", f"{r['wall_h']:.3g}", fmt_bytes(r["shared_bytes"]),
                     fmt_bytes(r["node_disk_bytes"]), fmt_rate(r["node_net_Bps"])] for r in rows]), ""]
 
-    out += ["Figures (anchor = measured on one H200 and recorded in DESIGN.md; measured = measured for "
+    out += ["Figures (anchor = measured on one H200 and recorded in docs/DESIGN.md; measured = measured for "
             "this table on the CPU machine; paper = the recipe; estimate / assumption = "
             "not measured, replace when a benchmark reports):", "",
             table(["figure", "value", "unit", "kind", "source"],

@@ -10,7 +10,7 @@ from torch import nn
 
 
 class ImageDistance:
-    """d(a, b) = mean squared error + lambda_p * LPIPS, on images in [-1, 1] (DESIGN.md: the
+    """d(a, b) = mean squared error + lambda_p * LPIPS, on images in [-1, 1] (docs/DESIGN.md: the
     distance of Eq. 5-7 is taken in image space after VAE decode)."""
 
     def __init__(self, lpips: Optional[nn.Module] = None, lambda_lpips: float = 2.0):

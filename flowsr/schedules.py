@@ -1,6 +1,6 @@
 """Time grids and (t, t') pair samplers for consistency training (paper Sec. 4.2, Table 4).
 
-Grids follow DESIGN.md: slow grid t_k = k / n_slow (k = 1..n_slow), fast grid t_k = k / n_fast
+Grids follow docs/DESIGN.md: slow grid t_k = k / n_slow (k = 1..n_slow), fast grid t_k = k / n_fast
 (k = 1..n_fast). All samplers draw on the CPU from an explicit `torch.Generator`; move the result
 to the device afterwards. Integer arithmetic keeps every value exactly on its grid.
 """

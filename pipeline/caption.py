@@ -43,7 +43,7 @@ SMALL_MODEL = "Qwen/Qwen2-VL-2B-Instruct"
 TEMPLATE_MODEL = "template"  # what `caption_model` records for the template backend
 
 # Qwen2-VL sees at most 256 merged 28x28 patches per image (a 512^2 HR crop -> 448^2); a
-# 128^2 LR crop is seen at 140^2. Matches the 287-token prompt of DESIGN.md's GPU anchors.
+# 128^2 LR crop is seen at 140^2. Matches the 287-token prompt of docs/DESIGN.md's GPU anchors.
 QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 256 * 28 * 28
 

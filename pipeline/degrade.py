@@ -1,6 +1,6 @@
 """Real-ESRGAN second-order degradation, x4 (Wang et al. 2021, "Real-ESRGAN", Sec. 3).
 
-The numbers are those of Real-ESRGAN's `train_realesrnet_x4plus.yml` (DESIGN.md, "Degradation"):
+The numbers are those of Real-ESRGAN's `train_realesrnet_x4plus.yml` (docs/DESIGN.md, "Degradation"):
 
     HR -> [blur k1 -> resize -> noise -> JPEG]            first order
        -> [blur k2 (p 0.8) -> resize -> noise]            second order

@@ -1,4 +1,4 @@
-"""The one definition of the training-pair Parquet schema (DESIGN.md, "Data contract").
+"""The one definition of the training-pair Parquet schema (docs/DESIGN.md, "Data contract").
 
 Writers (`jobs.prepare_data`, `jobs.caption`) and readers (`jobs.train`, `jobs.evaluate`) import
 from here. Images are stored as encoded PNG bytes (uint8 RGB), never as array columns.

@@ -65,7 +65,7 @@ class AdapterView:
 
 
 class SDLatentBackbone(nn.Module):
-    """SD 2.1-base as an SR-flow velocity model in VAE latent space (DESIGN.md, "Latent space")."""
+    """SD 2.1-base as an SR-flow velocity model in VAE latent space (docs/DESIGN.md, "Latent space")."""
 
     def __init__(self, vae, unet, noise_scheduler, empty_embedding, cfg: ModelConfig):
         super().__init__()

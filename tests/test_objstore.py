@@ -255,3 +255,182 @@ def test_lease_on_s3_stale_takeover_heartbeat_and_loss(s3, prefix):
     finally:
         lease.release()
     assert json.loads(get(s3, lease_uri)) == thief  # a lost lease is not deleted by its old holder
+
+
+# ---- the jobs -----------------------------------------------------------------------------------
+def _png(seed: int, height: int = 72, width: int = 88) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 / width, y * 255 / height, np.full_like(x, 40 * seed % 255)], -1)
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _listing(uri: str):
+    """What a job has committed under `uri` (for `run_until_killed` to see it settle)."""
+    from pipeline.storage import resolve_fs
+
+    fs, root = resolve_fs(uri)
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)))
+
+
+def _read_parquet(uri: str) -> pa.Table:
+    from pipeline.output import list_parts
+    from pipeline.storage import resolve_fs
+
+    fs, root = resolve_fs(uri)
+    tables = []
+    for path in list_parts(fs, root):
+        with fs.open_input_file(path) as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _env() -> dict:
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def _one_line_refusal(capsys, run, words: str) -> None:
+    """`run()` (a job's CLI entry) refuses with exit status 2 and `words` in one stderr line."""
+    capsys.readouterr()  # what earlier steps printed
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and words in err and len(err.splitlines()) == 1, err
+
+
+PREPARE_KILL_SCRIPT = """
+import os, signal, sys, threading, time
+import pyarrow.fs as pafs
+from jobs.prepare_data import PrepareConfig, prepare
+from pipeline.storage import resolve_fs
+cfg = PrepareConfig(**{cfg!r})
+fs, root = resolve_fs(cfg.output + "/shards")
+def kill_after_first_shard():  # the degrade tasks commit the shards: watch them land
+    while not any(i.base_name.startswith("part-")
+                  for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))):
+        time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGKILL)  # a hard kill of the job, mid-run
+threading.Thread(target=kill_after_first_shard, daemon=True).start()
+prepare(cfg)
+"""
+
+
+@pytest.fixture(scope="module")
+def prepared(s3, ray_s3, run_until_killed_module):
+    """prepare-data from s3:// photos to s3:// pairs, SIGKILLed after its first shard, then
+    rerun: (config, the sample ids of the killed run's shards, the rerun's summary)."""
+    from jobs import prepare_data as P
+
+    photos = f"s3://{BUCKET}/photos"
+    for i in range(8):
+        put(s3, f"{photos}/img{i:02d}.png", _png(i))
+    cfg = P.PrepareConfig(input=photos, output=f"s3://{BUCKET}/pairs", patch_size=32, crops_per_image=2,
+                          shard_rows=2, files_per_task=1, address=ray_s3.get_runtime_context().gcs_address)
+    from dataclasses import asdict
+
+    proc = run_until_killed_module([sys.executable, "-c", PREPARE_KILL_SCRIPT.format(cfg=asdict(cfg))],
+                                   lambda: _listing(cfg.output), cwd=REPO, env=_env(), timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    committed = keys(s3, cfg.output)
+    shards = [k for k in committed if k.startswith("shards/part-")]
+    assert "_lease.json" in committed and "manifest.json" not in committed  # left by the killed run
+    assert 1 <= len(shards) < 8, f"the run was not interrupted part-way: {committed}"
+    # what a writer killed between its upload and its move leaves: readers and the rerun ignore it
+    put(s3, f"{cfg.output}/shards/.tmp-0123-part-partial.parquet", b"PAR1 truncated")
+    before = _read_parquet(f"{cfg.output}/shards").column("sample_id").to_pylist()
+    summary = P.prepare(cfg)
+    return cfg, before, summary
+
+
+@pytest.fixture(scope="module")
+def run_until_killed_module():
+    from conftest import _run_until_killed
+
+    return _run_until_killed
+
+
+def test_prepare_data_on_s3_resumes_after_sigkill_with_each_pair_once(s3, prepared):
+    cfg, before, summary = prepared
+    ids = _read_parquet(f"{cfg.output}/shards").column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 16 and set(before) <= set(ids)
+    assert summary["resumed"] and summary["pairs_written"] == 16 - len(before) and summary["total_pairs"] == 16
+    committed = keys(s3, cfg.output)
+    assert not [k for k in committed if ".tmp-" in k or k.startswith(("_work/", "_resume/"))], committed
+    assert "_lease.json" not in committed  # the rerun took the killed run's lease over and released it
+    manifest = json.loads(get(s3, f"{cfg.output}/manifest.json"))
+    assert manifest["total_rows"] == 16 and sorted(s["path"] for s in manifest["shards"]) == sorted(
+        k for k in committed if k.startswith("shards/part-"))
+
+
+def test_prepare_data_on_s3_refuses_a_concurrent_run_and_other_settings(s3, prepared, capsys):
+    from jobs import prepare_data as P
+    from pipeline import output as out
+    from pipeline.storage import resolve_fs
+
+    cfg = prepared[0]
+    before = keys(s3, cfg.output)
+    argv = ["--input", cfg.input, "--output", cfg.output, "--patch-size", "32", "--crops-per-image", "2",
+            "--shard-rows", "2", "--files-per-task", "1", "--address", cfg.address]
+    fs, root = resolve_fs(cfg.output)
+    with out.Lease(fs, root, cfg.output):  # another run, live, holds the output
+        _one_line_refusal(capsys, lambda: P.main(argv), "in use by another run")
+    _one_line_refusal(capsys, lambda: P.main([*argv, "--seed", "1"]), "seed: 0 -> 1")
+    assert keys(s3, cfg.output) == before  # a refused run writes nothing
+
+
+CAPTION_KILL_SCRIPT = """
+import os, signal
+from jobs.caption import RegenerateConfig, regenerate
+from pipeline.caption import CaptionConfig
+cfg = RegenerateConfig(shards={shards!r}, output={output!r}, caption=CaptionConfig(backend="template"),
+                       address={address!r})
+regenerate(cfg, on_part=lambda index, row: os.kill(os.getpid(), signal.SIGKILL))  # at the first part
+"""
+
+
+def test_caption_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settings(
+        s3, prepared, ray_s3, run_until_killed_module, capsys):
+    """caption (template) from s3:// shards into an s3:// caption table: SIGKILLed when its first
+    part is committed, rerun: every pair captioned exactly once; a second run while one holds
+    the output, and a rerun with another backend, are refused in one line."""
+    from jobs import caption as C
+    from pipeline import output as out
+    from pipeline.caption import CaptionConfig
+    from pipeline.storage import resolve_fs
+
+    shards = f"{prepared[0].output}/shards"
+    output = f"s3://{BUCKET}/captions"
+    address = ray_s3.get_runtime_context().gcs_address
+    script = CAPTION_KILL_SCRIPT.format(shards=shards, output=output, address=address)
+    proc = run_until_killed_module([sys.executable, "-c", script], lambda: _listing(output), cwd=REPO,
+                                   env=_env(), timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    killed = [k for k in keys(s3, output) if k.startswith("part-")]
+    assert 1 <= len(killed) and "_lease.json" in keys(s3, output)
+    cfg = C.RegenerateConfig(shards=shards, output=output, caption=CaptionConfig(backend="template"),
+                             address=address)
+    summary = C.regenerate(cfg)
+    pairs = _read_parquet(shards).column("sample_id").to_pylist()
+    captioned = _read_parquet(output).column("sample_id").to_pylist()
+    assert sorted(captioned) == sorted(pairs) and len(pairs) == 16  # each pair once
+    assert summary["captioned"] == 16 - summary["already_captioned"] and summary["already_captioned"] >= 2
+    assert summary["parts"] == 8 - len(killed)
+    assert not [k for k in keys(s3, output) if ".tmp-" in k or k == "_lease.json"]
+
+    argv = ["--shards", shards, "--output", output, "--backend", "template", "--address", address]
+    before = keys(s3, output)
+    fs, root = resolve_fs(output)
+    with out.Lease(fs, root, output):
+        _one_line_refusal(capsys, lambda: C.main(argv), "in use by another run")
+    _one_line_refusal(capsys, lambda: C.main([*argv[:-4], "--backend", "qwen2vl", *argv[-2:]]),
+                      "backend: 'template' -> 'qwen2vl'")
+    assert keys(s3, output) == before

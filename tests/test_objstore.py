@@ -299,12 +299,13 @@ def _env() -> dict:
 
 
 def _one_line_refusal(capsys, run, words: str) -> None:
-    """`run()` (a job's CLI entry) refuses with exit status 2 and `words` in one stderr line."""
+    """`run()` (a job's CLI entry) refuses with exit status 2 and `words` in its last stderr line,
+    without a traceback."""
     capsys.readouterr()  # what earlier steps printed
     with pytest.raises(SystemExit) as exit_:
         run()
     err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and words in err and len(err.splitlines()) == 1, err
+    assert exit_.value.code == 2 and words in err.splitlines()[-1] and "Traceback" not in err, err
 
 
 PREPARE_KILL_SCRIPT = """
@@ -433,4 +434,88 @@ def test_caption_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
         _one_line_refusal(capsys, lambda: C.main(argv), "in use by another run")
     _one_line_refusal(capsys, lambda: C.main([*argv[:-4], "--backend", "qwen2vl", *argv[-2:]]),
                       "backend: 'template' -> 'qwen2vl'")
+    assert keys(s3, output) == before
+
+
+UPSCALE_KILL_SCRIPT = """
+import os, signal, sys
+import ray.data
+from jobs import upscale
+
+iter_batches = ray.data.Dataset.iter_batches
+
+def dying_iter_batches(self, *args, **kwargs):
+    for batch in iter_batches(self, *args, **kwargs):
+        if "ok" in batch.column_names:  # the counts of the first written batch reached the driver
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+
+ray.data.Dataset.iter_batches = dying_iter_batches
+upscale.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory):
+    """A small pixel-space FlowSR checkpoint (random weights), saved as training saves one."""
+    import torch
+
+    from flowsr.backbones import PixelBackbone
+    from flowsr.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("pixel_ckpt")
+    cfg.save(str(directory / "config.json"))
+    PixelBackbone.from_config(cfg.model).save_trainable(str(directory / "student"))
+    return str(directory)
+
+
+def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settings(
+        s3, ray_s3, pixel_ckpt, run_until_killed_module, capsys):
+    """upscale from s3:// images to an s3:// output: SIGKILLed when its first written batch
+    reaches the driver; what exists then is complete and has its manifest row; the rerun skips
+    exactly those, writes the rest once and lists each input once. A second run while one holds
+    the output, and a rerun with another colour fix, are refused in one line."""
+    from jobs import upscale as U
+    from pipeline import output as out
+    from pipeline import upscale_io as uio
+    from pipeline.storage import resolve_fs
+
+    n = 12
+    source, output = f"s3://{BUCKET}/photos-lr", f"s3://{BUCKET}/upscaled"
+    names = [f"img{i:02d}.png" for i in range(n)]
+    for i, name in enumerate(names):
+        put(s3, f"{source}/{name}", _png(i, 24, 32))
+    address = ray_s3.get_runtime_context().gcs_address
+    argv = ["--input", source, "--output", output, "--checkpoint", pixel_ckpt, "--scale", "2", "--batch-size", "1",
+            "--tile", "0", "--num-gpus", "0", "--address", address]
+    proc = run_until_killed_module([sys.executable, "-c", UPSCALE_KILL_SCRIPT, *argv], lambda: _listing(output),
+                                   cwd=REPO, env=_env(), timeout=400)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    first = [k for k in keys(s3, output) if k.startswith("img")]
+    assert 1 <= len(first) < n, f"{len(first)} of {n} outputs before the kill"
+    assert all(uio.is_valid_output(f"{output}/{name}", (48, 64)) for name in first)  # whole, never partial
+    parts = uio.read_manifest_parts(f"{output}/{uio.PARTS_DIR}").to_pylist()
+    recorded = {r["output"]: r["status"] for r in parts}
+    assert all(recorded[f"{output}/{name}"] == "ok" for name in first)  # each has its row
+    etags = {name: s3.head_object(Bucket=BUCKET, Key=f"upscaled/{name}")["ETag"] for name in first}
+
+    cfg = U.UpscaleJobConfig(input=source, output=output, checkpoint=pixel_ckpt, scale=2, batch_size=1, tile=0,
+                             num_gpus=0, address=address)
+    summary = U.upscale_corpus(cfg)
+    assert summary["skipped"] == len(first) and summary["ok"] == n - len(first) and summary["error"] == 0
+    assert {name: s3.head_object(Bucket=BUCKET, Key=f"upscaled/{name}")["ETag"] for name in first} == etags
+    assert [k for k in keys(s3, output) if not k.startswith("_")] == sorted(["manifest.parquet", *names])
+    with resolve_fs(summary["manifest"])[0].open_input_file(resolve_fs(summary["manifest"])[1]) as f:
+        inputs = pq.read_table(f).column("input").to_pylist()
+    assert sorted(inputs) == [f"{source}/{name}" for name in names]  # each input exactly once
+    assert all(uio.is_valid_output(f"{output}/{name}", (48, 64)) for name in names)
+    assert not [k for k in keys(s3, output) if k.startswith((uio.TMP_DIR, uio.PARTS_DIR, "_lease"))]
+
+    before = keys(s3, output)
+    fs, root = resolve_fs(output)
+    with out.Lease(fs, root, output):
+        _one_line_refusal(capsys, lambda: U.main(argv), "in use by another run")
+    _one_line_refusal(capsys, lambda: U.main([*argv, "--color-fix", "adain"]), "color_fix: 'wavelet' -> 'adain'")
     assert keys(s3, output) == before

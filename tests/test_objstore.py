@@ -519,3 +519,42 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
         _one_line_refusal(capsys, lambda: U.main(argv), "in use by another run")
     _one_line_refusal(capsys, lambda: U.main([*argv, "--color-fix", "adain"]), "color_fix: 'wavelet' -> 'adain'")
     assert keys(s3, output) == before
+
+
+@pytest.mark.slow
+def test_train_checkpoints_on_s3_resume_and_refuse_other_settings(s3, ray_s3, capsys):
+    """Training with an s3:// storage path and s3:// shards: Ray Train persists its checkpoints
+    there, an injected worker failure resumes from the last one (read back from the store), a
+    rerun finds the stage finished, and a rerun with another learning rate is refused in one line."""
+    from flowsr.checkpoint import read_meta
+    from flowsr.config import resolve
+    from flowsr.metrics_log import read_csv
+    from jobs.train import main, train
+    from test_train import make_pairs
+
+    data = f"s3://{BUCKET}/train-shards"
+    fs, root = pafs.FileSystem.from_uri(data)
+    with fs.open_output_stream(f"{root}/part-00000.parquet") as f:
+        pq.write_table(make_pairs(8), f)
+    storage = f"s3://{BUCKET}/runs"
+    overrides = ["model.pixel_channels=[8,16]", "optim.batch_size=2", "optim.stage1_steps=3", "train.num_workers=1",
+                 "train.checkpoint_every=2", "train.fail_at_step=3", "train.max_failures=1"]
+    cfg = resolve("pixel-small", overrides)
+    result = train(cfg, data, storage_path=storage, name="fault", stage=1)
+    committed = keys(s3, f"{storage}/fault")
+    assert "fault_injected_stage1_step3" in committed and "_run.json" in committed and "config.json" in committed
+    assert {k.split("/")[1] for k in committed if k.startswith("stage1/checkpoint_step")} == {
+        "checkpoint_step0000002", "checkpoint_step0000003"}
+    assert read_meta(result["checkpoint"])["step"] == 3  # downloaded from the store
+    rows = read_csv(result["metrics_csv"])
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and [int(r["resumed_from"]) for r in rows] == [0, 0, 2]
+
+    again = train(cfg, data, storage_path=storage, name="fault", stage=1)  # the stage is finished: skipped
+    assert read_meta(again["checkpoint"])["step"] == 3 and keys(s3, f"{storage}/fault") == committed
+    argv = ["--config", "pixel-small", *[f"--set={o}" for o in overrides], "--set=optim.lr=0.5", "--data", data,
+            "--storage-path", storage, "--name", "fault", "--stage", "1"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.lr:" in err.splitlines()[-1] and "Traceback" not in err, err
+    assert keys(s3, f"{storage}/fault") == committed

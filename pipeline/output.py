@@ -110,6 +110,37 @@ def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:
     write_bytes_atomic(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
+def create_if_absent(fs: pafs.FileSystem, path: str, data: bytes) -> bool:
+    """Write `data` at `path` whole unless a file is there already; True when this call wrote it.
+
+    Exact on a local filesystem (a temporary file hard-linked into place: the link fails when
+    the name exists) and on S3 (`If-None-Match: *`); elsewhere (gs://, a local filesystem
+    without hard links) a check, then an atomic write.
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        directory, name = _parent(path), path.rsplit("/", 1)[-1]
+        fs.create_dir(directory, recursive=True)
+        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: fall back to the check below
+            pass
+        finally:
+            os.remove(tmp)
+    store = versioned_store(fs)
+    if store is not None:
+        return store.create_if_absent(path, data) is not None
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    write_bytes_atomic(fs, path, data)
+    return True
+
+
 def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table,
                          row_group_size: int = ROW_GROUP_ROWS) -> None:
     atomic_write(fs, path, lambda stream: pq.write_table(table, stream, row_group_size=row_group_size))
@@ -259,9 +290,10 @@ def check_run_record(fs: pafs.FileSystem, root: str, record: Dict[str, Any], *, 
     """
     path = f"{root}/{RUN_FILE}"
     old = read_json(fs, path)
-    if old is None:
-        write_json_atomic(fs, path, record)
-        return False
+    if old is None:  # first run, unless another first run records its settings meanwhile
+        if create_if_absent(fs, path, json.dumps(record, indent=2, sort_keys=True).encode()):
+            return False
+        old = read_json(fs, path) or {}
     changed = _differences(old, record)
     if changed:
         raise RunMismatch(f"{label} holds results of another run ({'; '.join(changed)}); {advice}")

@@ -162,6 +162,37 @@ def test_atomic_parts_on_s3(s3, prefix):
     assert out.clear_tmp(fs, root) == 1 and keys(s3, prefix) == ["parts/part-1.parquet"]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_racing_first_runs_record_one_setting_and_refuse_the_others(s3, prefix, tmp_path, where):
+    """The run record is created only if absent: of first runs that start together with
+    different settings (a training run holds no lease), exactly one records its settings and
+    runs, the others are refused as reruns with other settings; the record is the winner's."""
+    from pipeline import output as out
+    from pipeline.storage import resolve_fs
+
+    for round_ in range(3):
+        fs, root = resolve_fs(f"{prefix}/r{round_}" if where == "s3" else str(tmp_path / f"r{round_}"))
+        barrier, results = threading.Barrier(6), {}
+
+        def first_run(seed):
+            record = out.run_record("train", "in", {"seed": seed})
+            barrier.wait()
+            try:
+                results[seed] = out.check_run_record(fs, root, record, label="RUN")
+            except out.RunMismatch:
+                results[seed] = "refused"
+
+        threads = [threading.Thread(target=first_run, args=(seed,)) for seed in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        winners = [seed for seed, result in results.items() if result is False]
+        assert len(winners) == 1 and sorted(map(str, results.values())) == ["False"] + ["refused"] * 5, results
+        assert out.read_json(fs, f"{root}/{out.RUN_FILE}")["params"] == {"seed": winners[0]}
+        assert not [i for i in fs.get_file_info(pafs.FileSelector(root)) if i.base_name.startswith(out.TMP_PREFIX)]
+
+
 # ---- the lease ----------------------------------------------------------------------------------
 def test_lease_on_s3_one_of_many_racing_writers(s3, prefix):
     """Eight runs open the same output at once, three times over: exactly one holds it each

@@ -358,14 +358,15 @@ prepare(cfg)
 
 @pytest.fixture(scope="module")
 def prepared(s3, ray_s3, run_until_killed_module):
-    """prepare-data from s3:// photos to s3:// pairs, SIGKILLed after its first shard, then
-    rerun: (config, the sample ids of the killed run's shards, the rerun's summary)."""
+    """prepare-data from s3:// photos to s3:// pairs (an output inside the input prefix, which
+    the listing must leave out), SIGKILLed after its first shard, then rerun: (config, the sample
+    ids of the killed run's shards, the rerun's summary)."""
     from jobs import prepare_data as P
 
     photos = f"s3://{BUCKET}/photos"
     for i in range(8):
         put(s3, f"{photos}/img{i:02d}.png", _png(i))
-    cfg = P.PrepareConfig(input=photos, output=f"s3://{BUCKET}/pairs", patch_size=32, crops_per_image=2,
+    cfg = P.PrepareConfig(input=photos, output=f"{photos}/pairs", patch_size=32, crops_per_image=2,
                           shard_rows=2, files_per_task=1, address=ray_s3.get_runtime_context().gcs_address)
     from dataclasses import asdict
 
@@ -395,6 +396,7 @@ def test_prepare_data_on_s3_resumes_after_sigkill_with_each_pair_once(s3, prepar
     ids = _read_parquet(f"{cfg.output}/shards").column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == 16 and set(before) <= set(ids)
     assert summary["resumed"] and summary["pairs_written"] == 16 - len(before) and summary["total_pairs"] == 16
+    assert summary["sources"] == 8 and summary["total_errors"] == 0  # the output's own files are not inputs
     committed = keys(s3, cfg.output)
     assert not [k for k in committed if ".tmp-" in k or k.startswith(("_work/", "_resume/"))], committed
     assert "_lease.json" not in committed  # the rerun took the killed run's lease over and released it
@@ -504,7 +506,7 @@ def pixel_ckpt(tmp_path_factory):
 
 def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settings(
         s3, ray_s3, pixel_ckpt, run_until_killed_module, capsys):
-    """upscale from s3:// images to an s3:// output: SIGKILLed when its first written batch
+    """upscale from s3:// images to an s3:// output inside the input prefix: SIGKILLed when its first written batch
     reaches the driver; what exists then is complete and has its manifest row; the rerun skips
     exactly those, writes the rest once and lists each input once. A second run while one holds
     the output, and a rerun with another colour fix, are refused in one line."""
@@ -514,7 +516,8 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     from pipeline.storage import resolve_fs
 
     n = 12
-    source, output = f"s3://{BUCKET}/photos-lr", f"s3://{BUCKET}/upscaled"
+    source = f"s3://{BUCKET}/photos-lr"
+    output = f"{source}/x2"  # inside the input prefix: the listing must leave it out
     names = [f"img{i:02d}.png" for i in range(n)]
     for i, name in enumerate(names):
         put(s3, f"{source}/{name}", _png(i, 24, 32))
@@ -530,13 +533,13 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     parts = uio.read_manifest_parts(f"{output}/{uio.PARTS_DIR}").to_pylist()
     recorded = {r["output"]: r["status"] for r in parts}
     assert all(recorded[f"{output}/{name}"] == "ok" for name in first)  # each has its row
-    etags = {name: s3.head_object(Bucket=BUCKET, Key=f"upscaled/{name}")["ETag"] for name in first}
+    etags = {name: s3.head_object(Bucket=BUCKET, Key=f"photos-lr/x2/{name}")["ETag"] for name in first}
 
     cfg = U.UpscaleJobConfig(input=source, output=output, checkpoint=pixel_ckpt, scale=2, batch_size=1, tile=0,
                              num_gpus=0, address=address)
     summary = U.upscale_corpus(cfg)
     assert summary["skipped"] == len(first) and summary["ok"] == n - len(first) and summary["error"] == 0
-    assert {name: s3.head_object(Bucket=BUCKET, Key=f"upscaled/{name}")["ETag"] for name in first} == etags
+    assert {name: s3.head_object(Bucket=BUCKET, Key=f"photos-lr/x2/{name}")["ETag"] for name in first} == etags
     assert [k for k in keys(s3, output) if not k.startswith("_")] == sorted(["manifest.parquet", *names])
     with resolve_fs(summary["manifest"])[0].open_input_file(resolve_fs(summary["manifest"])[1]) as f:
         inputs = pq.read_table(f).column("input").to_pylist()

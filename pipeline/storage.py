@@ -172,7 +172,14 @@ class VersionedS3:
         except ClientError as err:
             if self._lost(err):
                 return False
-            raise
+            if err.response.get("Error", {}).get("Code") not in ("NotImplemented", "InvalidArgument", "501"):
+                raise
+        # a store without conditional deletes: check the version, then delete (not one step)
+        found = self.read(path)
+        if found is None or found[1] != version:
+            return False
+        self.client.delete_object(Bucket=bucket, Key=key)
+        return True
 
 
 def versioned_store(fs: pafs.FileSystem) -> Optional[VersionedS3]:

@@ -33,9 +33,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(tmp_path_factory):
     """A local S3 server with one bucket; AWS_ENDPOINT_URL and credentials point every client
-    (pyarrow, boto3, the Ray workers and job subprocesses started afterwards) at it."""
+    (pyarrow, boto3, the Ray workers and job subprocesses started afterwards) at it, and
+    FLOWSR_CACHE (where remote checkpoints are copied) at a folder of this module's."""
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto")
     port = _free_port()
@@ -43,7 +44,7 @@ def s3():
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
+           "AWS_EC2_METADATA_DISABLED": "true", "FLOWSR_CACHE": str(tmp_path_factory.mktemp("remote-cache"))}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -507,8 +508,9 @@ def pixel_ckpt(tmp_path_factory):
 def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settings(
         s3, ray_s3, pixel_ckpt, run_until_killed_module, capsys):
     """upscale from s3:// images to an s3:// output inside the input prefix: SIGKILLed when its first written batch
-    reaches the driver; what exists then is complete and has its manifest row; the rerun skips
-    exactly those, writes the rest once and lists each input once. A second run while one holds
+    reaches the driver; what exists then is complete and has its manifest row; the rerun (with
+    the checkpoint read from s3:// this time) skips exactly those, writes the rest once and lists
+    each input once. A second run while one holds
     the output, and a rerun with another colour fix, are refused in one line."""
     from jobs import upscale as U
     from pipeline import output as out
@@ -535,9 +537,14 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     assert all(recorded[f"{output}/{name}"] == "ok" for name in first)  # each has its row
     etags = {name: s3.head_object(Bucket=BUCKET, Key=f"photos-lr/x2/{name}")["ETag"] for name in first}
 
-    cfg = U.UpscaleJobConfig(input=source, output=output, checkpoint=pixel_ckpt, scale=2, batch_size=1, tile=0,
+    # the rerun reads the same checkpoint from the store: recorded by content, it is the same run
+    remote_ckpt = f"s3://{BUCKET}/checkpoints/pixel"
+    pafs.copy_files(pixel_ckpt, remote_ckpt.split("://", 1)[1], source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=resolve_fs(remote_ckpt)[0])
+    cfg = U.UpscaleJobConfig(input=source, output=output, checkpoint=remote_ckpt, scale=2, batch_size=1, tile=0,
                              num_gpus=0, address=address)
     summary = U.upscale_corpus(cfg)
+    assert os.listdir(os.environ["FLOWSR_CACHE"])  # the upscaler actor copied the checkpoint from the store
     assert summary["skipped"] == len(first) and summary["ok"] == n - len(first) and summary["error"] == 0
     assert {name: s3.head_object(Bucket=BUCKET, Key=f"photos-lr/x2/{name}")["ETag"] for name in first} == etags
     assert [k for k in keys(s3, output) if not k.startswith("_")] == sorted(["manifest.parquet", *names])

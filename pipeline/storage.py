@@ -113,66 +113,64 @@ class VersionedS3:
 
     def __init__(self, region: Optional[str]):
         import boto3  # configured from the environment, as pyarrow's S3 client is
+        from botocore.exceptions import ClientError
 
         self.client = boto3.session.Session().client("s3", region_name=region or None)
+        self.ClientError = ClientError
 
     @staticmethod
     def _split(path: str) -> Tuple[str, str]:
         bucket, _, key = path.partition("/")
         return bucket, key
 
+    @staticmethod
+    def _code(err) -> str:
+        return err.response.get("Error", {}).get("Code", "")
+
     def _lost(self, err) -> bool:
-        return err.response.get("Error", {}).get("Code") in self.LOST
+        return self._code(err) in self.LOST
 
     def create_if_absent(self, path: str, data: bytes) -> Optional[str]:
         """Write `data` at `path` when nothing is there; its version, or None when something was."""
-        from botocore.exceptions import ClientError
-
         bucket, key = self._split(path)
         try:
             return self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
-        except ClientError as err:
+        except self.ClientError as err:
             if self._lost(err):
                 return None
             raise
 
     def read(self, path: str) -> Optional[Tuple[bytes, str]]:
         """(bytes, version) of the object at `path` (one GET: the two belong together), or None."""
-        from botocore.exceptions import ClientError
-
         bucket, key = self._split(path)
         try:
             got = self.client.get_object(Bucket=bucket, Key=key)
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        except self.ClientError as err:
+            if self._code(err) in ("NoSuchKey", "404"):
                 return None
             raise
         return got["Body"].read(), got["ETag"]
 
     def replace_if_version(self, path: str, data: bytes, version: str) -> Optional[str]:
         """Replace the object at `path` when it is still `version`; the new version, or None."""
-        from botocore.exceptions import ClientError
-
         bucket, key = self._split(path)
         try:
             return self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
-        except ClientError as err:
+        except self.ClientError as err:
             if self._lost(err):
                 return None
             raise
 
     def delete_if_version(self, path: str, version: str) -> bool:
         """Delete the object at `path` when it is still `version`; True when it was deleted."""
-        from botocore.exceptions import ClientError
-
         bucket, key = self._split(path)
         try:
             self.client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
             return True
-        except ClientError as err:
+        except self.ClientError as err:
             if self._lost(err):
                 return False
-            if err.response.get("Error", {}).get("Code") not in ("NotImplemented", "InvalidArgument", "501"):
+            if self._code(err) not in ("NotImplemented", "InvalidArgument", "501"):
                 raise
         # a store without conditional deletes: check the version, then delete (not one step)
         found = self.read(path)

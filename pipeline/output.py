@@ -350,7 +350,7 @@ class Lease:
                 f.write(self._body())
             return True
         if self._store is not None:
-            self.version = self._store.create_if_absent(self.path, self._body())
+            self.version = self._store.create_if_absent(self.path, self._body()) or self._own_version()
             return self.version is not None
         if self.fs.get_file_info(self.path).type == pafs.FileType.File:
             return False
@@ -378,6 +378,12 @@ class Lease:
         if current and current.get("token") == stale.get("token"):
             self.fs.delete_file(self.path)
 
+    def _own_version(self) -> Optional[str]:
+        """The lease object's version when it holds this run's token, else None: a conditional
+        write whose answer was lost, retried by the client, fails against its own success."""
+        held, version = self._read()
+        return version if held and held.get("token") == self.token else None
+
     def _read(self) -> tuple:
         """(the lease's JSON, its version) or (None, None); the version only on S3."""
         if self._store is None:
@@ -399,7 +405,7 @@ class Lease:
                                  f"{held.get('host')}, heartbeat {time.time() - held.get('heartbeat', 0):.0f} s "
                                  f"ago); wait for it or write to another output")
             if self._store is not None:  # replace exactly the stale version: one taker wins
-                self.version = self._store.replace_if_version(self.path, self._body(), version)
+                self.version = self._store.replace_if_version(self.path, self._body(), version) or self._own_version()
                 if self.version is not None:
                     self._start_heartbeat()
                     return self
@@ -411,7 +417,8 @@ class Lease:
         """One heartbeat. On S3 only the version this run wrote is replaced: a lease taken over
         meanwhile is never overwritten (`lost` is set and the heartbeat stops)."""
         if self._store is not None:
-            self.version = self._store.replace_if_version(self.path, self._body(), self.version)
+            self.version = (self._store.replace_if_version(self.path, self._body(), self.version)
+                            or self._own_version())
             if self.version is None:
                 self.lost = True
                 self._stop.set()

@@ -289,6 +289,43 @@ def test_lease_on_s3_stale_takeover_heartbeat_and_loss(s3, prefix):
     assert json.loads(get(s3, lease_uri)) == thief  # a lost lease is not deleted by its old holder
 
 
+def test_lease_on_s3_holds_when_a_conditional_write_answer_is_lost(s3, prefix):
+    """A conditional write that succeeded but whose answer was lost is retried by the client and
+    fails against its own success: the lease is still this run's (same token), so it is
+    acquired, refreshed and released as usual, never reported as busy or lost."""
+    from pipeline import output as out
+    from pipeline.storage import resolve_fs
+
+    class AnswerLost:
+        def __init__(self, store):
+            self.store = store
+
+        def create_if_absent(self, path, data):
+            self.store.create_if_absent(path, data)
+            return None
+
+        def replace_if_version(self, path, data, version):
+            self.store.replace_if_version(path, data, version)
+            return None
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+    fs, root = resolve_fs(prefix)
+    lease_uri = f"{prefix}/{out.LEASE_FILE}"
+    lease = out.Lease(fs, root, "OUT", ttl_s=0.4)
+    lease._store = AnswerLost(lease._store)
+    lease.acquire()
+    try:
+        first = json.loads(get(s3, lease_uri))
+        time.sleep(0.35)
+        again = json.loads(get(s3, lease_uri))
+        assert again["token"] == first["token"] == lease.token and again["heartbeat"] > first["heartbeat"]
+        assert not lease.lost
+    finally:
+        lease.release()
+    assert out.LEASE_FILE not in keys(s3, prefix)
+
 # ---- the jobs -----------------------------------------------------------------------------------
 def _png(seed: int, height: int = 72, width: int = 88) -> bytes:
     import io

@@ -205,8 +205,11 @@ def _list_local(pattern: str, as_glob: bool, exclude: Sequence[str] = ()) -> Ite
             yield match
 
 
-def _list_remote(uri: str, as_glob: bool = True) -> List[str]:
+def _list_remote(uri: str, as_glob: bool = True, exclude: Sequence[str] = ()) -> List[str]:
+    """The files under a URI (or matching a glob URI); those under the URIs in `exclude` (the
+    output, when it lies inside the input) are left out."""
     scheme = uri.split("://", 1)[0]
+    skip = [resolve_fs(e)[1].rstrip("/") + "/" for e in exclude if "://" in e and not is_local(e)]
     fs, root = resolve_fs(uri)
     info = fs.get_file_info(root)
     pattern_at = -1
@@ -219,7 +222,8 @@ def _list_remote(uri: str, as_glob: bool = True) -> List[str]:
         paths = [root]
     elif info.type == pafs.FileType.Directory:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                       and not any(i.path.startswith(prefix) for prefix in skip))
     else:
         raise FileNotFoundError(f"input not found: {uri!r}")
     uris = [f"{scheme}://{p}" for p in paths]
@@ -236,7 +240,7 @@ def iter_listing(input_uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
     """
     local = is_local(input_uri)
     pattern = input_uri[len("file://"):] if input_uri.startswith("file://") else input_uri
-    files = _list_local(pattern, as_glob, exclude) if local else iter(_list_remote(input_uri, as_glob))
+    files = _list_local(pattern, as_glob, exclude) if local else iter(_list_remote(input_uri, as_glob, exclude))
     first = next(files, None)
     if first is None:
         return
@@ -560,7 +564,7 @@ def write_work_listing(cfg: PrepareConfig, output: out.Output) -> out.ListingUni
     units of `files_per_task` files; the listing is never held whole."""
     directory = output.path(WORK_DIR)
     output.fs.delete_dir_contents(directory, missing_dir_ok=True)
-    exclude = [output.root] if out.is_local(cfg.output) else []
+    exclude = [output.root if out.is_local(cfg.output) else output.uri]  # when it lies inside the input
     rows = ({"source_uri": uri, "reject": reject}
             for uri, reject in iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude))
     chunks, counts = out.write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)

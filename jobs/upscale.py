@@ -197,7 +197,7 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         cfg = resolve_model(cfg)
     check_before_run(cfg)  # before OUT or the corpus is touched
     try:
-        exclude = [cfg.output] if is_local(cfg.output) else []
+        exclude = [cfg.output]  # when it lies inside the input (a folder or a bucket prefix)
         listing = io.list_input_groups(cfg.input, path_column=cfg.path_column, glob=cfg.glob, exclude=exclude)
     except (FileNotFoundError, NotADirectoryError, KeyError) as err:
         raise UsageError(f"input {cfg.input}: {err}") from err

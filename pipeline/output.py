@@ -21,8 +21,12 @@ What a job gets from `open_output(...)`:
   ids. Neither the driver nor a task ever holds every finished id.
 
 All storage goes through `pyarrow.fs` (`pipeline.storage.resolve_fs`): local paths, file://,
-s3://, gs://. Lease exclusivity is exact on local filesystems (O_EXCL create); on object stores
-it is a write-then-verify check.
+s3://, gs://. On an object store a "rename" is a server-side copy and a delete: the final object
+still appears whole or not at all (a killed run leaves at most a temporary object, removed by
+the next run), but each part is written twice. Lease exclusivity is exact on local filesystems
+(O_EXCL create, rename aside) and on S3 (conditional writes: `If-None-Match: *` to create,
+`If-Match: <etag>` to refresh, take over or release); on other object stores (gs://) it is a
+write-then-verify check that two runs starting within the same ~0.2 s can both pass.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -46,7 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.storage import is_local, join_uri, resolve_fs
+from pipeline.storage import is_local, join_uri, resolve_fs, versioned_store
 
 TMP_PREFIX = ".tmp-"
 PART_PREFIX = "part-"
@@ -58,6 +63,7 @@ LEASE_TTL_S = 120.0  # a lease whose heartbeat is older than this is stale
 ROWS_PER_BUCKET = 50_000  # finished ids per DoneIndex bucket file (~1 MB)
 ROW_GROUP_ROWS = 64
 COMPARED_FIELDS = ("job", "params", "checkpoint")
+log = logging.getLogger("flowsr.output")
 
 
 class OutputError(ValueError):
@@ -102,6 +108,37 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
 def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:
     write_bytes_atomic(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def create_if_absent(fs: pafs.FileSystem, path: str, data: bytes) -> bool:
+    """Write `data` at `path` whole unless a file is there already; True when this call wrote it.
+
+    Exact on a local filesystem (a temporary file hard-linked into place: the link fails when
+    the name exists) and on S3 (`If-None-Match: *`); elsewhere (gs://, a local filesystem
+    without hard links) a check, then an atomic write.
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        directory, name = _parent(path), path.rsplit("/", 1)[-1]
+        fs.create_dir(directory, recursive=True)
+        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here: fall back to the check below
+            pass
+        finally:
+            os.remove(tmp)
+    store = versioned_store(fs)
+    if store is not None:
+        return store.create_if_absent(path, data) is not None
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        return False
+    write_bytes_atomic(fs, path, data)
+    return True
 
 
 def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table,
@@ -253,9 +290,10 @@ def check_run_record(fs: pafs.FileSystem, root: str, record: Dict[str, Any], *, 
     """
     path = f"{root}/{RUN_FILE}"
     old = read_json(fs, path)
-    if old is None:
-        write_json_atomic(fs, path, record)
-        return False
+    if old is None:  # first run, unless another first run records its settings meanwhile
+        if create_if_absent(fs, path, json.dumps(record, indent=2, sort_keys=True).encode()):
+            return False
+        old = read_json(fs, path) or {}
     changed = _differences(old, record)
     if changed:
         raise RunMismatch(f"{label} holds results of another run ({'; '.join(changed)}); {advice}")
@@ -291,6 +329,9 @@ class Lease:
         self.fs, self.path, self.label, self.ttl_s = fs, f"{root}/{LEASE_FILE}", label, ttl_s
         self.token = uuid.uuid4().hex
         self._local = isinstance(fs, pafs.LocalFileSystem)
+        self._store = None if self._local else versioned_store(fs)  # S3: conditional writes
+        self.version: Optional[str] = None  # the lease object's version while held (S3)
+        self.lost = False  # another run took the lease over (its heartbeat had stopped for ttl_s)
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -308,6 +349,9 @@ class Lease:
             with os.fdopen(fd, "wb") as f:
                 f.write(self._body())
             return True
+        if self._store is not None:
+            self.version = self._store.create_if_absent(self.path, self._body()) or self._own_version()
+            return self.version is not None
         if self.fs.get_file_info(self.path).type == pafs.FileType.File:
             return False
         write_bytes_atomic(self.fs, self.path, self._body())
@@ -334,29 +378,62 @@ class Lease:
         if current and current.get("token") == stale.get("token"):
             self.fs.delete_file(self.path)
 
+    def _own_version(self) -> Optional[str]:
+        """The lease object's version when it holds this run's token, else None: a conditional
+        write whose answer was lost, retried by the client, fails against its own success."""
+        held, version = self._read()
+        return version if held and held.get("token") == self.token else None
+
+    def _read(self) -> tuple:
+        """(the lease's JSON, its version) or (None, None); the version only on S3."""
+        if self._store is None:
+            return read_json(self.fs, self.path), None
+        found = self._store.read(self.path)
+        return (json.loads(found[0] or b"{}"), found[1]) if found else (None, None)
+
     def acquire(self) -> "Lease":
         self.fs.create_dir(_parent(self.path), recursive=True)
         for _ in range(3):
             if self._create():
                 self._start_heartbeat()
                 return self
-            held = read_json(self.fs, self.path)
+            held, version = self._read()
             if held is None:
                 continue
             if not lease_is_stale(held):
                 raise OutputBusy(f"{self.label} is in use by another run (pid {held.get('pid')} on "
                                  f"{held.get('host')}, heartbeat {time.time() - held.get('heartbeat', 0):.0f} s "
                                  f"ago); wait for it or write to another output")
+            if self._store is not None:  # replace exactly the stale version: one taker wins
+                self.version = self._store.replace_if_version(self.path, self._body(), version) or self._own_version()
+                if self.version is not None:
+                    self._start_heartbeat()
+                    return self
+                continue
             self._take_over(held)
         raise OutputBusy(f"{self.label}: could not take its lease; another run keeps replacing it")
+
+    def _refresh(self) -> None:
+        """One heartbeat. On S3 only the version this run wrote is replaced: a lease taken over
+        meanwhile is never overwritten (`lost` is set and the heartbeat stops)."""
+        if self._store is not None:
+            self.version = (self._store.replace_if_version(self.path, self._body(), self.version)
+                            or self._own_version())
+            if self.version is None:
+                self.lost = True
+                self._stop.set()
+                log.warning("%s: lease taken over by another run (this run's heartbeat had stopped for "
+                            "%.0f s); both may now write to it", self.label, self.ttl_s)
+            return
+        held = read_json(self.fs, self.path)
+        if held and held.get("token") == self.token:
+            write_bytes_atomic(self.fs, self.path, self._body())
 
     def _start_heartbeat(self) -> None:
         def beat():
             while not self._stop.wait(self.ttl_s / 4):
                 with contextlib.suppress(Exception):
-                    held = read_json(self.fs, self.path)
-                    if held and held.get("token") == self.token:
-                        write_bytes_atomic(self.fs, self.path, self._body())
+                    self._refresh()
 
         self._thread = threading.Thread(target=beat, name="output-lease", daemon=True)
         self._thread.start()
@@ -366,6 +443,10 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
+            if self._store is not None:
+                if self.version is not None and not self.lost:
+                    self._store.delete_if_version(self.path, self.version)
+                return
             held = read_json(self.fs, self.path)
             if held and held.get("token") == self.token:
                 self.fs.delete_file(self.path)

@@ -1,6 +1,15 @@
 """One place for storage URIs: local paths, `file://`, `s3://`, `gs://` through `pyarrow.fs`.
 
-Every stage and job resolves paths here, so a URI means the same thing everywhere.
+Every stage and job resolves paths here, so a URI means the same thing everywhere. `s3://` is
+configured the way the AWS SDKs are (AWS_ENDPOINT_URL for an S3-compatible server, AWS_* keys,
+profiles, instance roles), for pyarrow and for the conditional writes below alike.
+
+Object stores have no rename and no exclusive create. What S3 offers instead are conditional
+writes: a PutObject with `If-None-Match: *` creates an object only when none is there, one with
+`If-Match: <etag>` replaces it only when it is still the version read (`create_if_absent`,
+`replace_if_version`, `delete_if_version`). pyarrow's S3FileSystem does not expose them, so these
+go through boto3. Other stores (gs://, ...) get None from `versioned_store` and their callers
+fall back to what they did without (see `pipeline.output.Lease`).
 """
 from __future__ import annotations
 
@@ -87,3 +96,98 @@ def cached_copy(uri: str, cache_dir: Optional[str] = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional writes (S3): create-if-absent and compare-and-swap on one object
+# ---------------------------------------------------------------------------------------------
+
+class VersionedS3:
+    """Conditional writes on the objects of one S3 filesystem; a version is an object's ETag.
+
+    Each call is one request: S3 applies the condition and the write atomically, so of two
+    writers with the same condition exactly one succeeds (the other gets 412 Precondition
+    Failed, or 409 ConditionalRequestConflict while the first is in flight)."""
+
+    LOST = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412", "409")
+
+    def __init__(self, region: Optional[str]):
+        import boto3  # configured from the environment, as pyarrow's S3 client is
+        from botocore.exceptions import ClientError
+
+        self.client = boto3.session.Session().client("s3", region_name=region or None)
+        self.ClientError = ClientError
+
+    @staticmethod
+    def _split(path: str) -> Tuple[str, str]:
+        bucket, _, key = path.partition("/")
+        return bucket, key
+
+    @staticmethod
+    def _code(err) -> str:
+        return err.response.get("Error", {}).get("Code", "")
+
+    def _lost(self, err) -> bool:
+        return self._code(err) in self.LOST
+
+    def create_if_absent(self, path: str, data: bytes) -> Optional[str]:
+        """Write `data` at `path` when nothing is there; its version, or None when something was."""
+        bucket, key = self._split(path)
+        try:
+            return self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
+        except self.ClientError as err:
+            if self._lost(err):
+                return None
+            raise
+
+    def read(self, path: str) -> Optional[Tuple[bytes, str]]:
+        """(bytes, version) of the object at `path` (one GET: the two belong together), or None."""
+        bucket, key = self._split(path)
+        try:
+            got = self.client.get_object(Bucket=bucket, Key=key)
+        except self.ClientError as err:
+            if self._code(err) in ("NoSuchKey", "404"):
+                return None
+            raise
+        return got["Body"].read(), got["ETag"]
+
+    def replace_if_version(self, path: str, data: bytes, version: str) -> Optional[str]:
+        """Replace the object at `path` when it is still `version`; the new version, or None."""
+        bucket, key = self._split(path)
+        try:
+            return self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+        except self.ClientError as err:
+            if self._lost(err):
+                return None
+            raise
+
+    def delete_if_version(self, path: str, version: str) -> bool:
+        """Delete the object at `path` when it is still `version`; True when it was deleted."""
+        bucket, key = self._split(path)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
+            return True
+        except self.ClientError as err:
+            if self._lost(err):
+                return False
+            if self._code(err) not in ("NotImplemented", "InvalidArgument", "501"):
+                raise
+        # a store without conditional deletes: check the version, then delete (not one step)
+        found = self.read(path)
+        if found is None or found[1] != version:
+            return False
+        self.client.delete_object(Bucket=bucket, Key=key)
+        return True
+
+
+def versioned_store(fs: pafs.FileSystem) -> Optional[VersionedS3]:
+    """Conditional writes for `fs`'s objects, or None where the store (or pyarrow) offers none:
+    only S3 (and S3-compatible servers that honour If-None-Match / If-Match) has them here."""
+    if fs.type_name != "s3":
+        return None
+    return _versioned_s3(getattr(fs, "region", None))
+
+
+@functools.lru_cache(maxsize=8)
+def _versioned_s3(region: Optional[str]) -> VersionedS3:
+    return VersionedS3(region)

@@ -173,15 +173,17 @@ def _case_groups(directories: Sequence[str]) -> List[Tuple[str, ...]]:
     return [tuple(sorted(groups[name])) for name in sorted(groups)]
 
 
-def _walk_remote(fs: pafs.FileSystem, root: str) -> Iterator[List[Tuple[str, str]]]:
+def _walk_remote(fs: pafs.FileSystem, root: str, exclude: Sequence[str] = ()) -> Iterator[List[Tuple[str, str]]]:
     """`_walk_local` for object stores and other filesystems (no links): one listing call per
-    folder, so the driver holds one folder's entries at a time."""
+    folder, so the driver holds one folder's entries at a time. Folders in `exclude` (URIs: the
+    output, when it lies inside the input) are not entered."""
+    skip = {split_uri(uri)[1].rstrip("/") for uri in exclude if "://" in uri and not uri.startswith("file://")}
     stack = [(root,)]
     while stack:
         found, subdirs = [], []
         for directory in stack.pop():
             for info in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)):
-                if info.type == pafs.FileType.Directory:
+                if info.type == pafs.FileType.Directory and info.path.rstrip("/") not in skip:
                     subdirs.append(info.path)
                 elif info.type == pafs.FileType.File:
                     found.append((info.path, ""))
@@ -194,7 +196,7 @@ def _walk(fs: pafs.FileSystem, root: str, exclude: Sequence[str] = ()) -> Iterat
     """(path, problem) of the files under `root`, a folder at a time (`_walk_local`)."""
     if isinstance(fs, pafs.LocalFileSystem):
         return _walk_local(root, exclude)
-    return _walk_remote(fs, root)
+    return _walk_remote(fs, root, exclude)
 
 
 def _is_image(path: str) -> bool:

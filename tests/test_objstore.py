@@ -616,7 +616,7 @@ def test_train_checkpoints_on_s3_resume_and_refuse_other_settings(s3, ray_s3, ca
         pq.write_table(make_pairs(8), f)
     storage = f"s3://{BUCKET}/runs"
     overrides = ["model.pixel_channels=[8,16]", "optim.batch_size=2", "optim.stage1_steps=3", "train.num_workers=1",
-                 "train.checkpoint_every=2", "train.fail_at_step=3", "train.max_failures=1"]
+                 "train.checkpoint_every=2", "train.fail_at_step=3", "train.max_failures=1", "train.log_every=1"]
     cfg = resolve("pixel-small", overrides)
     result = train(cfg, data, storage_path=storage, name="fault", stage=1)
     committed = keys(s3, f"{storage}/fault")

@@ -241,7 +241,7 @@ def test_pixel_backbone_two_workers_both_stages(ray4, shards, tmp_path):
 
     cfg = resolve("pixel-small", ["optim.batch_size=4", "optim.stage1_steps=3", "optim.stage2_steps=3",
                                   "train.num_workers=2", "train.checkpoint_every=2", "train.val_every=2",
-                                  "loss.lambda_adv=0.05"])  # pixel-small has no GAN term: switch it on
+                                  "train.log_every=1", "loss.lambda_adv=0.05"])  # pixel-small has no GAN term: switch it on
     out = train(cfg, shards["train"], val_uri=shards["val"], storage_path=str(tmp_path), name="pix")
     assert FlowSRConfig.load(os.path.join(out["run_dir"], "config.json")) == cfg
     for stage in (1, 2):
@@ -278,7 +278,7 @@ def test_injected_worker_failure_resumes_from_last_checkpoint(ray4, shards, tmp_
 
     cfg = resolve("pixel-small", ["model.pixel_channels=[8,16]", "optim.batch_size=2", "optim.stage1_steps=5",
                                   "train.num_workers=2", "train.checkpoint_every=2", "train.fail_at_step=4",
-                                  "train.max_failures=1"])
+                                  "train.max_failures=1", "train.log_every=1"])
     out = train(cfg, shards["train"], storage_path=str(tmp_path), name="fault", stage=1)
     assert (tmp_path / "fault" / "fault_injected_stage1_step4").exists()
     assert read_meta(out["checkpoint"])["step"] == 5

@@ -226,6 +226,47 @@ def _read_window(window: StepMetrics, cfg: FlowSRConfig, stage: int, step: int, 
     return {**metrics, "lr": lr, "img_per_s": steps * o.batch_size / max(now - tick, 1e-9), "elapsed_s": now - started}
 
 
+def resume_point(directory: Optional[str], stage: int) -> Tuple[int, int]:
+    """(first step, first epoch) of a run resumed from checkpoint `directory`; (0, 0) without one.
+    The data restarts with a fresh epoch after the checkpoint's."""
+    if directory is None:
+        return 0, 0
+    meta = read_meta(directory)
+    if meta["stage"] != stage:
+        raise ValueError(f"cannot resume stage {stage} from a stage-{meta['stage']} checkpoint")
+    return int(meta["step"]), int(meta.get("epoch", -1)) + 1
+
+
+def _optimise(batch: Dict, step: int, stage: int, models: Models, optimizers, cfg: FlowSRConfig,
+              pair_sampler, draws: StepDraws) -> StepMetrics:
+    """One optimiser step of `stage` at the learning rates scheduled for (0-based) `step`."""
+    opt_g, opt_d = optimizers
+    o = cfg.optim
+    schedule = dict(total_steps=stage_steps(cfg, stage), schedule=o.lr_schedule, floor=o.lr_floor)
+    set_lr(opt_g, lr_at(step, stage_lr(cfg, stage), o.warmup_steps, **schedule))
+    if opt_d is not None:
+        set_lr(opt_d, lr_at(step, o.disc_lr, o.warmup_steps, **schedule))
+    if stage == 1:
+        return stage1_step(batch, models, opt_g, cfg, draws)
+    return stage2_step(batch, models, optimizers, cfg, pair_sampler, draws)
+
+
+def step_draws(cfg: FlowSRConfig, stage: int, step: int, session: Session) -> StepDraws:
+    """The draws of (0-based) `step` for this rank's rows of the global batch."""
+    local = cfg.optim.batch_size // session.world_size
+    rows = range(session.rank * local, (session.rank + 1) * local)
+    return StepDraws(cfg.train.seed, stage, step, cfg.optim.batch_size, session.device, rows)
+
+
+def _checkpoint(session: Session, cfg: FlowSRConfig, stage: int, step: int, epoch: int, models: Models,
+                optimizers, metrics: Dict[str, float]) -> None:
+    with tempfile.TemporaryDirectory(prefix="flowsr-ckpt-") as tmp:
+        if session.rank == 0:
+            save_checkpoint(tmp, cfg=cfg, stage=stage, step=step, models=models, optimizers=optimizers,
+                            extra={"epoch": epoch}, metrics=metrics)
+        session.report({**metrics, "stage": stage, "step": step}, tmp if session.rank == 0 else None)
+
+
 def run_stage(cfg: FlowSRConfig, stage: int, session: Session, batches: RowBatches, *,
               val_rows: Optional[Dict] = None, init_from: Optional[str] = None,
               metrics_dir: Optional[str] = None) -> Dict:

@@ -190,16 +190,20 @@ def _fused_sdpa(q, k, v, *args, **kwargs):
 
 @contextlib.contextmanager
 def _count_saved(exclude):
-    """Sum the bytes of distinct tensors autograd saves (parameters excluded); yields the tally."""
+    """Sum the bytes of the distinct storages autograd saves for backward (views and expanded
+    tensors count their storage once; parameters not at all); yields the tally."""
     tally = {"bytes": 0, "largest": 0, "seen": set(), "keep": []}
+    params = {t.untyped_storage()._cdata for t in exclude}
 
     def pack(t):
-        if id(t) not in exclude and id(t) not in tally["seen"]:
-            n = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in params and key not in tally["seen"]:
+            n = storage.nbytes()
             tally["bytes"] += n
             tally["largest"] = max(tally["largest"], n)
-            tally["seen"].add(id(t))
-            tally["keep"].append(t)  # ids stay unique while the trace lives
+            tally["seen"].add(key)
+            tally["keep"].append(storage)  # keys stay unique while the trace lives
         return t
 
     sdpa = F.scaled_dot_product_attention
@@ -220,7 +224,7 @@ def _saved_activations(cfg: FlowSRConfig, stage: int, models, rows: int):
     batch = {"hr": torch.zeros(rows, 3, p, p, device=META), "lr": torch.zeros(rows, 3, p, p, device=META),
              "hr_caption": ["a sharp photo"] * rows, "lr_caption": ["a blurry photo"] * rows}
     draws = StepDraws(0, stage, 0, rows, META)
-    params = {id(t) for m in _modules(models) for t in m.parameters()}
+    params = [t for m in _modules(models) for t in m.parameters()]
     with _count_saved(params) as tally:
         if stage == 1:
             stage1_losses(batch, models, cfg, draws)
@@ -233,7 +237,8 @@ def _saved_activations(cfg: FlowSRConfig, stage: int, models, rows: int):
 
 def _modules(models):
     out = [models.student]
-    for m in (models.disc, models.iqa, models.distance.lpips):
+    for m in (models.disc, models.iqa, models.distance.lpips, getattr(models.teacher, "net", None),
+              getattr(models.target, "net", None)):
         if m is not None:
             out.append(m)
     return out

@@ -321,7 +321,8 @@ def check_before_run(cfg: UpscaleJobConfig) -> None:
 def actor_cpus(cfg: UpscaleJobConfig, cluster_cpus: float) -> float:
     """Logical CPUs per upscaler actor (`jobs.common.fit_actor_cpus`): a 1-CPU local Ray hung, the
     actor holding the CPU that decoding needed."""
-    return fit_actor_cpus(cfg.cpus_per_actor, cfg.pool_size, cluster_cpus, "upscale")
+    actors = 1 if cfg.pool_size is None else cfg.pool_size  # None: sized by GPUs, 1 on a CPU cluster
+    return fit_actor_cpus(cfg.cpus_per_actor, actors, cluster_cpus, "upscale")
 
 
 def exit_status(summary: dict, allow_errors: bool = False) -> int:

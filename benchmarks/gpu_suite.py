@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -772,18 +773,27 @@ def plain_generate(backend, batch: Dict, ctx: Context) -> float:
     return 2 * len(batch["sample_id"]) / (time.perf_counter() - start)
 
 
+@functools.lru_cache(maxsize=1)
+def qwen_processor():
+    """The Qwen2-VL processor (its tokenizer converted from qwen.tiktoken: seconds), built once a
+    process: the preflight's is the caption section's in a --tiny run."""
+    from pipeline.qwen_offline import build_processor
+
+    return build_processor()
+
+
 def section_caption(ctx: Context, rec: Record) -> None:
     import numpy as np
 
     from pipeline.caption import CaptionConfig, Captioner, Qwen2VLBackend
-    from pipeline.qwen_offline import build_model, build_processor
+    from pipeline.qwen_offline import build_model
 
     size, hr_px, tokens = ctx.pick("2b", "tiny"), ctx.pick(512, 64), ctx.pick(40, 4)
     cfg = CaptionConfig(backend="qwen2vl", model=f"random-init Qwen2-VL ({size})", max_new_tokens=tokens,
                         min_new_tokens=tokens, device=str(ctx.device))
     start = time.perf_counter()
     model = build_model(size, dtype=ctx.dtype, device=str(ctx.device))
-    backend = Qwen2VLBackend(model, build_processor(), cfg)
+    backend = Qwen2VLBackend(model, qwen_processor(), cfg)
     captioner = Captioner(cfg, backend=backend)
     rec["setup"] = (f"Qwen2-VL {size} shapes, random init, {str(ctx.dtype).replace('torch.', '')}, HR {hr_px}^2 and "
                     f"LR {hr_px // SCALE}^2 PNGs, {tokens} new tokens per caption, built in "
@@ -1010,11 +1020,11 @@ def tiny_builds(workdir: str) -> List[tuple]:
         load_lpips("alex", pretrained_backbone=False)
 
     def tiny_qwen2vl():
-        from pipeline.qwen_offline import build_model, build_processor, qwen2vl_config
+        from pipeline.qwen_offline import build_model, qwen2vl_config
 
         qwen2vl_config("2b")  # the caption section's shapes on the GPU (config only)
         build_model("tiny")
-        build_processor()
+        qwen_processor()
 
     return [("the project's modules", project_modules), ("tiny SD and CLIP (flowsr.tiny)", tiny_sd_and_clip),
             ("the pixel net (pixel-small)", pixel_net), ("LPIPS (lpips, its shipped heads)", lpips_heads),
@@ -1023,7 +1033,7 @@ def tiny_builds(workdir: str) -> List[tuple]:
 
 def preflight(workdir: str) -> Dict[str, Any]:
     """Import every module the sections need, then build each model config at tiny size. Returns
-    {"ok", "seconds", "missing": {module: why}, "failed": {check: why}, "passed": [...]}, and
+    {"ok", "seconds", "missing": {module: why}, "failed": {check: why}, "passed": {check: seconds}}, and
     "message", the one line that says what is missing when not ok."""
     start = time.perf_counter()
     missing: Dict[str, str] = {}
@@ -1032,18 +1042,20 @@ def preflight(workdir: str) -> Dict[str, Any]:
             importlib.import_module(module)
         except Exception as exc:  # not installed, or broken on import: the sections cannot run either way
             missing[module] = f"{one_line(exc, 120)}; needed by {needed_by}"
-    result: Dict[str, Any] = {"ok": not missing, "missing": missing, "failed": {}, "passed": []}
+    result: Dict[str, Any] = {"ok": not missing, "missing": missing, "failed": {}, "passed": {},
+                              "imports_s": rnd(time.perf_counter() - start, 1)}
     if missing:
         result["message"] = (f"missing {', '.join(f'{m} ({why})' for m, why in missing.items())}: add to the GPU image "
                              f"or the wheel pack (bash ../shared/device/pack.sh NAME)")
     else:
         for what, check in tiny_builds(workdir):
+            t = time.perf_counter()
             try:
                 check()
             except Exception as exc:
                 result.update(ok=False, failed={what: one_line(exc)}, message=f"{what}: {one_line(exc)}")
                 break
-            result["passed"].append(what)
+            result["passed"][what] = rnd(time.perf_counter() - t, 1)  # seconds
     result["seconds"] = rnd(time.perf_counter() - start, 1)
     result["limit_s"] = PREFLIGHT_S
     return result
@@ -1165,6 +1177,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for the whole run from the process start (default {DEFAULT_BUDGET_S[False]:.0f} "
                         f"on the GPU, {DEFAULT_BUDGET_S[True]:.0f} with --tiny)")
+    p.add_argument("--no-preflight", dest="preflight", action="store_false",
+                   help="skip the import and tiny-model checks (they passed on this image already)")
     p.add_argument("--box", action="append", default=[], metavar="SECTION=SECONDS",
                    help="another time box for a section (repeatable)")
     p.add_argument("--quality-seconds", type=float, default=10.0, help="pixel_quality training time")
@@ -1219,7 +1233,7 @@ def main(argv=None) -> Dict:
                     time_boxes_s={n: args.boxes.get(n, SECTIONS[n][int(args.tiny)]) for n in args.sections},
                     workdir=args.workdir, pending=list(args.sections))
     say(f"results go to {report.path} (rewritten after every step)")
-    checked = preflight(args.workdir)
+    checked = preflight(args.workdir) if args.preflight else {"ok": True, "skipped": "--no-preflight", "seconds": 0.0}
     report.set(preflight=checked)
     if not checked["ok"]:
         say(f"preflight failed: {checked['message']}")
@@ -1235,8 +1249,9 @@ def main(argv=None) -> Dict:
         report.set(setup={**setup, "seconds": rnd(time.perf_counter() - start, 1)})
         say(f"models built in {time.perf_counter() - start:.0f} s: {json.dumps(setup)}")
     for name in args.sections:
-        box = int(min(args.boxes.get(name, SECTIONS[name][int(args.tiny)]), deadline - time.perf_counter()))
-        if box < MIN_BOX_S:
+        left = deadline - time.perf_counter()
+        box = int(min(args.boxes.get(name, SECTIONS[name][int(args.tiny)]), left))
+        if left < MIN_BOX_S:
             results[name] = complete(name, {"skipped": f"budget of {args.budget:.0f} s spent"}, 0.0, 0)
             report.section(name, results[name])
             continue

@@ -241,10 +241,12 @@ def peak_gb(device) -> Optional[float]:
     return rnd(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.device(device).type == "cuda" else None
 
 
-def rate(fn: Callable[[], int], device, min_seconds: float, min_calls: int = 2, max_calls: int = 50) -> float:
-    """Items per second of `fn` (returns the items it did), after one warm-up call."""
-    fn()
-    sync(device)
+def rate(fn: Callable[[], int], device, min_seconds: float, min_calls: int = 2, max_calls: int = 50,
+         warmup: bool = True) -> float:
+    """Items per second of `fn` (returns the items it did), after one warm-up call (`warmup`)."""
+    if warmup:
+        fn()
+        sync(device)
     done, calls, start = 0, 0, time.perf_counter()
     while calls < min_calls or (time.perf_counter() - start < min_seconds and calls < max_calls):
         done += fn()
@@ -445,7 +447,7 @@ def section_infer(ctx: Context, rec: Record) -> None:
             reset_peak(ctx.device)
             start = time.perf_counter()
             speed = rate(lambda: len(upscaler.upscale_images(images[:b])[0]), ctx.device, ctx.pick(3.0, 0.0),
-                         min_calls=ctx.pick(2, 1))
+                         min_calls=ctx.pick(2, 1), warmup=not ctx.tiny)  # tiny: the FLOP count warmed it up
             result[f"batch{b}_img_per_s"] = sig(speed)
             result[f"batch{b}_peak_gb"] = peak_gb(ctx.device)
             result[f"batch{b}_seconds_incl_warmup"] = rnd(time.perf_counter() - start, 1)
@@ -626,7 +628,8 @@ def _train_section(ctx: Context, rec: Record, stage: int) -> None:
         try:
             batch = train_batch(b, size, ctx.device)
             reset_peak(ctx.device)
-            speed = rate(lambda: (step(batch), b)[1], ctx.device, ctx.pick(2.0, 0.0), min_calls=ctx.pick(3, 1))
+            speed = rate(lambda: (step(batch), b)[1], ctx.device, ctx.pick(2.0, 0.0), min_calls=ctx.pick(3, 1),
+                         warmup=not ctx.tiny)  # tiny: one step shows the code runs; its speed means nothing
             rec[f"batch{b}"] = {"img_per_s": sig(speed), "seconds_per_step": rnd(b / speed), "peak_gb": peak_gb(ctx.device),
                                 "memory_estimate": memory_vs_estimate(ctx, cfg, stage, b, peak_gb(ctx.device))}
             best = max(best or 0.0, speed)
@@ -713,7 +716,7 @@ def section_ray_train(ctx: Context, rec: Record) -> None:
     from jobs.train import train
     from pipeline.schema import PAIR_SCHEMA
 
-    batch, steps = ctx.pick(8, 2), ctx.pick(8, 2)
+    batch, steps = ctx.pick(8, 2), ctx.pick(8, 1)
     cfg = apply_overrides(train_config(ctx), [f"optim.batch_size={batch}", f"optim.stage1_steps={steps}",
                                               "train.num_workers=1", f"train.checkpoint_every={steps}",
                                               f"train.val_every={steps}", f"train.log_every={steps}"])

@@ -146,3 +146,15 @@ def test_tiny_run_reports_every_section(tmp_path):
     scaling = result["data_cpu_scaling"]
     assert set(scaling["pairs_per_s"]) == {"1", "2"} and scaling["anchor"]["goal_ratio"] == {"2": 1.7}
     assert scaling["ratio"] == pytest.approx(scaling["pairs_per_s"]["2"] / scaling["pairs_per_s"]["1"], rel=0.02)
+
+
+def test_gpu_time_boxes_fit_the_default_budget():
+    """On the GPU the preflight, the model set-up and every section's time box fit the default
+    budget (420 s from the process start, inside a 600 s command limit that leaves a rerun):
+    no section is starved by the ones before it."""
+    from benchmarks import gpu_suite as suite
+
+    boxes = sum(gpu for gpu, _ in suite.SECTIONS.values())
+    assert suite.DEFAULT_BUDGET_S[False] <= 420
+    assert suite.PREFLIGHT_S + suite.SETUP_BOX_S + boxes <= suite.DEFAULT_BUDGET_S[False] - suite.END_MARGIN_S
+    assert all(gpu >= suite.MIN_BOX_S for gpu, _ in suite.SECTIONS.values())

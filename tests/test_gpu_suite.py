@@ -158,3 +158,22 @@ def test_gpu_time_boxes_fit_the_default_budget():
     assert suite.DEFAULT_BUDGET_S[False] <= 420
     assert suite.PREFLIGHT_S + suite.SETUP_BOX_S + boxes <= suite.DEFAULT_BUDGET_S[False] - suite.END_MARGIN_S
     assert all(gpu >= suite.MIN_BOX_S for gpu, _ in suite.SECTIONS.values())
+
+
+def test_report_merges_a_running_section_from_another_process(tmp_path):
+    """The GPU path: a section's own process merges its figures so far into the report file
+    (marked running); the suite's final record replaces them; each write leaves a whole file."""
+    from benchmarks import gpu_suite as suite
+
+    report = suite.Report(str(tmp_path / "gpu_suite.json"), pending=["infer", "caption"])
+    report.section("infer", {"ratio": 0.5})
+    rec = suite.Record(str(tmp_path / "result-caption.json"),
+                       lambda partial: suite.Report.running_section(report.path, "caption", partial))
+    rec["batch8"] = {"captions_per_s": 3.0}
+    on_disk = read_report(tmp_path)
+    assert on_disk["sections"] == {"infer": {"ratio": 0.5}, "caption": {"batch8": {"captions_per_s": 3.0}, "running": True}}
+    assert json.loads((tmp_path / "result-caption.json").read_text()) == {"batch8": {"captions_per_s": 3.0}}
+    report.section("caption", {**rec, "ratio": 1.1})
+    on_disk = read_report(tmp_path)
+    assert on_disk["sections"]["caption"] == {"batch8": {"captions_per_s": 3.0}, "ratio": 1.1}
+    assert on_disk["pending"] == [] and sorted(os.listdir(tmp_path)) == ["gpu_suite.json", "result-caption.json"]

@@ -526,7 +526,6 @@ def add_caption_stage(ds, cfg: CaptionConfig, *, whole_blocks: bool = False):
     `whole_blocks`: the CPU backends (off, template) caption each block as it comes, not
     `batch_size` rows at a time, so they fuse into the tasks that make the blocks whatever those
     tasks read (a batch size would keep Ray Data from fusing them with a read)."""
-
     cpu_batch = None if whole_blocks else cfg.batch_size
     if cfg.backend == "off":
         return ds.map_batches(no_captions, batch_size=cpu_batch, batch_format="numpy")
@@ -638,7 +637,6 @@ def caption_shards_task(batch: Dict[str, np.ndarray], cfg: Dict[str, Any], outpu
 def caption_shards(ds, cfg: CaptionConfig, output: str, shards_uri: str):
     """Ray Data adapter: rows {shard, part} -> {part, rows}, one committed part per shard.
     qwen2vl runs on an actor pool (model loaded once per actor)."""
-
     if cfg.backend == "template":
         return ds.map_batches(caption_shards_task, batch_size=1, batch_format="numpy",
                               fn_kwargs={"cfg": asdict(cfg), "output": output, "shards_uri": shards_uri})

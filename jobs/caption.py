@@ -161,7 +161,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-version", default="v1", help="caption prompt version, recorded per row")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per captioner call")
     p.add_argument("--num-gpus", type=float, default=1.0, help="GPUs per captioner actor (qwen2vl)")
-    p.add_argument("--pool-size", type=int, default=1, help="captioner actors (qwen2vl)")
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="captioner actors (qwen2vl; default: one per GPU of the cluster at the start, 1 without GPUs)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="longest generated caption (qwen2vl)")
     p.add_argument("--device", default="auto", help="torch device of the captioner (auto: cuda when present)")
     p.add_argument("--dtype", default="auto", help="captioner dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")

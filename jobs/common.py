@@ -11,6 +11,7 @@ import sys
 import threading
 from typing import Callable, Optional, Sequence, TypeVar
 
+from pipeline.actors import gpu_pool_size  # noqa: F401  (re-exported for the jobs)
 from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
 
 log = logging.getLogger("flowsr")

@@ -1,7 +1,7 @@
 """Bulk upscaling with Ray Data batch inference.
 
     python -m jobs.upscale -i IN -o OUT -m MODEL [-s SCALE] [--steps 1] [-t 128] [--tile_pad 16]
-        [--ext auto|png|jpg|webp] [--suffix S] [--batch-size 8] [--num-gpus 1] [--pool-size 1]
+        [--ext auto|png|jpg|webp] [--suffix S] [--batch-size 8] [--num-gpus 1] [--pool-size P]
         [--allow-errors] [--address ...]
     (also `python -m jobs.upscale IN OUT -m MODEL`)
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, fit_actor_cpus, init_ray, is_local, log
+from jobs.common import add_ray_args, fit_actor_cpus, gpu_pool_size, init_ray, is_local, log
 
 # rows per probe unit (and per pending part): the driver holds a path per pending part, so
 # 10^8 inputs are ~100k paths (~10 MB); a unit probes in ~0.15 s
@@ -82,7 +82,7 @@ class UpscaleJobConfig:
     batch_size: int = 8  # images per upscaler call
     tile_batch: int = 16  # tiles per network forward
     bucket: int = 64  # output sizes rounded up to this share a padded batch
-    pool_size: int = 1
+    pool_size: Optional[int] = None  # None: one actor per GPU of the cluster (jobs.common.gpu_pool_size)
     num_gpus: Optional[float] = None  # per actor; None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     dtype: Optional[str] = None  # bf16 | fp16 | fp32; None: bf16 on GPU, fp32 on CPU
@@ -117,7 +117,8 @@ class UpscaleJobConfig:
             raise ValueError(f"unknown format: {self.format!r} (choose from {', '.join(OUTPUT_FORMATS)})")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown color_fix: {self.color_fix!r} (choose from {', '.join(COLOR_FIXES)})")
-        if min(self.batch_size, self.tile_batch, self.bucket, self.pool_size) < 1:
+        if min(self.batch_size, self.tile_batch, self.bucket,
+               1 if self.pool_size is None else self.pool_size) < 1:
             raise ValueError("batch_size, tile_batch, bucket and pool_size must be >= 1")
         if min(self.tile, self.tile_overlap, self.pre_pad) < 0 or (self.tile and self.tile <= self.tile_overlap):
             raise ValueError(f"need tile > tile_overlap >= 0 (or tile 0) and pre_pad >= 0, got tile={self.tile}, "
@@ -320,7 +321,8 @@ def check_before_run(cfg: UpscaleJobConfig) -> None:
 def actor_cpus(cfg: UpscaleJobConfig, cluster_cpus: float) -> float:
     """Logical CPUs per upscaler actor (`jobs.common.fit_actor_cpus`): a 1-CPU local Ray hung, the
     actor holding the CPU that decoding needed."""
-    return fit_actor_cpus(cfg.cpus_per_actor, cfg.pool_size, cluster_cpus, "upscale")
+    actors = 1 if cfg.pool_size is None else cfg.pool_size  # None: sized by GPUs, 1 on a CPU cluster
+    return fit_actor_cpus(cfg.cpus_per_actor, actors, cluster_cpus, "upscale")
 
 
 def exit_status(summary: dict, allow_errors: bool = False) -> int:
@@ -342,6 +344,7 @@ def _run_pipeline(cfg: UpscaleJobConfig, parts: str, pending: list, sort: bool =
     num_gpus = cfg.num_gpus
     if num_gpus is None:
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    cfg = dataclasses.replace(cfg, pool_size=gpu_pool_size(cfg.pool_size, num_gpus, ray.cluster_resources()))
     fs, _ = io.split_uri(_pending_dir(cfg))
     paths, rows = [p for p, _ in pending], [n for _, n in pending]
     todo = sum(rows)
@@ -419,7 +422,8 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-batch", type=int, default=d["tile_batch"],
                    help="tiles per network forward")
     p.add_argument("--bucket", type=int, default=d["bucket"], help="size bucket for dense batches, output pixels")
-    p.add_argument("--pool-size", type=int, default=d["pool_size"], help="upscaler actors")
+    p.add_argument("--pool-size", type=int, default=d["pool_size"],
+                   help="upscaler actors (default: one per GPU of the cluster at the start, 1 without GPUs)")
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--cpus-per-actor", type=float, default=d["cpus_per_actor"],
                    help="CPUs each upscaler actor asks Ray for")

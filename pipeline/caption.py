@@ -66,7 +66,7 @@ class CaptionConfig:
     min_new_tokens: int = 0  # the benchmark sets it to max_new_tokens for fixed-length decoding
     batch_size: int = 64  # pairs per call; each call generates HR and LR captions separately
     num_gpus: float = 1.0  # per actor (qwen2vl); 0 runs on CPU
-    pool_size: int = 1  # actors in the pool (qwen2vl)
+    pool_size: Optional[int] = None  # actors in the pool (qwen2vl); None: one per GPU of the cluster
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu; or a torch dtype name
     attn_implementation: Optional[str] = None  # e.g. "sdpa", "flash_attention_2"; None = library default
@@ -83,7 +83,7 @@ class CaptionConfig:
             raise ValueError(f"unknown prompt version: {self.prompt_version!r} (have {sorted(PROMPTS)})")
         if self.backend == "template" and self.prompt_version not in TEMPLATES:
             raise ValueError(f"unknown template version: {self.prompt_version!r} (have {sorted(TEMPLATES)})")
-        if self.batch_size < 1 or self.pool_size < 1 or self.max_words < 1:
+        if self.batch_size < 1 or (self.pool_size is not None and self.pool_size < 1) or self.max_words < 1:
             raise ValueError("batch_size, pool_size and max_words must be >= 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens or self.max_new_tokens < 1:
             raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens >= 1, got "
@@ -362,7 +362,8 @@ class Qwen2VLBackend:
 
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        kwargs = {"dtype": dtype}
+        # loaded straight onto the device (no full copy in host memory first: ~15 GB per 7B actor)
+        kwargs = {"dtype": dtype, "device_map": device}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
@@ -371,7 +372,6 @@ class Qwen2VLBackend:
         except (OSError, ValueError) as err:
             raise missing("the Qwen2-VL captioner", cfg.model,
                           hub_hint(_hub_id(cfg.model), "--model"), err) from err
-        model = model.to(device)
         return cls(model, processor, cfg, count_tokens=clip_token_counter())
 
     def inputs(self, images: Sequence, prompt: str):
@@ -511,14 +511,21 @@ def caption_table(table: pa.Table, cfg: CaptionConfig) -> pa.Table:
     return table
 
 
+def actor_pool(cfg: CaptionConfig):
+    """The qwen2vl captioners' actor pool: `cfg.pool_size` actors, or one per GPU of the cluster."""
+    import ray
+
+    from pipeline.actors import gpu_pool_size
+
+    return ray.data.ActorPoolStrategy(size=gpu_pool_size(cfg.pool_size, cfg.num_gpus, ray.cluster_resources()))
+
+
 def add_caption_stage(ds, cfg: CaptionConfig, *, whole_blocks: bool = False):
     """Ray Data adapter: `ds` rows gain the caption columns. qwen2vl runs on an actor pool.
 
     `whole_blocks`: the CPU backends (off, template) caption each block as it comes, not
     `batch_size` rows at a time, so they fuse into the tasks that make the blocks whatever those
     tasks read (a batch size would keep Ray Data from fusing them with a read)."""
-    import ray
-
     cpu_batch = None if whole_blocks else cfg.batch_size
     if cfg.backend == "off":
         return ds.map_batches(no_captions, batch_size=cpu_batch, batch_format="numpy")
@@ -528,8 +535,7 @@ def add_caption_stage(ds, cfg: CaptionConfig, *, whole_blocks: bool = False):
     if cfg.backend == "qwen2vl":
         return ds.map_batches(Captioner, fn_constructor_kwargs={"cfg": asdict(cfg)},
                               batch_size=cfg.batch_size, batch_format="numpy",
-                              num_gpus=cfg.num_gpus,
-                              compute=ray.data.ActorPoolStrategy(size=cfg.pool_size))
+                              num_gpus=cfg.num_gpus, compute=actor_pool(cfg))
     raise ValueError(f"unknown caption backend: {cfg.backend!r}")
 
 
@@ -631,8 +637,6 @@ def caption_shards_task(batch: Dict[str, np.ndarray], cfg: Dict[str, Any], outpu
 def caption_shards(ds, cfg: CaptionConfig, output: str, shards_uri: str):
     """Ray Data adapter: rows {shard, part} -> {part, rows}, one committed part per shard.
     qwen2vl runs on an actor pool (model loaded once per actor)."""
-    import ray
-
     if cfg.backend == "template":
         return ds.map_batches(caption_shards_task, batch_size=1, batch_format="numpy",
                               fn_kwargs={"cfg": asdict(cfg), "output": output, "shards_uri": shards_uri})
@@ -640,7 +644,7 @@ def caption_shards(ds, cfg: CaptionConfig, output: str, shards_uri: str):
         return ds.map_batches(ShardCaptioner, batch_size=1, batch_format="numpy",
                               fn_constructor_kwargs={"cfg": asdict(cfg), "output": output,
                                                      "shards_uri": shards_uri},
-                              num_gpus=cfg.num_gpus, compute=ray.data.ActorPoolStrategy(size=cfg.pool_size))
+                              num_gpus=cfg.num_gpus, compute=actor_pool(cfg))
     raise ValueError(f"backend {cfg.backend!r} has no captioner")
 
 

@@ -282,6 +282,9 @@ class BicubicSource:
         self.src, self.size, self.peak = src, tuple(size), peak
         self.rows = _bicubic_taps(src.shape[-2], size[0], src.device)
         self.cols = _bicubic_taps(src.shape[-1], size[1], src.device)
+        # host copies of the source indices: a crop's bounds never wait for the device
+        self.rows_host = _bicubic_taps(src.shape[-2], size[0])[0]
+        self.cols_host = _bicubic_taps(src.shape[-1], size[1])[0]
 
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() / (self.peak / 2) - 1 if self.peak else x.float()
@@ -294,8 +297,10 @@ class BicubicSource:
         c = torch.arange(left, right, device=device).clamp(max=W - 1)
         r_index, r_weight = self.rows[0][r], self.rows[1][r]
         c_index, c_weight = self.cols[0][c], self.cols[1][c]
-        r0, r1 = int(r_index.min()), int(r_index.max()) + 1
-        c0, c1 = int(c_index.min()), int(c_index.max()) + 1
+        r_host = self.rows_host[min(top, H - 1):min(bottom, H)]
+        c_host = self.cols_host[min(left, W - 1):min(right, W)]
+        r0, r1 = int(r_host.min()), int(r_host.max()) + 1
+        c0, c1 = int(c_host.min()), int(c_host.max()) + 1
         block = self._float(self.src[:, r0:r1, c0:c1])
         cols = sum(block[:, :, c_index[:, k] - c0] * c_weight[:, k] for k in range(4))  # (C, r1 - r0, n)
         out = sum(cols[:, r_index[:, k] - r0, :] * r_weight[:, k, None] for k in range(4))

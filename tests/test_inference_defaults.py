@@ -62,7 +62,14 @@ def test_qwen2vl_loads_straight_onto_its_device(tiny_qwen, device, monkeypatch):
 
     monkeypatch.setattr(Qwen2VLForConditionalGeneration, "from_pretrained", classmethod(recording))
     cfg = C.CaptionConfig(backend="qwen2vl", model=tiny_qwen, num_gpus=0, device=device, dtype="bfloat16")
-    model = C.Qwen2VLBackend.load(cfg).model
+    backend = C.Qwen2VLBackend.load(cfg)
+    model = backend.model
     assert len(calls) == 1 and calls[0]["device_map"] == device and calls[0]["dtype"] == torch.bfloat16
     params = list(model.parameters())
     assert params and {p.device.type for p in params} == {device} and {p.dtype for p in params} == {torch.bfloat16}
+    # the batch preparation hands the model its inputs on the model's device
+    from PIL import Image
+
+    inputs = backend.inputs([Image.new("RGB", (56, 56)), Image.new("RGB", (84, 56))], "Describe the image.")
+    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 3 and {t.device.type for t in tensors} == {device}

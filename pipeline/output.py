@@ -141,17 +141,30 @@ def part_rows(fs: pafs.FileSystem, paths: Sequence[str]) -> List[int]:
     return counts
 
 
+def _local_files(root: str, recursive: bool) -> Iterator[str]:
+    """Regular files under the local folder `root` (in it only, when not `recursive`)."""
+    if not recursive:
+        with contextlib.suppress(FileNotFoundError):
+            yield from (e.path for e in os.scandir(root) if e.is_file(follow_symlinks=False))
+        return
+    for directory, _, files in os.walk(root):
+        yield from (os.path.join(directory, name) for name in files)
+
+
 def clear_tmp(fs: pafs.FileSystem, root: str, recursive: bool = True) -> int:
     """Delete the temporary files killed runs left anywhere under `root` (in `root` itself only,
     when not `recursive`); returns how many.
 
     Only call it while holding the lease: a live writer's temporary files look the same.
     """
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
-    stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX)]
+    if isinstance(fs, pafs.LocalFileSystem):  # os, not pyarrow: an output may hold names that are not UTF-8
+        stale = [path for path in _local_files(root, recursive) if os.path.basename(path).startswith(TMP_PREFIX)]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+        stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
-            fs.delete_file(path)
+            os.remove(path) if isinstance(fs, pafs.LocalFileSystem) else fs.delete_file(path)
     return len(stale)
 
 

@@ -109,6 +109,19 @@ def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table,
     atomic_write(fs, path, lambda stream: pq.write_table(table, stream, row_group_size=row_group_size))
 
 
+def remove_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Delete the folder `path` and what it holds, if it exists (a job's working folder)."""
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def remove_file(uri: str) -> None:
+    """Delete the file at `uri`, if there is one."""
+    fs, path = resolve_fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def read_json(fs: pafs.FileSystem, path: str) -> Optional[Any]:
     """The JSON at `path`, or None when there is no file."""
     try:
@@ -435,7 +448,10 @@ def open_output(uri: str, record: Dict[str, Any], *, overwrite: bool = False,
     whose output holds a file per input (upscale) and that clears its own working folders.
     """
     fs, root = resolve_fs(uri)
-    fs.create_dir(root, recursive=True)
+    try:
+        fs.create_dir(root, recursive=True)
+    except OSError as err:  # a file where a folder should be, no permission, a read-only mount
+        raise OutputError(f"cannot create the output folder {uri}: {err.strerror or err}") from err
     with Lease(fs, root, uri, ttl_s=ttl_s):
         if overwrite and remove_results:
             _remove_results(fs, root)

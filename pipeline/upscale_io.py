@@ -23,6 +23,7 @@ streamed into one file at the end.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import os
@@ -823,6 +824,9 @@ def clear_tmp(output_root: str) -> None:
         fs.delete_dir(path)
 
 
+FULL_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the output, not the image: stop the job
+
+
 def write_batch(batch: Dict[str, Sequence], *, output_root: str, parts_dir: Optional[str] = None) -> Dict[str, list]:
     """Pending rows: upscale alpha, encode, write atomically -> status ok; drop the pixel columns.
 
@@ -847,6 +851,8 @@ def write_batch(batch: Dict[str, Sequence], *, output_root: str, parts_dir: Opti
             staged.append((i, _stage(target, data, tmp_root(output_root))))
             out["status"][i], out["out_height"][i], out["out_width"][i] = OK, shape[0], shape[1]
         except Exception as err:  # noqa: BLE001
+            if isinstance(err, OSError) and err.errno in FULL_STORAGE_ERRNOS:
+                raise  # every later write fails too: the job stops (its committed parts are kept)
             out["status"][i], out["error"][i] = ERROR, f"write: {type(err).__name__}: {err}"
     out.pop("height", None), out.pop("width", None)
     if parts_dir:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, init_ray, resolve_fs
+from jobs.common import add_ray_args, init_ray, resolve_fs, run_job
 from pipeline import output as out
 from pipeline.caption import (BACKENDS, DEFAULT_MODEL, PART_PREFIX, CaptionConfig, caption_part_name,
                               caption_shards)
@@ -205,4 +205,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_job("caption", main))

@@ -172,7 +172,7 @@ def run_job(name: str, call: Callable[[], object]) -> int:
             raise
         stored = storage_error(err)
         if stored is not None:
-            print(f"flowsr {name}: error: cannot write: {_storage_message(stored)}; committed results are kept, "
+            print(f"flowsr {name}: error: {_storage_message(stored)}; committed results are kept, "
                   f"rerun the same command to resume", file=sys.stderr, flush=True)
             return EXIT_USAGE
         if not isinstance(err, (MissingWeightsError, FileNotFoundError, ValueError)):
@@ -258,6 +258,17 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if stopping:
         stop_on_signals()  # ray.init installs a SIGTERM handler of its own, which aborts the driver
     return True
+
+
+def connect_first(address: Optional[str] = None) -> bool:
+    """Connect now to the cluster a job is given (`address`, else $RAY_ADDRESS), before the job
+    touches its output: a wrong address fails in one line with nothing written. Without one the
+    job starts its local Ray later, when it has work (a refusal stays instant). Returns True when
+    this call connected (the caller then shuts Ray down)."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if not address and (not env or env.startswith(SUBMISSION_SCHEMES)):
+        return False
+    return init_ray(address)
 
 
 def add_ray_args(parser) -> None:

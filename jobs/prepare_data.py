@@ -54,8 +54,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, exit_status, init_ray, is_local, resolve_fs,
-                         run_job)
+from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status, init_ray, is_local,
+                         resolve_fs, run_job)
 from pipeline import names
 from pipeline import output as out
 from pipeline import shards as pair_shards
@@ -626,7 +626,7 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
     with other settings (both one-line `pipeline.output.OutputError`s).
     """
     start = time.perf_counter()
-    started = init_ray(cfg.address, num_cpus=cfg.num_cpus)  # connect first: nothing is written before
+    connected = connect_first(cfg.address)  # a cluster that does not answer: one line, the output untouched
     try:
         with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
             fs, root = output.fs, output.root
@@ -637,17 +637,24 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
             error_parts, errors_before = count_rows(fs, root, ERRORS_DIR)
             pairs = shards = 0
             if listing.count:
-                shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
-                errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
-                for row in build_dataset(listing, cfg, shards_done, errors_done).iter_rows():
-                    pairs, shards = pairs + row["rows"], shards + 1
-                    if on_shard is not None:
-                        on_shard(row)
+                started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
+                try:
+                    shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
+                    errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
+                    for row in build_dataset(listing, cfg, shards_done, errors_done).iter_rows():
+                        pairs, shards = pairs + row["rows"], shards + 1
+                        if on_shard is not None:
+                            on_shard(row)
+                finally:
+                    if started:
+                        import ray
+
+                        ray.shutdown()
             manifest = write_manifest(fs, root, cfg)
             out.remove_dir(fs, output.path(WORK_DIR))
             out.remove_dir(fs, output.path(out.INDEX_DIR))
     finally:
-        if started:
+        if connected:
             import ray
 
             ray.shutdown()

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from flowsr.metrics_log import progress_text
-from jobs.common import (EXIT_OK, EXIT_USAGE, add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus,
-                         init_ray, is_local, log, run_job)
+from jobs.common import (EXIT_OK, EXIT_USAGE, add_allow_errors_arg, add_ray_args, connect_first, exit_status,
+                         fit_actor_cpus, init_ray, is_local, log, run_job)
 
 # rows per probe unit (and per pending part): the driver holds a path per pending part, so
 # 10^8 inputs are ~100k paths (~10 MB); a unit probes in ~0.15 s
@@ -206,14 +206,14 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         listing = io.list_input_groups(cfg.input, path_column=cfg.path_column, glob=cfg.glob, exclude=exclude)
     except (FileNotFoundError, NotADirectoryError, KeyError) as err:
         raise UsageError(f"input {cfg.input}: {err}") from err
-    started_ray = init_ray(cfg.address)
+    connected = connect_first(cfg.address)  # a cluster that does not answer: one line, OUT untouched
     try:
         # clear_recursive=False: OUT holds an image per input; the job clears its own folders itself
         with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False,
                              clear_recursive=False):
             return _upscale_corpus(cfg, listing)
     finally:
-        if started_ray:
+        if connected:
             ray.shutdown()
 
 
@@ -230,6 +230,8 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
     Data, and each finished batch's rows are committed as a manifest part in OUT/PARTS_DIR,
     consolidated into the manifest only when every input has its row: a run that stops early
     (a signal, a full disk) leaves its parts and no manifest, and the next run redoes the rest."""
+    import ray
+
     from pipeline import output as out
     from pipeline import upscale_io as io
 
@@ -241,11 +243,16 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
     out.remove_file(manifest)  # an earlier run's manifest: only a finished run leaves one
     chunks, chunk_rows, planned = io.write_listing(listing, io.join_uri(io.tmp_root(cfg.output), "listing"), cfg.output,
                                                cfg.format, cfg.name_suffix, LISTING_CHUNK_ROWS)
+    started_ray = init_ray(cfg.address) if chunks else False
     steady = None
-    if chunks:
-        pending, mixed = _probe(cfg, chunks, chunk_rows, planned, parts)
-        if pending:
-            steady = _run_pipeline(cfg, parts, pending, sort=mixed)
+    try:
+        if chunks:
+            pending, mixed = _probe(cfg, chunks, chunk_rows, planned, parts)
+            if pending:
+                steady = _run_pipeline(cfg, parts, pending, sort=mixed)
+    finally:
+        if started_ray:
+            ray.shutdown()
     counts = io.consolidate_manifest(parts, manifest)
     out.remove_dir(*io.split_uri(parts))
     io.clear_tmp(cfg.output)

@@ -212,7 +212,9 @@ def test_a_dead_cluster_address_fails_in_one_line_before_the_output_is_touched(p
                 ("upscale", _job("upscale", str(tmp_path / "in"), str(tmp_path / "up"), "-m", pixel_ckpt,
                                  "--address", "127.0.0.1:1")),
                 ("prepare-data", _job("prepare-data", "--input", str(tmp_path / "in"), "--output",
-                                      str(tmp_path / "pairs"), "--address", "127.0.0.1:1")))}
+                                      str(tmp_path / "pairs"), "--address", "127.0.0.1:1")),
+                ("caption", _job("caption", "--shards", str(tmp_path / "in"), "--output", str(tmp_path / "captions"),
+                                 "--address", "127.0.0.1:1")))}
     for job, (proc, start) in runs.items():
         try:
             _, err = proc.communicate(timeout=90)
@@ -222,8 +224,8 @@ def test_a_dead_cluster_address_fails_in_one_line_before_the_output_is_touched(p
         assert time.monotonic() - start < 60
         assert proc.returncode == 2, err[-2000:]
         lines = _error_lines(err)
-        assert lines == [lines[0]] and lines[0].startswith(f"flowsr {job}: error: --address 127.0.0.1:1"), err[-2000:]
-    assert not (tmp_path / "up").exists() and not (tmp_path / "pairs").exists()
+        assert len(lines) == 1 and f"{job}: error: --address 127.0.0.1:1: no Ray cluster answers" in lines[0], err
+    assert not any((tmp_path / name).exists() for name in ("up", "pairs", "captions"))
 
 
 # ---- 4. SIGINT and SIGTERM --------------------------------------------------------------------------

@@ -323,3 +323,42 @@ def test_finished_runs_leave_no_working_folders(ray_local, pixel_ckpt, tmp_path)
                           degradation="bicubic"))
     top = {p for p in _tree(tmp_path / "pairs") if b"/" not in p}
     assert top == {b"README.md", b"_run.json", b"manifest.json", b"shards"}
+
+
+def test_prepare_data_stopped_by_sigterm_keeps_its_shards_and_the_rerun_writes_each_pair_once(
+        ray_local, tmp_path):
+    """The same for the data stage: 143 and one line, no manifest.json of an unfinished run, the
+    committed shards kept, and a rerun that writes each sample_id exactly once."""
+    from jobs.prepare_data import PrepareConfig, prepare
+
+    n = 40
+    for i in range(n):
+        _image(tmp_path / "in" / f"img{i:02d}.png", 64, 64, seed=i)
+    out = tmp_path / "pairs"
+    shards = lambda: sorted((out / "shards").glob("part-*.parquet")) if (out / "shards").exists() else []
+    argv = _job("prepare-data", "--input", str(tmp_path / "in"), "--output", str(out), "--patch-size", "32",
+                "--shard-rows", "2", "--files-per-task", "1", "--address", ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+    try:
+        deadline = time.monotonic() + 300
+        while not shards() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None and shards(), "the job finished (or wrote nothing) before it could be stopped"
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    print(f"prepare-data SIGTERM: exit {proc.returncode} {time.monotonic() - sent:.1f} s after the signal")
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("flowsr prepare-data: stopped by SIGTERM"), err[-3000:]
+    assert not (out / "manifest.json").exists()
+    kept = pq.read_table(out / "shards", columns=["sample_id"]).num_rows
+    assert 0 < kept < n
+    summary = prepare(PrepareConfig(input=str(tmp_path / "in"), output=str(out), patch_size=32, shard_rows=2,
+                                    files_per_task=1))
+    ids = pq.read_table(out / "shards", columns=["sample_id"]).column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == n and summary["pairs_written"] == n - kept
+    assert (out / "manifest.json").exists() and not (out / "_work").exists()

@@ -86,12 +86,13 @@ def _exit_now(signum, frame):
     os._exit(128 + signum)
 
 
-def stop_on_signals() -> None:
+def stop_on_signals() -> dict:
     """SIGINT and SIGTERM raise `Stopped` in the driver's main thread (a second one exits at once).
-    `init_ray` calls it again after `ray.init`, which installs a SIGTERM handler of its own."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, _raise_stopped)
+    `init_ray` calls it again after `ray.init`, which installs a SIGTERM handler of its own.
+    Returns the handlers it replaced ({} off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
 
 
 def user_error_message(err: BaseException) -> str:
@@ -159,7 +160,7 @@ def run_job(name: str, call: Callable[[], object]) -> int:
     Set FLOWSR_TRACEBACK=1 for the tracebacks."""
     from flowsr.weights import MissingWeightsError
 
-    stop_on_signals()
+    previous = stop_on_signals()
     try:
         result = call()
     except KeyboardInterrupt as err:  # Stopped, or a KeyboardInterrupt raised before our handler ran
@@ -179,6 +180,9 @@ def run_job(name: str, call: Callable[[], object]) -> int:
             raise
         print(f"flowsr {name}: error: {user_error_message(err)}", file=sys.stderr, flush=True)
         return EXIT_USAGE
+    finally:
+        for sig, handler in previous.items():  # the caller's handlers again (a test, a notebook)
+            signal.signal(sig, handler)
     return result if isinstance(result, int) else EXIT_OK
 
 

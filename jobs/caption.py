@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, init_ray, resolve_fs
+from jobs.common import add_ray_args, connect_first, init_ray, resolve_fs, run_job
 from pipeline import output as out
 from pipeline.caption import (BACKENDS, DEFAULT_MODEL, PART_PREFIX, CaptionConfig, caption_part_name,
                               caption_shards)
@@ -107,17 +107,24 @@ def regenerate(cfg: RegenerateConfig, on_part: Optional[Callable[[int, Dict], No
     Raises OutputBusy / RunMismatch (one-line `pipeline.output.OutputError`s).
     """
     start = time.time()
-    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
-        plan = plan_parts(cfg, output)
-        shard_rows = dict(zip(plan["parts"], out.part_rows(plan["filesystem"], list(plan["parts"]))))
-        todo = [{"shard": p, "part": name} for p, name in plan["parts"].items() if name not in plan["done"]]
-        summary = {"shards": len(plan["parts"]), "rows": sum(shard_rows.values()),
-                   "already_captioned": sum(n for p, n in shard_rows.items() if plan["parts"][p] in plan["done"]),
-                   "captioned": 0, "parts": 0, "removed_unfinished_parts": output.cleared, "output": cfg.output,
-                   "caption_model": cfg.caption.caption_model,
-                   "caption_prompt_version": cfg.caption.prompt_version}
-        if todo:
-            summary.update(_caption_missing(cfg, todo, on_part))
+    connected = connect_first(cfg.address)  # a cluster that does not answer: one line, the output untouched
+    try:
+        with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
+            plan = plan_parts(cfg, output)
+            shard_rows = dict(zip(plan["parts"], out.part_rows(plan["filesystem"], list(plan["parts"]))))
+            todo = [{"shard": p, "part": name} for p, name in plan["parts"].items() if name not in plan["done"]]
+            summary = {"shards": len(plan["parts"]), "rows": sum(shard_rows.values()),
+                       "already_captioned": sum(n for p, n in shard_rows.items() if plan["parts"][p] in plan["done"]),
+                       "captioned": 0, "parts": 0, "removed_unfinished_parts": output.cleared, "output": cfg.output,
+                       "caption_model": cfg.caption.caption_model,
+                       "caption_prompt_version": cfg.caption.prompt_version}
+            if todo:
+                summary.update(_caption_missing(cfg, todo, on_part))
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
     summary["seconds"] = round(time.time() - start, 2)
     return summary
 
@@ -206,4 +213,4 @@ def main(argv=None) -> Dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_job("caption", main))

@@ -8,19 +8,20 @@
     flowsr ablate --out ablations
     flowsr demo
 
-`flowsr JOB --help` shows a job's options. A user mistake (a missing weight, a bad value, a
-missing file) ends with one line on stderr and exit status 2; set FLOWSR_TRACEBACK=1 for the
-traceback.
+`flowsr JOB --help` shows a job's options. Exit status, the same for every job
+(`jobs.common.run_job`): 0 done (with `--allow-errors`, also when some inputs failed), 1 done but
+some inputs failed (their error rows are written), 2 stopped early with one line on stderr (a
+usage mistake, an output that cannot be written, a cluster that does not answer), 130 / 143
+stopped by SIGINT / SIGTERM (committed results kept; rerun to complete). Set FLOWSR_TRACEBACK=1
+for the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from typing import Callable, Dict
 
-USAGE_ERROR = 2
 DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
 
 # jobs whose own parser is used as is: `flowsr NAME ARGS` runs `jobs.MODULE.main(ARGS)`
@@ -65,23 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_error_message(err: BaseException) -> str:
-    """The message of a user mistake, without the remote traceback Ray wraps around it."""
-    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError / ActorDiedError
-    return user_error_message(cause) if isinstance(cause, BaseException) else str(err).strip().splitlines()[0]
-
-
 def _run(command: str, call: Callable[[], object]) -> int:
-    from flowsr.weights import MissingWeightsError
+    """`jobs.common.run_job`: the exit-status rule, one line for a user mistake, clean stops."""
+    from jobs.common import run_job
 
-    try:
-        result = call()
-    except (MissingWeightsError, FileNotFoundError, ValueError) as err:
-        if os.environ.get("FLOWSR_TRACEBACK"):
-            raise
-        print(f"flowsr {command}: error: {user_error_message(err)}", file=sys.stderr)
-        return USAGE_ERROR
-    return result if isinstance(result, int) else 0
+    return run_job(command, call)
 
 
 def main(argv=None) -> int:

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import io
 import logging
 import os
 import re
+import signal
+import socket
 import sys
 import threading
-from typing import Callable, Optional, Sequence, TypeVar
+import time
+from typing import Callable, Optional, Sequence, Tuple, TypeVar
 
 from pipeline.actors import gpu_pool_size  # noqa: F401  (re-exported for the jobs)
 from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
@@ -45,6 +49,181 @@ def fit_actor_cpus(per_actor: float, actors: int, cluster_cpus: float, job: str)
     return fitted
 
 
+# ---- exit status: one rule for every job --------------------------------------------------------
+# 0: the job finished and no input failed (or --allow-errors); 1: it finished and some inputs failed
+# (error rows); 2: it stopped early with one line on stderr (a usage mistake, an output that cannot
+# be written, a cluster that does not answer); 128 + N: it was stopped by signal N (130 SIGINT,
+# 143 SIGTERM), committed results kept.
+EXIT_OK, EXIT_ITEM_ERRORS, EXIT_USAGE = 0, 1, 2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_status(failed: int, allow_errors: bool = False) -> int:
+    """The exit status of a job that finished with `failed` failed inputs (error rows)."""
+    return EXIT_ITEM_ERRORS if failed and not allow_errors else EXIT_OK
+
+
+def add_allow_errors_arg(parser) -> None:
+    parser.add_argument("--allow-errors", action="store_true",
+                        help="exit 0 even when some inputs failed (their error rows are written either way)")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the driver: the job unwinds (its `finally` blocks run, Ray shuts
+    down) and ends with one line and exit status 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    for sig in STOP_SIGNALS:  # a second signal while the job unwinds ends the process at once
+        signal.signal(sig, _exit_now)
+    raise Stopped(signum)
+
+
+def _exit_now(signum, frame):
+    os._exit(128 + signum)
+
+
+def stop_on_signals() -> dict:
+    """SIGINT and SIGTERM raise `Stopped` in the driver's main thread (a second one exits at once).
+    `init_ray` calls it again after `ray.init`, which installs a SIGTERM handler of its own.
+    Returns the handlers it replaced ({} off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+
+
+def user_error_message(err: BaseException) -> str:
+    """The message of a user mistake, without the remote traceback Ray wraps around it."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError / ActorDiedError
+    return user_error_message(cause) if isinstance(cause, BaseException) else str(err).strip().splitlines()[0]
+
+
+# errnos of an output that cannot be written: a full disk or quota, a read-only or missing mount,
+# no permission, a file where a folder should be
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                 errno.EEXIST, errno.EIO, errno.EFBIG)
+
+
+# how a worker's traceback names an OSError: "OSError: [Errno 28] ... No space left on device"
+REMOTE_OSERROR = re.compile(r"^\w*(?:Error|Exception): \[Errno (\d+)\] (.*)$", re.M)
+
+
+def storage_error(err: BaseException) -> Optional[OSError]:
+    """The OSError of a storage problem in `err`'s chain (its causes, the cause a Ray task error
+    carries), or None. A full disk inside a Ray Data task reaches the driver as a RayTaskError
+    around Ray Data's UserCodeException, whose own cause does not survive pickling: there the
+    worker's traceback, in the error's text, names the OSError, and it is read back from it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
+            return err
+        remote = [m for m in REMOTE_OSERROR.finditer(_remote_traceback(err)) if int(m.group(1)) in OUTPUT_ERRNOS]
+        if remote:
+            code, text = int(remote[-1].group(1)), remote[-1].group(2)
+            return OSError(code, os.strerror(code), *(_quoted(text) or ()))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
+
+
+def _remote_traceback(err: BaseException) -> str:
+    """The worker traceback a Ray task error carries in its text ("" for other errors)."""
+    try:
+        from ray.exceptions import RayError
+    except ImportError:
+        return ""
+    return str(err) if isinstance(err, RayError) else ""
+
+
+def _quoted(text: str) -> Optional[tuple]:
+    """(path,) when `text` (an OSError's message) names one in quotes, else None."""
+    match = re.search(r"'([^']+)'", text)
+    return (match.group(1),) if match else None
+
+
+def _storage_message(err: OSError) -> str:
+    """"No space left on device (PATH)": the reason, and the path when the error names one
+    (pyarrow names it in its message: "Cannot create directory '/x'")."""
+    where = err.filename or (_quoted(str(err)) or ("",))[0]
+    reason = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
+    return f"{reason}{f' ({where})' if where else ''}"
+
+
+def run_job(name: str, call: Callable[[], object]) -> int:
+    """Run a job's `call()` as its command line does and return the exit status (the rule above):
+    a user mistake (a missing weight, a bad value, a missing file, an unusable output or cluster)
+    and a storage failure (a full disk mid-run) end in one line on stderr and exit 2; SIGINT and
+    SIGTERM stop it cleanly (exit 130 / 143); an int result is the status, anything else 0.
+    Set FLOWSR_TRACEBACK=1 for the tracebacks."""
+    from flowsr.weights import MissingWeightsError
+
+    previous = stop_on_signals()
+    try:
+        result = call()
+    except KeyboardInterrupt as err:  # Stopped, or a KeyboardInterrupt raised before our handler ran
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"flowsr {name}: stopped by {signal.Signals(signum).name}; committed results are kept, "
+              f"nothing is marked finished: rerun the same command to complete the run", file=sys.stderr, flush=True)
+        return 128 + signum
+    except Exception as err:  # noqa: BLE001 — sorted below; anything else keeps its traceback
+        if os.environ.get("FLOWSR_TRACEBACK"):
+            raise
+        stored = storage_error(err)
+        if stored is not None:
+            print(f"flowsr {name}: error: {_storage_message(stored)}; committed results are kept, "
+                  f"rerun the same command to resume", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+        if not isinstance(err, (MissingWeightsError, FileNotFoundError, ValueError)):
+            raise
+        print(f"flowsr {name}: error: {user_error_message(err)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    finally:
+        for sig, handler in previous.items():  # the caller's handlers again (a test, a notebook)
+            signal.signal(sig, handler)
+    return result if isinstance(result, int) else EXIT_OK
+
+
+# ---- connecting to Ray ------------------------------------------------------------------------------
+CONNECT_TIMEOUT_S = 10.0  # how long a cluster address may take to accept a connection
+
+
+class ClusterUnreachable(ValueError):
+    """Nothing answers at the cluster address (one line)."""
+
+
+def _host_port(address: str) -> Optional[Tuple[str, int]]:
+    """(host, port) of a GCS (HOST:PORT) or Ray Client (ray://HOST:PORT) address; None for
+    `auto`, `local` or anything without a port."""
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_address(address: Optional[str], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ClusterUnreachable unless something accepts a TCP connection at the cluster `address`
+    within `timeout_s` (ray.init would retry for ever). Called before a job touches its output."""
+    target = _host_port(address) if address else None
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(target, timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            if time.monotonic() + 0.5 >= deadline:
+                raise ClusterUnreachable(f"--address {address}: no Ray cluster answers there "
+                                         f"({err.strerror or err}, for {timeout_s:g} s); start it or check the "
+                                         f"address") from None
+            time.sleep(0.5)
+
+
 def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
              object_store_memory: Optional[int] = None, runtime_env: Optional[dict] = None):
     """Connect to `address` (or $RAY_ADDRESS); with neither, start a local Ray in-process.
@@ -74,12 +253,27 @@ def init_ray(address: Optional[str] = None, *, num_cpus: Optional[int] = None,
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    stopping = signal.getsignal(signal.SIGTERM) is _raise_stopped  # a job run by `run_job`
     if address:
+        check_address(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory,
                  runtime_env=runtime_env, include_dashboard=False)
+    if stopping:
+        stop_on_signals()  # ray.init installs a SIGTERM handler of its own, which aborts the driver
     return True
+
+
+def connect_first(address: Optional[str] = None) -> bool:
+    """Connect now to the cluster a job is given (`address`, else $RAY_ADDRESS), before the job
+    touches its output: a wrong address fails in one line with nothing written. Without one the
+    job starts its local Ray later, when it has work (a refusal stays instant). Returns True when
+    this call connected (the caller then shuts Ray down)."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    if not address and (not env or env.startswith(SUBMISSION_SCHEMES)):
+        return False
+    return init_ray(address)
 
 
 def add_ray_args(parser) -> None:

@@ -54,7 +54,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from jobs.common import add_ray_args, init_ray, is_local, resolve_fs
+from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status, init_ray, is_local,
+                         resolve_fs, run_job)
+from pipeline import names
 from pipeline import output as out
 from pipeline import shards as pair_shards
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
@@ -276,8 +278,10 @@ def read_bytes(uri: str, max_bytes: Optional[int] = None) -> bytes:
     """The bytes of a regular file (local path or pyarrow URI), at most `max_bytes`.
 
     Raises InputTooLarge for special files (FIFO, device, socket) and files above the cap:
-    neither is ever opened for reading.
+    neither is ever opened for reading. A local name that is not UTF-8 comes as the file:// URI
+    of `pipeline.names.to_text`.
     """
+    uri = names.from_text(uri)
     if is_local(uri):
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         info = os.stat(path)
@@ -565,7 +569,7 @@ def write_work_listing(cfg: PrepareConfig, output: out.Output) -> out.ListingUni
     directory = output.path(WORK_DIR)
     output.fs.delete_dir_contents(directory, missing_dir_ok=True)
     exclude = [output.root if out.is_local(cfg.output) else output.uri]  # when it lies inside the input
-    rows = ({"source_uri": uri, "reject": reject}
+    rows = ({"source_uri": names.to_text(uri), "reject": reject}  # a name that is not UTF-8: a file:// URI
             for uri, reject in iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude))
     chunks, counts = out.write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)
     return out.ListingUnits(output.fs, chunks, counts, cfg.files_per_task)
@@ -574,6 +578,17 @@ def write_work_listing(cfg: PrepareConfig, output: out.Output) -> out.ListingUni
 def count_rows(fs: pafs.FileSystem, root: str, directory: str) -> Tuple[List[str], int]:
     parts = out.list_parts(fs, _join(root, directory))
     return parts, sum(out.part_rows(fs, parts))
+
+
+def count_failed(fs: pafs.FileSystem, root: str) -> int:
+    """Error rows of files that failed (every stage but `unsupported`: a file that is not an
+    image by its extension is not a failure), read a part's `stage` column at a time."""
+    failed = 0
+    for path in out.list_parts(fs, _join(root, ERRORS_DIR)):
+        with fs.open_input_file(path) as f:
+            stages = pq.read_table(f, columns=["stage"]).column("stage")
+        failed += len(stages) - stages.to_pylist().count("unsupported")
+    return failed
 
 
 def write_manifest(fs: pafs.FileSystem, root: str, cfg: PrepareConfig) -> Dict[str, Any]:
@@ -585,7 +600,8 @@ def write_manifest(fs: pafs.FileSystem, root: str, cfg: PrepareConfig) -> Dict[s
                 "settings": cfg.data_settings(),
                 "shards": [{"path": f"{SHARDS_DIR}/{p.rsplit('/', 1)[-1]}", "rows": n}
                            for p, n in zip(shards, rows)],
-                "total_rows": sum(rows), "errors": {"path": ERRORS_DIR, "rows": n_errors}}
+                "total_rows": sum(rows),
+                "errors": {"path": ERRORS_DIR, "rows": n_errors, "failed": count_failed(fs, root)}}
     out.write_json_atomic(fs, _join(root, MANIFEST_FILE), manifest)
     card = dataset_card(f"{SHARDS_DIR}/*.parquet", scale=cfg.scale, params_version=PARAMS_VERSION)
     out.write_bytes_atomic(fs, _join(root, "README.md"), card.encode())
@@ -614,36 +630,45 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
     with other settings (both one-line `pipeline.output.OutputError`s).
     """
     start = time.perf_counter()
-    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
-        fs, root = output.fs, output.root
-        listing = write_work_listing(cfg, output)
-        listed = sum(listing.rows)
-        shard_parts, pairs_before = count_rows(fs, root, SHARDS_DIR)
-        error_parts, errors_before = count_rows(fs, root, ERRORS_DIR)
-        pairs = shards = 0
-        if listing.count:
-            started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
-            try:
-                shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
-                errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
-                for row in build_dataset(listing, cfg, shards_done, errors_done).iter_rows():
-                    pairs, shards = pairs + row["rows"], shards + 1
-                    if on_shard is not None:
-                        on_shard(row)
-            finally:
-                if started:
-                    import ray
+    connected = connect_first(cfg.address)  # a cluster that does not answer: one line, the output untouched
+    try:
+        with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
+            fs, root = output.fs, output.root
+            out.remove_file(output.uri_of(MANIFEST_FILE))  # written again only when this run finishes
+            listing = write_work_listing(cfg, output)
+            listed = sum(listing.rows)
+            shard_parts, pairs_before = count_rows(fs, root, SHARDS_DIR)
+            error_parts, errors_before = count_rows(fs, root, ERRORS_DIR)
+            pairs = shards = 0
+            if listing.count:
+                started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
+                try:
+                    shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
+                    errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
+                    for row in build_dataset(listing, cfg, shards_done, errors_done).iter_rows():
+                        pairs, shards = pairs + row["rows"], shards + 1
+                        if on_shard is not None:
+                            on_shard(row)
+                finally:
+                    if started:
+                        import ray
 
-                    ray.shutdown()
-        manifest = write_manifest(fs, root, cfg)
-        fs.delete_dir_contents(output.path(WORK_DIR), missing_dir_ok=True)
-        fs.delete_dir_contents(output.path(out.INDEX_DIR), missing_dir_ok=True)
+                        ray.shutdown()
+            manifest = write_manifest(fs, root, cfg)
+            out.remove_dir(fs, output.path(WORK_DIR))
+            out.remove_dir(fs, output.path(out.INDEX_DIR))
+    finally:
+        if connected:
+            import ray
+
+            ray.shutdown()
     seconds = time.perf_counter() - start
     n_errors = manifest["errors"]["rows"]
     summary = {"output": cfg.output, "sources": listed, "resumed": output.resumed,
                "pairs_written": pairs, "shards_written": shards,
                "errors_new": n_errors - errors_before, "total_pairs": manifest["total_rows"],
                "total_shards": len(manifest["shards"]), "total_errors": n_errors,
+               "failed": manifest["errors"]["failed"],
                "seconds": round(seconds, 3), "pairs_per_s": round(pairs / max(seconds, 1e-9), 2)}
     print(f"prepare_data: wrote {pairs} pairs in {shards} shards ({summary['pairs_per_s']} pairs/s, "
           f"{seconds:.1f} s); {summary['errors_new']} new error rows; {listed} files listed; "
@@ -652,7 +677,7 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
     return summary
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, bool]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, bool, bool]:
     defaults = PrepareConfig(input="-", output="-")
     p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -691,29 +716,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, boo
                    help="delete the output's earlier results instead of resuming them")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
     p.add_argument("--dry-run", action="store_true", help="print the config and inputs, write nothing")
+    add_allow_errors_arg(p)
     add_ray_args(p)
     args = vars(p.parse_args(argv))
-    dry_run = args.pop("dry_run")
+    dry_run, allow_errors = args.pop("dry_run"), args.pop("allow_errors")
     try:
-        return PrepareConfig(**args), dry_run
+        return PrepareConfig(**args), dry_run, allow_errors
     except ValueError as exc:
         p.error(str(exc))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The CLI: a user mistake (busy or mismatched output, missing input) is one line on stderr
-    and exit status 2."""
-    cfg, dry_run = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; returns the exit status (`jobs.common.exit_status`): 1 when the output holds
+    error rows of files that failed (`--allow-errors`: 0). A user mistake (busy or mismatched
+    output, missing input) is one line on stderr and exit status 2."""
+    cfg, dry_run, allow_errors = parse_args(argv)
     try:
         if dry_run:
             sources = list_sources(cfg.input, cfg.extensions, cfg.glob)
             print(json.dumps({**asdict(cfg), "sources": len(sources)}, indent=2))
-            return {"sources": len(sources)}
-        return prepare(cfg)
+            return EXIT_OK
+        summary = prepare(cfg)
     except (out.OutputError, FileNotFoundError) as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         raise SystemExit(2)
+    return exit_status(summary["failed"], allow_errors)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_job("prepare-data", main))

@@ -24,11 +24,13 @@ the end the parts are streamed into OUT/manifest.parquet (or --manifest) and rem
 removes a killed run's parts and probes every output again (valid ones are `skipped` rows): the
 manifest lists each input exactly once, with the last run's status.
 
-The checkpoint and the options are checked before the corpus is touched. Exit status: 0 when
-every input is ok, skipped or unsupported (a listed file that is not an image: a manifest row
-with the reason); 1 when any input failed (error rows in the manifest; `--allow-errors` makes
-that 0); 2 for a usage mistake (bad option, missing input or checkpoint), told in one line.
-The last stderr line is the summary, with counts by status.
+The checkpoint, the options and the cluster address are checked before the corpus or OUT is
+touched. Exit status (`jobs.common`, the same for every job): 0 when every input is ok, skipped
+or unsupported (a listed file that is not an image: a manifest row with the reason); 1 when any
+input failed (error rows in the manifest; `--allow-errors` makes that 0); 2 when the job stops
+early with one line (a usage mistake, an output that cannot be written or a full disk, a cluster
+that does not answer); 130 / 143 on SIGINT / SIGTERM (committed parts kept, no manifest). The
+last stderr line of a finished run is the summary, with counts by status.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, fit_actor_cpus, gpu_pool_size, init_ray, is_local, log
+from jobs.common import (EXIT_OK, EXIT_USAGE, add_allow_errors_arg, add_ray_args, connect_first, exit_status,
+                         fit_actor_cpus, gpu_pool_size, init_ray, is_local, log, run_job)
 
 # rows per probe unit (and per pending part): the driver holds a path per pending part, so
 # 10^8 inputs are ~100k paths (~10 MB); a unit probes in ~0.15 s
@@ -50,7 +53,6 @@ PROBE_BLOCK = 1024
 SHUFFLE_PARTITION_ROWS, MAX_SHUFFLE_PARTITIONS = 20_000, 1000  # the sort by output size and the plan of a list
 LISTING_CHUNK_ROWS = 50_000  # listed inputs per listing chunk: the listing never sits whole in the driver
 MAX_SCALE = 16.0  # output / input size; beyond it the bicubic start carries no information
-EXIT_OK, EXIT_ITEM_ERRORS, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
@@ -189,8 +191,11 @@ def _make_upscale_stage():
 def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path).
 
-    Holds OUT's lease and checks its run record (`pipeline.output`) first: a concurrent run or a
+    Connects to the cluster first (a dead `--address` fails in one line before OUT is touched),
+    then holds OUT's lease and checks its run record (`pipeline.output`): a concurrent run or a
     rerun with another checkpoint / settings is refused with one line (OutputError)."""
+    import ray
+
     from pipeline import output as out
     from pipeline import upscale_io as io
 
@@ -202,10 +207,15 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         listing = io.list_input_groups(cfg.input, path_column=cfg.path_column, glob=cfg.glob, exclude=exclude)
     except (FileNotFoundError, NotADirectoryError, KeyError) as err:
         raise UsageError(f"input {cfg.input}: {err}") from err
-    # clear_recursive=False: OUT holds an image per input; the job clears its own folders itself
-    with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False,
-                         clear_recursive=False):
-        return _upscale_corpus(cfg, listing)
+    connected = connect_first(cfg.address)  # a cluster that does not answer: one line, OUT untouched
+    try:
+        # clear_recursive=False: OUT holds an image per input; the job clears its own folders itself
+        with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False,
+                             clear_recursive=False):
+            return _upscale_corpus(cfg, listing)
+    finally:
+        if connected:
+            ray.shutdown()
 
 
 def _clear(uri: str) -> None:
@@ -219,9 +229,11 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
     """Upscale every input of `listing` once (OUT's lease held); returns the summary. The driver
     holds counters, never rows: the listing streams into chunks, probing and upscaling run in Ray
     Data, and each finished batch's rows are committed as a manifest part in OUT/PARTS_DIR,
-    consolidated into the manifest at the end."""
+    consolidated into the manifest only when every input has its row: a run that stops early
+    (a signal, a full disk) leaves its parts and no manifest, and the next run redoes the rest."""
     import ray
 
+    from pipeline import output as out
     from pipeline import upscale_io as io
 
     start = time.perf_counter()
@@ -229,6 +241,7 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
     parts = io.join_uri(cfg.output, io.PARTS_DIR)
     io.clear_tmp(cfg.output)
     _clear(parts)  # a killed run's parts: this run probes its outputs again (skipped rows)
+    out.remove_file(manifest)  # an earlier run's manifest: only a finished run leaves one
     chunks, chunk_rows, planned = io.write_listing(listing, io.join_uri(io.tmp_root(cfg.output), "listing"), cfg.output,
                                                cfg.format, cfg.name_suffix, LISTING_CHUNK_ROWS)
     started_ray = init_ray(cfg.address) if chunks else False
@@ -239,11 +252,11 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing) -> dict:
             if pending:
                 steady = _run_pipeline(cfg, parts, pending, sort=mixed)
     finally:
-        counts = io.consolidate_manifest(parts, manifest)
-        _clear(parts)
-        io.clear_tmp(cfg.output)
         if started_ray:
             ray.shutdown()
+    counts = io.consolidate_manifest(parts, manifest)
+    out.remove_dir(*io.split_uri(parts))
+    io.clear_tmp(cfg.output)
     counts = {s: counts.get(s, 0) for s in (io.OK, io.SKIPPED, io.ERROR, io.UNSUPPORTED)}
     seconds = time.perf_counter() - start
     summary = {"total": sum(counts.values()), **counts, "seconds": round(seconds, 3),
@@ -323,11 +336,6 @@ def actor_cpus(cfg: UpscaleJobConfig, cluster_cpus: float) -> float:
     actor holding the CPU that decoding needed."""
     actors = 1 if cfg.pool_size is None else cfg.pool_size  # None: sized by GPUs, 1 on a CPU cluster
     return fit_actor_cpus(cfg.cpus_per_actor, actors, cluster_cpus, "upscale")
-
-
-def exit_status(summary: dict, allow_errors: bool = False) -> int:
-    """0 when nothing failed (or `allow_errors`), else 1."""
-    return EXIT_ITEM_ERRORS if summary.get("error") and not allow_errors else EXIT_OK
 
 
 def _run_pipeline(cfg: UpscaleJobConfig, parts: str, pending: list, sort: bool = True) -> Optional[float]:
@@ -440,7 +448,7 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, default=d["max_bytes"], help="input file size cap")
     p.add_argument("--glob", action="store_true", default=None,
                    help="read the input as a glob even if a file or folder of that name exists")
-    p.add_argument("--allow-errors", action="store_true", help="exit 0 even when some inputs failed")
+    add_allow_errors_arg(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT's earlier results (another checkpoint or settings) instead of refusing")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
@@ -487,7 +495,7 @@ def run_from_args(args: argparse.Namespace):
         summary = upscale_corpus(cfg)
     except (UsageError, OutputError) as err:  # OutputError: OUT is leased, or holds other settings' results
         _usage_error(err)
-    return exit_status(summary, cfg.allow_errors)
+    return exit_status(summary["error"], cfg.allow_errors)
 
 
 def main(argv=None) -> int:
@@ -497,4 +505,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("upscale", main))

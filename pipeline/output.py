@@ -146,6 +146,19 @@ def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table,
     atomic_write(fs, path, lambda stream: pq.write_table(table, stream, row_group_size=row_group_size))
 
 
+def remove_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Delete the folder `path` and what it holds, if it exists (a job's working folder)."""
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def remove_file(uri: str) -> None:
+    """Delete the file at `uri`, if there is one."""
+    fs, path = resolve_fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def read_json(fs: pafs.FileSystem, path: str) -> Optional[Any]:
     """The JSON at `path`, or None when there is no file."""
     try:
@@ -178,17 +191,30 @@ def part_rows(fs: pafs.FileSystem, paths: Sequence[str]) -> List[int]:
     return counts
 
 
+def _local_files(root: str, recursive: bool) -> Iterator[str]:
+    """Regular files under the local folder `root` (in it only, when not `recursive`)."""
+    if not recursive:
+        with contextlib.suppress(FileNotFoundError):
+            yield from (e.path for e in os.scandir(root) if e.is_file(follow_symlinks=False))
+        return
+    for directory, _, files in os.walk(root):
+        yield from (os.path.join(directory, name) for name in files)
+
+
 def clear_tmp(fs: pafs.FileSystem, root: str, recursive: bool = True) -> int:
     """Delete the temporary files killed runs left anywhere under `root` (in `root` itself only,
     when not `recursive`); returns how many.
 
     Only call it while holding the lease: a live writer's temporary files look the same.
     """
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
-    stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX)]
+    if isinstance(fs, pafs.LocalFileSystem):  # os, not pyarrow: an output may hold names that are not UTF-8
+        stale = [path for path in _local_files(root, recursive) if os.path.basename(path).startswith(TMP_PREFIX)]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive, allow_not_found=True))
+        stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(TMP_PREFIX)]
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
-            fs.delete_file(path)
+            os.remove(path) if isinstance(fs, pafs.LocalFileSystem) else fs.delete_file(path)
     return len(stale)
 
 
@@ -503,7 +529,10 @@ def open_output(uri: str, record: Dict[str, Any], *, overwrite: bool = False,
     whose output holds a file per input (upscale) and that clears its own working folders.
     """
     fs, root = resolve_fs(uri)
-    fs.create_dir(root, recursive=True)
+    try:
+        fs.create_dir(root, recursive=True)
+    except OSError as err:  # a file where a folder should be, no permission, a read-only mount
+        raise OutputError(f"cannot create the output folder {uri}: {err.strerror or err}") from err
     with Lease(fs, root, uri, ttl_s=ttl_s):
         if overwrite and remove_results:
             _remove_results(fs, root)

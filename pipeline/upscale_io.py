@@ -23,6 +23,7 @@ streamed into one file at the end.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import os
@@ -36,7 +37,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow.fs as pafs
 
-from pipeline.storage import join_uri, resolve_fs
+from pipeline import names
+from pipeline.storage import join_uri
 
 from flowsr.sample import output_size
 
@@ -64,7 +66,7 @@ PENDING, OK, SKIPPED, ERROR, UNSUPPORTED = "pending", "ok", "skipped", "error", 
 
 
 # ---- paths and filesystems ----------------------------------------------------------------------
-split_uri = resolve_fs  # the name this module has always used
+split_uri = names.resolve  # `resolve_fs`, and file names that are not UTF-8 (`pipeline.names`)
 
 
 def _with_scheme(root: str, path: str) -> str:
@@ -194,7 +196,7 @@ def _walk_remote(fs: pafs.FileSystem, root: str, exclude: Sequence[str] = ()) ->
 
 def _walk(fs: pafs.FileSystem, root: str, exclude: Sequence[str] = ()) -> Iterator[List[Tuple[str, str]]]:
     """(path, problem) of the files under `root`, a folder at a time (`_walk_local`)."""
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, (pafs.LocalFileSystem, names.OsNames)):
         return _walk_local(root, exclude)
     return _walk_remote(fs, root, exclude)
 
@@ -243,7 +245,7 @@ def list_input_groups(source: str, *, path_column: str = "path", glob: Optional[
         raise FileNotFoundError(f"no input at {source}")
     if source.endswith(".parquet") and info.type == pafs.FileType.File:
         return Listing(_parquet_groups(source, path_column), False)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, (pafs.LocalFileSystem, names.OsNames)):
         mode = os.stat(path).st_mode
         if not stat.S_ISDIR(mode):
             one = Input(source, posixpath.basename(path), *((ERROR, f"list: {_not_regular(mode)}")
@@ -537,7 +539,7 @@ def check_input(uri: str, max_bytes: int = MAX_BYTES) -> None:
     """Raise ValueError unless `uri` is a regular file of at most `max_bytes` bytes (a named pipe
     would block a reader forever, a device would never end)."""
     fs, path = split_uri(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
+    if isinstance(fs, (pafs.LocalFileSystem, names.OsNames)):
         st = os.stat(path)
         problem, size = _not_regular(st.st_mode), st.st_size
     else:
@@ -824,6 +826,9 @@ def clear_tmp(output_root: str) -> None:
         fs.delete_dir(path)
 
 
+FULL_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the output, not the image: stop the job
+
+
 def write_batch(batch: Dict[str, Sequence], *, output_root: str, parts_dir: Optional[str] = None) -> Dict[str, list]:
     """Pending rows: upscale alpha, encode, write atomically -> status ok; drop the pixel columns.
 
@@ -848,6 +853,8 @@ def write_batch(batch: Dict[str, Sequence], *, output_root: str, parts_dir: Opti
             staged.append((i, _stage(target, data, tmp_root(output_root))))
             out["status"][i], out["out_height"][i], out["out_width"][i] = OK, shape[0], shape[1]
         except Exception as err:  # noqa: BLE001
+            if isinstance(err, OSError) and err.errno in FULL_STORAGE_ERRNOS:
+                raise  # every later write fails too: the job stops (its committed parts are kept)
             out["status"][i], out["error"][i] = ERROR, f"write: {type(err).__name__}: {err}"
     out.pop("height", None), out.pop("width", None)
     if parts_dir:
@@ -895,15 +902,26 @@ def write_listing(listing: Listing, listing_dir: str, output_root: str, fmt: str
         rows = (plan_outputs(group, output_root, fmt, suffix) if listing.by_folder else
                 [{"input": i.uri, "output": "", "status": i.status, "error": i.error} for i in group])
         for item, row in zip(group, rows):
-            for k in ("input", "output", "status", "error"):
-                chunk[k].append(row[k])
-            chunk["relative"].append(item.relative)
-            chunk["key"].append(plan_key(item.relative))
+            for k, v in _as_text(row).items():
+                chunk[k].append(v)
+            chunk["relative"].append(names.escaped(item.relative))  # names are planned: for messages only
+            chunk["key"].append(plan_key(names.escaped(item.relative)))
         if len(chunk["input"]) >= rows_per_chunk:
             flush()
     if chunk["input"]:
         flush()
     return paths, counts, listing.by_folder
+
+
+def _as_text(row: Dict[str, str]) -> Dict[str, str]:
+    """A planned row {input, output, status, error} with its paths as valid UTF-8 text
+    (`pipeline.names.to_text`); an output name that its store cannot hold makes it an error row."""
+    text = {"input": names.to_text(row["input"]), "output": "", "status": row["status"], "error": row["error"]}
+    try:
+        text["output"] = names.to_text(row["output"])
+    except names.UnencodableName as err:
+        text.update(status=ERROR, error=f"plan: output name {err}")
+    return text
 
 
 def pa_table(columns: Dict[str, Sequence]):

@@ -303,8 +303,9 @@ def test_bad_input_folder(tmp_path, ray_local):
         (input_dir / name).write_bytes(payload)
     (input_dir / "notes.txt").write_text("not an image extension")
     cfg = make_cfg(tmp_path, input_dir, "out", captioner="template")
-    summary = P.main(["--input", cfg.input, "--output", cfg.output, "--patch-size", str(PATCH),
-                      "--crops-per-image", "2", "--shard-rows", "3", "--captioner", "template"])
+    parsed, _, _ = P.parse_args(["--input", cfg.input, "--output", cfg.output, "--patch-size", str(PATCH),
+                                 "--crops-per-image", "2", "--shard-rows", "3", "--captioner", "template"])
+    summary = P.prepare(parsed)
     pairs = read_pairs(cfg.output)
     errors = pq.read_table(os.path.join(cfg.output, P.ERRORS_FILE))
     assert errors.schema.equals(ERROR_SCHEMA)

@@ -5,9 +5,10 @@ real image needs: any input size and scale factor (the LR is resized bicubically
 size, as the paper does), overlapping tiles run end to end and blended with Gaussian weights
 (MultiDiffusion / StableSR), and colour correction against the upscaled LR (wavelet or AdaIN, as
 StableSR / OSEDiff). `upscale_stream` never holds an image-sized float buffer: the LR is resized
-per tile, and rows are blended, colour-corrected and handed on in bands as they become final.
-`Upscaler` is the stateful batch callable of Ray's batch-inference template; it also runs in a
-plain loop without Ray.
+per tile, and rows are blended, colour-corrected and handed on in bands as they become final;
+`stream_tiles` is that machinery around any tile function (the backbone here, an onnxruntime
+session in `pipeline.onnx_models`). `Upscaler` is the stateful batch callable of Ray's
+batch-inference template (`TileUpscaler`'s contract); it also runs in a plain loop without Ray.
 
 Images are (B, 3, H, W) float tensors in [-1, 1] unless stated otherwise. Tile sizes are in
 output (HR) pixels.

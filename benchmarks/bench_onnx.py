@@ -72,6 +72,29 @@ def upscaler_seconds(manifest: str) -> float:
     return sum(r["seconds"] for r in rows) / max(len(rows), 1)
 
 
+@torch.no_grad()
+def network_ms(ckpt: str, path: str, batch: int, size: int, threads: int, repeats: int = 5) -> dict:
+    """Best ms per forward of one batch of `size`^2 inputs at the output size, torch eager (the
+    upscaler's backbone, LoRA merged) against the onnxruntime session, both on `threads` threads."""
+    from flowsr.checkpoint import load_for_inference
+    from flowsr.export import session
+    from flowsr.sample import merge_adapters, super_resolve
+
+    torch.set_num_threads(threads)
+    backbone, _ = load_for_inference(ckpt)
+    merge_adapters(backbone)
+    sess = session(path, threads=threads)
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    runs = {"torch": lambda: super_resolve(backbone, x), "onnxruntime": lambda: sess.run(["sr"], {"lr_up": x.numpy()})}
+    best = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) * 1000)
+    return {k: round(v, 1) for k, v in best.items()}
+
+
 def max_levels(a_dir: str, b_dir: str) -> int:
     """The largest |a - b| over the PNGs both folders hold, in 8-bit levels."""
     from PIL import Image
@@ -94,6 +117,9 @@ def compare(root: str, *, backbone: str = "pixel", images: int = 24, lr_size: in
     report = export_checkpoint(ckpt, os.path.join(root, "model.onnx"))
     log(f"export: {time.perf_counter() - start:.1f} s, max |onnxruntime - torch| {report.max_error:.2g}, "
         f"{report.parameters} parameters, size multiple {report.size_multiple}")
+    net = network_ms(ckpt, report.path, batch_size, lr_size * SCALE, threads=max(1, int(cpus)))
+    log(f"network alone, batch {batch_size} of {lr_size * SCALE}^2, {max(1, int(cpus))} thread(s), best of 5: "
+        f"torch {net['torch']} ms, onnxruntime {net['onnxruntime']} ms ({net['torch'] / net['onnxruntime']:.2f}x)")
     in_dir = os.path.join(root, "in")
     make_inputs(in_dir, images, lr_size)
     models = {"torch": ckpt, "onnxruntime": report.path}
@@ -107,14 +133,14 @@ def compare(root: str, *, backbone: str = "pixel", images: int = 24, lr_size: in
                 f"ok {s['ok']}, errors {s['error']}")
             if s["ok"] != images:
                 raise RuntimeError(f"{name}: {s['ok']} of {images} images upscaled")
+            fastest = min(per_image * 1000, best.get(name, {}).get("upscaler_ms_per_image", float("inf")))
             if s["images_per_s"] > best.get(name, {}).get("images_per_s", 0):
                 best[name] = {"images_per_s": s["images_per_s"], "steady_images_per_s": s["steady_images_per_s"],
                               "seconds": s["seconds"]}
-            fastest = best[name].get("upscaler_ms_per_image")
-            best[name]["upscaler_ms_per_image"] = round(min(per_image * 1000, fastest or float("inf")), 1)
+            best[name]["upscaler_ms_per_image"] = round(fastest, 1)
     levels = max_levels(os.path.join(root, "torch"), os.path.join(root, "onnxruntime"))
     return {"backbone": backbone, "images": images, "lr_size": lr_size, "scale": SCALE, "batch_size": batch_size,
-            "cpus_per_actor": cpus, "export_s": report.seconds, **best, "max_level_difference": levels,
+            "cpus_per_actor": cpus, "export_s": report.seconds, "network_ms": net, **best, "max_level_difference": levels,
             "anchor": {"img_per_s": best["torch"]["images_per_s"], "source": "the torch backend in this run"},
             "ratio": round(best["onnxruntime"]["images_per_s"] / best["torch"]["images_per_s"], 3),
             "upscaler_ratio": round(best["torch"]["upscaler_ms_per_image"] / best["onnxruntime"]["upscaler_ms_per_image"], 3)}

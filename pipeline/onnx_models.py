@@ -12,16 +12,20 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from flowsr.export import INPUT_NAME, OUTPUT_NAME, ExportError, read_contract, session
-from flowsr.sample import COLOR_FIXES, TileUpscaler, default_device, stream_tiles
+from flowsr.sample import COLOR_FIXES, TileUpscaler, stream_tiles
 
 CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
-def providers_for(device: torch.device) -> Tuple[str, ...]:
+def providers_for(device: Optional[torch.device]) -> Tuple[str, ...]:
     """onnxruntime execution providers for `device`: CUDA first when asked for and installed
-    (the `onnxruntime-gpu` package), the CPU always as the fallback."""
+    (the `onnxruntime-gpu` package; asked for and missing: ValueError), the CPU always as the
+    fallback. `device` None: CUDA when a GPU and that provider are both there, else the CPU."""
     import onnxruntime as ort
 
+    if device is None:
+        usable = torch.cuda.is_available() and CUDA_PROVIDER in ort.get_available_providers()
+        return (CUDA_PROVIDER, CPU_PROVIDER) if usable else (CPU_PROVIDER,)
     if device.type == "cuda":
         if CUDA_PROVIDER not in ort.get_available_providers():
             raise ValueError(f"{CUDA_PROVIDER} is not available in this onnxruntime "
@@ -50,8 +54,7 @@ class OnnxUpscaler(TileUpscaler):
         except ExportError as err:
             raise ValueError(str(err)) from None
         self.multiple = int(self.contract["size_multiple"])
-        target = torch.device(device) if device is not None else default_device()
-        self.providers = providers_for(target)
+        self.providers = providers_for(torch.device(device) if device is not None else None)
         self.session = session(model, self.providers, threads or torch.get_num_threads())
         self.device = torch.device("cpu")  # the tiles are cut and blended on the CPU; onnxruntime moves them
         self.options = dict(scale=scale, tile=tile, tile_overlap=tile_overlap, color_fix=color_fix,

@@ -310,3 +310,17 @@ def test_cli_lists_export_with_its_options(capsys):
     with pytest.raises(SystemExit):
         main(["upscale", "--help"])
     assert "--backend {torch,onnxruntime}" in capsys.readouterr().out
+
+
+def test_execution_providers_follow_the_device(monkeypatch):
+    from pipeline import onnx_models as O
+
+    assert O.providers_for(torch.device("cpu")) == ("CPUExecutionProvider",)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="install onnxruntime-gpu"):
+        O.providers_for(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert O.providers_for(None) == ("CPUExecutionProvider",)  # a GPU, but a CPU-only onnxruntime
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert O.providers_for(None) == O.providers_for(torch.device("cuda")) == ("CUDAExecutionProvider",
+                                                                                "CPUExecutionProvider")

@@ -83,6 +83,18 @@ def model_card(cfg: FlowSRConfig, *, stage: int, step: int, metrics: Optional[di
               "```python", "from PIL import Image", "from flowsr.api import FlowSRUpscaler", "",
               f"upscaler = FlowSRUpscaler.from_pretrained(\"CKPT\", steps={steps})",
               "upscaler(Image.open(\"in.png\")).save(\"out.png\")", "```", ""]
+    multiple = (f"{2 ** (len(m.pixel_channels) - 1)}" if not sd else
+                "8 x the UNet's down-sampling, 64 for SD 2.1")
+    lines += ["## ONNX", "",
+              "```bash", "flowsr export CKPT model.onnx          # --dtype fp16: half precision inside",
+              "flowsr upscale -i IN -o OUT -m model.onnx --backend onnxruntime", "```", "",
+              "The one-step model with the LoRA merged, batch, height and width dynamic; the export runs the "
+              "file in onnxruntime and refuses to write it when it differs from torch. Input `lr_up`: float32 "
+              "(batch, 3, height, width), NCHW RGB in [-1, 1], the LR resized bicubically (OpenCV / PyTorch "
+              f"bicubic) to the output size (x{cfg.data.scale} in training), height and width multiples of "
+              f"the size multiple ({multiple}; the file's `flowsr.size_multiple` metadata): replicate-pad, then "
+              "crop. Output `sr`: the same shape in [-1, 1], not colour-corrected (the upscale job applies "
+              "the wavelet colour fix).", ""]
     if sd:
         lines += ["The LoRA alone, in a stock diffusers pipeline (its sampler is not FlowSR's):", "",
                   "```python", "from diffusers import StableDiffusionPipeline", "",

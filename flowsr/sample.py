@@ -5,9 +5,10 @@ real image needs: any input size and scale factor (the LR is resized bicubically
 size, as the paper does), overlapping tiles run end to end and blended with Gaussian weights
 (MultiDiffusion / StableSR), and colour correction against the upscaled LR (wavelet or AdaIN, as
 StableSR / OSEDiff). `upscale_stream` never holds an image-sized float buffer: the LR is resized
-per tile, and rows are blended, colour-corrected and handed on in bands as they become final.
-`Upscaler` is the stateful batch callable of Ray's batch-inference template; it also runs in a
-plain loop without Ray.
+per tile, and rows are blended, colour-corrected and handed on in bands as they become final;
+`stream_tiles` is that machinery around any tile function (the backbone here, an onnxruntime
+session in `pipeline.onnx_models`). `Upscaler` is the stateful batch callable of Ray's
+batch-inference template (`TileUpscaler`'s contract); it also runs in a plain loop without Ray.
 
 Images are (B, 3, H, W) float tensors in [-1, 1] unless stated otherwise. Tile sizes are in
 output (HR) pixels.
@@ -456,25 +457,47 @@ def upscale_stream(backbone, images: Sequence[torch.Tensor], sizes: Sequence[Tup
                    color_fix: str = "wavelet", tile_batch: int = 16, pad_multiple: int = 1,
                    peaks: Optional[Sequence[Optional[int]]] = None, cond=None, generator=None) -> None:
     """Upscale images[k] (C, h, w) — integers in [0, peaks[k]], or float in [-1, 1] where `peaks`
-    is None; C = 1 or 3 — to
-    sizes[k] = (H, W), handing the result to `emit(k, top, rows)` in bands of final rows
-    (rows: (3, n, W) float32 in [-1, 1], colour-corrected), top to bottom.
+    is None; C = 1 or 3 — to sizes[k] = (H, W) with `backbone`, handing the result to
+    `emit(k, top, rows)` in bands of final rows (rows: (3, n, W) float32 in [-1, 1],
+    colour-corrected), top to bottom.
 
-    The images share one padded size (the largest, rounded up to the backbone's size multiple and
-    `pad_multiple`) and one grid of `tile`-pixel tiles overlapping by `tile_overlap`. Each tile runs
-    end to end: its LR crop is resized bicubically on the fly (`BicubicSource`), goes through
-    `upscale_padded` (VAE encode in `vae_tile` tiles -> `steps` Euler steps -> VAE decode), and is
-    blended with Gaussian weights (MultiDiffusion / StableSR) into a band of rows; a band is final,
+    `stream_tiles` with each tile run end to end by `upscale_padded` (VAE encode in `vae_tile`
+    tiles -> `steps` Euler steps -> VAE decode)."""
+    _check_tiles(tile, tile_overlap, vae_tile)
+    if cond is not None and cond.ndim == 4:
+        raise ValueError("a spatial condition cannot be streamed tile by tile; pass a per-image one")
+
+    def run(tiles: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return upscale_padded(backbone, tiles, steps, tile=None, tile_overlap=tile_overlap, vae_tile=vae_tile,
+                              tile_batch=tile_batch, cond=None if cond is None else cond[index],
+                              generator=generator)
+    stream_tiles(run, size_multiple(backbone), images, sizes, emit, tile=tile, tile_overlap=tile_overlap,
+                 color_fix=color_fix, tile_batch=tile_batch, pad_multiple=pad_multiple, peaks=peaks)
+
+
+TileFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tiles (N, 3, th, tw), image index (N,)) -> SR
+
+
+@torch.no_grad()
+def stream_tiles(run: TileFn, multiple: int, images: Sequence[torch.Tensor], sizes: Sequence[Tuple[int, int]],
+                 emit: Callable[[int, int, torch.Tensor], None], *, tile: Optional[int] = 512,
+                 tile_overlap: int = 64, color_fix: str = "wavelet", tile_batch: int = 16, pad_multiple: int = 1,
+                 peaks: Optional[Sequence[Optional[int]]] = None) -> None:
+    """The tiling of `upscale_stream` around any one-shot SR function `run(tiles, index)`: tiles
+    (N, 3, th, tw) float32 in [-1, 1], the LR resized to the output size, th and tw multiples of
+    `multiple`, and the image each tile belongs to -> SR tiles of the same shape in about [-1, 1].
+
+    The images share one padded size (the largest, rounded up to `multiple` and `pad_multiple`)
+    and one grid of `tile`-pixel tiles overlapping by `tile_overlap`. Each tile's LR crop is
+    resized bicubically on the fly (`BicubicSource`), goes through `run`, and is blended with
+    Gaussian weights (MultiDiffusion / StableSR) into a band of rows; a band is final,
     colour-corrected and emitted as soon as no later tile touches it. Peak memory is
     O(tile^2 x tile_batch) for the network plus O(tile x width) per image for the bands (the adain
     colour fix adds one (3, H, W) float16 buffer); nothing else is image-sized.
     """
-    _check_tiles(tile, tile_overlap, vae_tile)
+    _check_tiles(tile, tile_overlap, None)
     if color_fix not in COLOR_FIXES:
         raise ValueError(f"unknown color_fix: {color_fix!r} (choose from {', '.join(COLOR_FIXES)})")
-    if cond is not None and cond.ndim == 4:
-        raise ValueError("a spatial condition cannot be streamed tile by tile; pass a per-image one")
-    multiple = size_multiple(backbone)
     m = math.lcm(multiple, pad_multiple)
     Hp = _round_up(max(h for h, _ in sizes), m)
     Wp = _round_up(max(w for _, w in sizes), m)
@@ -493,10 +516,7 @@ def upscale_stream(backbone, images: Sequence[torch.Tensor], sizes: Sequence[Tup
     for i in range(0, len(boxes), tile_batch):
         chunk = boxes[i:i + tile_batch]
         tiles = torch.stack([sources[b].crop(ys[r], ys[r] + th, x, x + tw) for r, b, x in chunk])
-        index = torch.tensor([b for _, b, _ in chunk], device=device)
-        sr = upscale_padded(backbone, tiles, steps, tile=None, tile_overlap=tile_overlap, vae_tile=vae_tile,
-                            tile_batch=tile_batch, cond=None if cond is None else cond[index],
-                            generator=generator)
+        sr = run(tiles, torch.tensor([b for _, b, _ in chunk], device=device))
         for (r, b, x), t in zip(chunk, sr):
             bands[b].add(r, x, t)
     for fixer in fixers:
@@ -583,14 +603,69 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class Upscaler:
-    """Loads a checkpoint once; maps a batch dict to a batch dict. Runs with or without Ray.
+class TileUpscaler:
+    """The batch contract of the upscale job's actors, around a tile function: maps a batch dict to
+    a batch dict. Runs with or without Ray.
 
     Batch in: {"image": sequence of HxWxC uint8 / uint16 arrays (C = 1 or 3), ...}.
     Batch out: the same dict with "image" replaced by the SR arrays (same dtype and channel count)
     and "upscale_seconds" (per image; a group's time split evenly). Images are grouped by
     output size rounded up to `bucket` pixels; each group runs as one padded batch, streamed tile by
-    tile (`upscale_stream`): memory is bounded by the tiles plus the output arrays themselves.
+    tile (`stream_tiles`): memory is bounded by the tiles plus the output arrays themselves.
+    A subclass sets `device` and `options` (scale, tile, tile_overlap, color_fix, tile_batch,
+    pad_multiple) and gives `_stream`, the network over a group.
+    """
+
+    device: torch.device
+    options: dict
+
+    def bucket_key(self, image: np.ndarray) -> Tuple[int, int]:
+        """Images with equal keys share one padded batch."""
+        H, W = output_size(image.shape[0], image.shape[1], self.options["scale"])
+        m = self.options["pad_multiple"]
+        return _round_up(H, m), _round_up(W, m)
+
+    @torch.no_grad()
+    def upscale_images(self, images: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], List[float]]:
+        """SR arrays (same dtype and channels as the inputs) and seconds per image."""
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(self.bucket_key(image), []).append(i)
+        out, seconds = [None] * len(images), [0.0] * len(images)
+        for index in groups.values():
+            start = time.perf_counter()
+            for i, sr in zip(index, self._upscale_group([images[i] for i in index])):
+                out[i] = sr
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            for i in index:
+                seconds[i] = (time.perf_counter() - start) / len(index)
+        return out, seconds
+
+    def _upscale_group(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """One padded batch streamed tile by tile: each image's rows go straight into its output
+        array, the only buffer of the output's size."""
+        sizes = [output_size(im.shape[0], im.shape[1], self.options["scale"]) for im in images]
+        results = [np.empty((H, W, im.shape[2]), im.dtype) for im, (H, W) in zip(images, sizes)]
+
+        def emit(k, top, rows):
+            results[k][top:top + rows.shape[1]] = tensor_to_array(rows, images[k].dtype.type, images[k].shape[2])
+        sources = [image_source(im, self.device) for im in images]
+        self._stream([src for src, _ in sources], sizes, emit, [peak for _, peak in sources])
+        return results
+
+    def _stream(self, images: Sequence[torch.Tensor], sizes: Sequence[Tuple[int, int]], emit,
+                peaks: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        images, seconds = self.upscale_images(list(batch["image"]))
+        return {**batch, "image": images, "upscale_seconds": np.asarray(seconds)}
+
+
+class Upscaler(TileUpscaler):
+    """Loads a checkpoint once and runs it through `upscale_stream` (the `TileUpscaler` contract).
+
     LoRA adapters are merged into the base weights (in fp32, before the cast), then bf16 on GPU
     (`dtype`), channels_last, optional `torch.compile` (the inductor cache in `compile_cache_dir`,
     shared by the actors of a node, is reused across runs).
@@ -625,47 +700,11 @@ class Upscaler:
         for name in ("encode", "velocity", "decode"):
             setattr(self.backbone, name, torch.compile(getattr(self.backbone, name)))
 
-    def bucket_key(self, image: np.ndarray) -> Tuple[int, int]:
-        """Images with equal keys share one padded batch."""
-        H, W = output_size(image.shape[0], image.shape[1], self.options["scale"])
-        m = self.options["pad_multiple"]
-        return _round_up(H, m), _round_up(W, m)
-
-    @torch.no_grad()
-    def upscale_images(self, images: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], List[float]]:
-        """SR arrays (same dtype and channels as the inputs) and seconds per image."""
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for i, image in enumerate(images):
-            groups.setdefault(self.bucket_key(image), []).append(i)
-        out, seconds = [None] * len(images), [0.0] * len(images)
-        for index in groups.values():
-            start = time.perf_counter()
-            for i, sr in zip(index, self._upscale_group([images[i] for i in index])):
-                out[i] = sr
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            for i in index:
-                seconds[i] = (time.perf_counter() - start) / len(index)
-        return out, seconds
-
-    def _upscale_group(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """One padded batch streamed tile by tile (`upscale_stream`): each image's rows go straight
-        into its output array, the only buffer of the output's size."""
+    def _stream(self, images, sizes, emit, peaks) -> None:
         o = self.options
-        sizes = [output_size(im.shape[0], im.shape[1], o["scale"]) for im in images]
-        results = [np.empty((H, W, im.shape[2]), im.dtype) for im, (H, W) in zip(images, sizes)]
-
-        def emit(k, top, rows):
-            results[k][top:top + rows.shape[1]] = tensor_to_array(rows, images[k].dtype.type, images[k].shape[2])
-        sources = [image_source(im, self.device) for im in images]
-        upscale_stream(self.backbone, [src for src, _ in sources], sizes, emit, o["steps"],
-                       peaks=[peak for _, peak in sources], tile=o["tile"], tile_overlap=o["tile_overlap"], vae_tile=o["vae_tile"],
-                       color_fix=o["color_fix"], tile_batch=o["tile_batch"], pad_multiple=o["pad_multiple"])
-        return results
-
-    def __call__(self, batch: dict) -> dict:
-        images, seconds = self.upscale_images(list(batch["image"]))
-        return {**batch, "image": images, "upscale_seconds": np.asarray(seconds)}
+        upscale_stream(self.backbone, images, sizes, emit, o["steps"], peaks=peaks, tile=o["tile"],
+                       tile_overlap=o["tile_overlap"], vae_tile=o["vae_tile"], color_fix=o["color_fix"],
+                       tile_batch=o["tile_batch"], pad_multiple=o["pad_multiple"])
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

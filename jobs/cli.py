@@ -3,7 +3,8 @@
     flowsr prepare-data --input photos/ --output data/      (= python -m jobs.prepare_data ...)
     flowsr caption --shards data/shards --output captions/  (= python -m jobs.caption ...)
     flowsr train --config paper --data data/shards ...       (= python -m jobs.train ...)
-    flowsr upscale -i IN -o OUT -m MODEL [-s 4] [--steps 1] [-t 128]
+    flowsr upscale -i IN -o OUT -m MODEL [-s 4] [--steps 1] [-t 128] [--backend onnxruntime]
+    flowsr export CKPT OUT.onnx [--dtype fp16]
     flowsr evaluate --data eval/shards --checkpoint CKPT --out eval_out
     flowsr ablate --out ablations
     flowsr demo
@@ -41,6 +42,8 @@ REGISTERED: Dict[str, tuple] = {
     "upscale": ("upscale", "add_upscale_options",
                 "upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)"),
     "train": ("train", "add_train_options", "two-stage FlowSR training on Ray Train (a local Ray, or --address)"),
+    "export": ("export", "add_export_options", "export a checkpoint's one-step model to ONNX (checked against torch "
+                                               "in onnxruntime before it is written)"),
     "demo": ("demo", "add_demo_options", "the embedded end-to-end demo on a local Ray (bundled images -> pairs -> "
                                          "stage 1 + 2 -> upscale -> HTML report)"),
 }

@@ -5,8 +5,9 @@
         [--allow-errors] [--address ...]
     (also `python -m jobs.upscale IN OUT -m MODEL`)
 
-MODEL is a FlowSR checkpoint (folder or URI) or an SR weights file that spandrel reads
-(Real-ESRGAN / ESRGAN, SwinIR, HAT, DAT, ...: `pipeline.sr_models`); both run through the same
+MODEL is a FlowSR checkpoint (folder or URI), an SR weights file that spandrel reads
+(Real-ESRGAN / ESRGAN, SwinIR, HAT, DAT, ...: `pipeline.sr_models`), or a FlowSR one-step ONNX
+export (`flowsr export`, run by onnxruntime: `--backend onnxruntime`); all run through the same
 job. Real-ESRGAN's spellings keep Real-ESRGAN's meanings: `-i/-o`, `--model_path`, `--tile` and
 `--tile_pad` in input pixels, `--outscale`, `--ext auto`, `--suffix` joined with `_`,
 `--pre_pad`, `--fp32`; where the job differs, the option's help says so.
@@ -46,6 +47,8 @@ from typing import Optional, Tuple
 from flowsr.metrics_log import progress_text
 from jobs.common import (EXIT_OK, EXIT_USAGE, add_allow_errors_arg, add_ray_args, connect_first, exit_status,
                          fit_actor_cpus, gpu_pool_size, init_ray, is_local, log, run_job)
+
+BACKENDS = ("torch", "onnxruntime")  # = pipeline.sr_models.BACKENDS (not imported here: it loads torch)
 
 # rows per probe unit (and per pending part): the driver holds a path per pending part, so
 # 10^8 inputs are ~100k paths (~10 MB); a unit probes in ~0.15 s
@@ -92,6 +95,7 @@ class UpscaleJobConfig:
     compile_cache_dir: Optional[str] = None
     pretrained: Optional[str] = None  # override the SD base model location in the checkpoint
     weights: str = "student"  # student | target (EMA)
+    backend: Optional[str] = None  # torch | onnxruntime; None: by the model (onnxruntime for an .onnx export)
     max_pixels: int = 150_000_000  # input pixels (from the header, before decode); = upscale_io.MAX_PIXELS
     max_output_pixels: int = 400_000_000  # output pixels; = upscale_io.MAX_OUTPUT_PIXELS
     max_bytes: int = 1 << 30  # input file size; = upscale_io.MAX_BYTES
@@ -117,6 +121,8 @@ class UpscaleJobConfig:
             object.__setattr__(self, "format", "same")
         if self.format not in OUTPUT_FORMATS:
             raise ValueError(f"unknown format: {self.format!r} (choose from {', '.join(OUTPUT_FORMATS)})")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend: {self.backend!r} (choose from {', '.join(BACKENDS)})")
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown color_fix: {self.color_fix!r} (choose from {', '.join(COLOR_FIXES)})")
         if min(self.batch_size, self.tile_batch, self.bucket,
@@ -143,7 +149,8 @@ class UpscaleJobConfig:
         return dict(scale=self.scale, steps=self.steps, tile=self.tile or None, tile_overlap=self.tile_overlap,
                     pre_pad=self.pre_pad, vae_tile=self.vae_tile or None, color_fix=self.color_fix,
                     tile_batch=self.tile_batch, bucket=self.bucket, dtype=self.dtype, compile=self.compile,
-                    compile_cache_dir=self.compile_cache_dir, pretrained=self.pretrained, weights=self.weights)
+                    compile_cache_dir=self.compile_cache_dir, pretrained=self.pretrained, weights=self.weights,
+                    backend=self.backend)
 
     @property
     def name_suffix(self) -> str:
@@ -154,15 +161,17 @@ class UpscaleJobConfig:
 def resolve_model(cfg: UpscaleJobConfig) -> UpscaleJobConfig:
     """`cfg` with the scale resolved from the model (its native scale unless given); a model
     argument that names nothing runnable raises `pipeline.sr_models.ModelError` (one line)."""
-    from pipeline.sr_models import describe
+    from pipeline.sr_models import backend_for, describe
 
+    backend = backend_for(cfg.checkpoint, cfg.backend)
     info = describe(cfg.checkpoint)
     scale = info.scale(cfg.scale)
     native = f"native x{info.native_scale}" if info.native_scale else "any scale"
     hint = {"discouraged": "; spandrel discourages tiling it (--tile 0 if memory allows)",
             "internal": "; it tiles internally (run on whole images)"}.get(info.tiling, "")
-    print(f"[upscale] model: {info.name}, {native}; output x{scale:g}{hint}", file=sys.stderr, flush=True)
-    return dataclasses.replace(cfg, scale=scale)
+    print(f"[upscale] model: {info.name}, {native}; output x{scale:g}{hint}; backend {backend}", file=sys.stderr,
+          flush=True)
+    return dataclasses.replace(cfg, scale=scale, backend=backend)
 
 
 def _arrow(fn, **kwargs):
@@ -316,10 +325,12 @@ def check_before_run(cfg: UpscaleJobConfig) -> None:
     """Usage mistakes found before the corpus is touched, as UsageError: a missing or unreadable
     checkpoint (config and weights), an output folder that is a file."""
     from flowsr.checkpoint import check_checkpoint
-    from pipeline.sr_models import FLOWSR, model_kind
+    from pipeline.sr_models import FLOWSR, ONNXRUNTIME, backend_for, check_onnx_options, model_kind
     from pipeline.storage import resolve_fs
 
     try:
+        if backend_for(cfg.checkpoint, cfg.backend) == ONNXRUNTIME:
+            check_onnx_options(cfg.steps, cfg.dtype, cfg.compile)
         if model_kind(cfg.checkpoint) == FLOWSR and is_local(cfg.checkpoint):  # weights files: describe()
             check_checkpoint(cfg.checkpoint, weights=cfg.weights)
     except (FileNotFoundError, ValueError) as err:
@@ -442,6 +453,9 @@ def add_upscale_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache-dir", default=None, help="inductor cache shared by the actors")
     p.add_argument("--pretrained", default=None, help="override the SD base model location (FlowSR)")
     p.add_argument("--weights", choices=("student", "target"), default=d["weights"], help="FlowSR weights to run")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="what runs the network: torch (a checkpoint or weights file) or onnxruntime (a FlowSR .onnx "
+                        "export from `flowsr export`; one step, whole tiles, no --vae-tile); default: by the model")
     p.add_argument("--max-pixels", type=int, default=d["max_pixels"],
                    help="input pixel cap, checked from the header before decoding (per-item error above it)")
     p.add_argument("--max-output-pixels", type=int, default=d["max_output_pixels"], help="output pixel cap")

@@ -1,11 +1,13 @@
 """One seam for the models that the upscale and evaluate jobs run.
 
-`-m MODEL` is either a FlowSR checkpoint (a folder or URI holding `config.json`) or a weights
-file that `spandrel` recognises (`.pth`, `.pt`, `.ckpt`, `.safetensors`: Real-ESRGAN / ESRGAN
-RRDBNet, SwinIR, HAT, DAT, OmniSR, SPAN, ...; the core `spandrel` package only, not
-`spandrel-extra-arches`). `load_upscaler` returns an object with the interface of
-`flowsr.sample.Upscaler` (`upscale_images`, `bucket_key`, `__call__`), so the job machinery
-(decode, actor pool, alpha, 16 bits, formats, manifest, resume) is the same for both kinds.
+`-m MODEL` is a FlowSR checkpoint (a folder or URI holding `config.json`), a weights file that
+`spandrel` recognises (`.pth`, `.pt`, `.ckpt`, `.safetensors`: Real-ESRGAN / ESRGAN RRDBNet,
+SwinIR, HAT, DAT, OmniSR, SPAN, ...; the core `spandrel` package only, not
+`spandrel-extra-arches`), or a FlowSR one-step export (`.onnx`, `flowsr export`), which runs in
+onnxruntime (backend `onnxruntime`; the other two run in torch). `load_upscaler` returns an
+object with the interface of `flowsr.sample.Upscaler` (`upscale_images`, `bucket_key`,
+`__call__`), so the job machinery (decode, actor pool, alpha, 16 bits, formats, manifest, resume)
+is the same for every kind.
 
 Tile sizes here are in input (LR) pixels, as Real-ESRGAN's `--tile` / `--tile_pad`; for FlowSR
 they are converted to the output pixels that `flowsr.sample` works in. A weights file's native
@@ -30,8 +32,11 @@ from pipeline.storage import is_local, resolve_fs
 from flowsr.sample import LUMA_WEIGHTS, TileBlender, Upscaler, default_device, output_size, tile_starts
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+ONNX_SUFFIX = ".onnx"
 FLOWSR_CONFIG = "config.json"  # what makes a folder a FlowSR checkpoint (flowsr.checkpoint.CONFIG_NAME)
-FLOWSR, WEIGHTS = "flowsr", "weights"  # the two kinds of model
+FLOWSR, WEIGHTS, ONNX = "flowsr", "weights", "onnx"  # the kinds of model
+TORCH, ONNXRUNTIME = "torch", "onnxruntime"
+BACKENDS = (TORCH, ONNXRUNTIME)  # what runs the network
 DEFAULT_FLOWSR_SCALE = 4.0  # a FlowSR checkpoint runs at any scale; this one unless told
 RUNNABLE_PURPOSES = ("SR", "Restoration")  # image -> image models (Restoration: scale 1)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,7 +49,7 @@ class ModelError(ValueError):
 @dataclass(frozen=True)
 class ModelInfo:
     uri: str
-    kind: str  # FLOWSR | WEIGHTS
+    kind: str  # FLOWSR | WEIGHTS | ONNX
     native_scale: Optional[int]  # None: any scale (FlowSR)
     name: str  # e.g. "FlowSR", "ESRGAN (64nf, 23nb, SR x4)"
     tiling: str = "supported"  # spandrel's hint: supported | discouraged | internal (the model tiles itself)
@@ -56,10 +61,13 @@ class ModelInfo:
 
 # ---- which kind of model -----------------------------------------------------------------------
 def model_kind(uri: str) -> str:
-    """FLOWSR for a folder with `config.json`, WEIGHTS for a weights-file name; else ModelError."""
+    """FLOWSR for a folder with `config.json`, WEIGHTS for a weights-file name, ONNX for an `.onnx`
+    file name; else ModelError."""
     ext = os.path.splitext(uri.rstrip("/"))[1].lower()
     if ext in WEIGHT_SUFFIXES:
         return WEIGHTS
+    if ext == ONNX_SUFFIX:
+        return ONNX
     fs, path = resolve_fs(uri)
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.Directory:
@@ -67,8 +75,8 @@ def model_kind(uri: str) -> str:
             return FLOWSR
         raise ModelError(f"{uri} is a folder but not a FlowSR checkpoint (no {FLOWSR_CONFIG} in it)")
     if kind == pafs.FileType.File:
-        raise ModelError(f"unsupported model file {uri}: give a FlowSR checkpoint folder or an SR weights file "
-                         f"that spandrel reads ({', '.join(WEIGHT_SUFFIXES)})")
+        raise ModelError(f"unsupported model file {uri}: give a FlowSR checkpoint folder, an SR weights file "
+                         f"that spandrel reads ({', '.join(WEIGHT_SUFFIXES)}) or a FlowSR {ONNX_SUFFIX} export")
     raise ModelError(f"no model at {uri}: give a FlowSR checkpoint folder or an SR weights file "
                      f"({', '.join(WEIGHT_SUFFIXES)})")
 
@@ -125,10 +133,38 @@ def _describe_weights(uri: str, model) -> ModelInfo:
 
 
 def describe(uri: str) -> ModelInfo:
-    """What `uri` is and its native scale (a weights file is loaded on the CPU to read it)."""
-    if model_kind(uri) == FLOWSR:
+    """What `uri` is and its native scale (a weights file is loaded on the CPU to read it, an ONNX
+    file's metadata is read)."""
+    kind = model_kind(uri)
+    if kind == FLOWSR:
         return ModelInfo(uri, FLOWSR, None, "FlowSR")
+    if kind == ONNX:
+        from flowsr.export import ExportError, read_contract
+
+        try:
+            contract = read_contract(local_weights(uri))
+        except ExportError as err:
+            raise ModelError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 — not an ONNX file at all
+            raise ModelError(f"{uri}: not a readable ONNX file ({type(err).__name__})") from None
+        return ModelInfo(uri, ONNX, None, f"FlowSR one-step ONNX ({contract.get('dtype', 'fp32')}, size multiple "
+                                          f"{contract['size_multiple']}; onnxruntime)")
     return _describe_weights(uri, load_weights(uri))
+
+
+def backend_for(uri: str, requested: Optional[str] = None) -> str:
+    """The backend that runs model `uri`: onnxruntime for an `.onnx` export, torch otherwise;
+    a `requested` backend that cannot run it is a one-line ModelError."""
+    if requested is not None and requested not in BACKENDS:
+        raise ModelError(f"unknown backend: {requested!r} (choose from {', '.join(BACKENDS)})")
+    backend = ONNXRUNTIME if model_kind(uri) == ONNX else TORCH
+    if requested == ONNXRUNTIME and backend != ONNXRUNTIME:
+        raise ModelError(f"backend onnxruntime runs a FlowSR {ONNX_SUFFIX} export, not {uri}: export it with "
+                         f"`flowsr export CKPT OUT{ONNX_SUFFIX}` and pass -m OUT{ONNX_SUFFIX}")
+    if requested == TORCH and backend != TORCH:
+        raise ModelError(f"{uri} is an ONNX export: run it with --backend onnxruntime (or give the checkpoint "
+                         "for the torch backend)")
+    return backend
 
 
 # ---- weights files through spandrel --------------------------------------------------------------
@@ -417,21 +453,45 @@ def load_upscaler(model: str, *, scale: Optional[float] = None, tile: Optional[i
                   tile_overlap: int = 16, tile_batch: int = 16, pre_pad: int = 0, device=None,
                   dtype: Optional[str] = None, compile: bool = False, compile_cache_dir: Optional[str] = None,
                   bucket: int = 64, steps: int = 1, vae_tile: Optional[int] = 512, color_fix: str = "wavelet",
-                  pretrained: Optional[str] = None, weights: str = "student"):
-    """The upscaler of `model` (a FlowSR checkpoint or a spandrel weights file), loaded once.
+                  pretrained: Optional[str] = None, weights: str = "student", backend: Optional[str] = None):
+    """The upscaler of `model` (a FlowSR checkpoint, a spandrel weights file or a FlowSR ONNX
+    export), loaded once.
 
     `tile` / `tile_overlap` / `pre_pad` are in input pixels. The FlowSR-only options (`bucket`
     and `vae_tile` in output pixels, `steps`, `color_fix`, `pretrained`, `weights`) do not apply
-    to a weights file, which runs as spandrel runs it.
+    to a weights file, which runs as spandrel runs it. An ONNX export (`backend` onnxruntime)
+    runs one step at the dtype it was exported in, whole tiles (no `vae_tile`).
     """
     common = dict(tile_batch=tile_batch, device=device, dtype=dtype, compile=compile,
                   compile_cache_dir=compile_cache_dir)
-    if model_kind(model) == WEIGHTS:
+    kind = model_kind(model)
+    backend_for(model, backend)
+    if kind == WEIGHTS:
         return WeightsUpscaler(model, scale=scale, tile=tile, tile_overlap=tile_overlap, pre_pad=pre_pad, **common)
     if pre_pad:
         raise ModelError("pre_pad applies to weights files; a FlowSR checkpoint pads its input itself")
     scale = float(scale or DEFAULT_FLOWSR_SCALE)
+    if kind == ONNX:
+        return _onnx_upscaler(model, scale=scale, tile=_output_pixels(tile, scale),
+                              tile_overlap=_output_pixels(tile_overlap, scale), bucket=bucket, steps=steps,
+                              color_fix=color_fix, tile_batch=tile_batch, device=device, dtype=dtype, compile=compile)
     return Upscaler(model, scale=scale, tile=_output_pixels(tile, scale),
                     tile_overlap=_output_pixels(tile_overlap, scale), vae_tile=vae_tile, bucket=bucket,
                     steps=steps, color_fix=color_fix, pretrained=pretrained, weights=weights, **common)
 
+
+
+def check_onnx_options(steps: int = 1, dtype: Optional[str] = None, compile: bool = False) -> None:
+    """An ONNX export runs one step at its own dtype, without torch.compile; else ModelError."""
+    if steps != 1:
+        raise ModelError(f"an ONNX export runs one step; got steps={steps} (use the checkpoint for more)")
+    if dtype or compile:
+        raise ModelError("an ONNX export runs at the dtype it was exported in (`flowsr export --dtype`), "
+                         "without torch.compile: leave --dtype and --compile unset")
+
+
+def _onnx_upscaler(model: str, *, steps: int, dtype: Optional[str], compile: bool, **options):
+    from pipeline.onnx_models import OnnxUpscaler
+
+    check_onnx_options(steps, dtype, compile)
+    return OnnxUpscaler(local_weights(model), **options)

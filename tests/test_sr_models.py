@@ -343,10 +343,12 @@ def test_flowsr_checkpoints_take_tiles_in_input_pixels(flowsr_ckpt):
 
 def test_unsupported_models_are_one_clear_line(tmp_path, swinir):
     (tmp_path / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "model.tflite").write_bytes(b"tflite")
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "unknown.pth")
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "folder").mkdir()
-    cases = {"model.onnx": "unsupported model file", "unknown.pth": "not an architecture spandrel knows",
+    cases = {"model.onnx": "not a readable ONNX file", "model.tflite": "unsupported model file",
+             "unknown.pth": "not an architecture spandrel knows",
              "garbage.safetensors": "spandrel cannot load it", "folder": "not a FlowSR checkpoint",
              "missing.pth": "no weights file", "missing": "no model at"}
     for name, message in cases.items():

@@ -350,7 +350,7 @@ def _run_pipeline(cfg: UpscaleJobConfig, parts: str, pending: list, sort: bool =
         ds.context.default_hash_shuffle_parallelism = _partitions(todo)  # this dataset's own context
         ds = ds.sort(["bucket_h", "bucket_w", "input"])
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(_arrow(io.decode_batch), batch_format="pyarrow", batch_size=IO_BATCH)
+    ds = ds.map_batches(_arrow(io.decode_batch, max_pixels=cfg.max_pixels), batch_format="pyarrow", batch_size=IO_BATCH)
     stage_kwargs = {**cfg.upscaler_options(), "fail_after": cfg.fail_after}
     ds = ds.map_batches(_make_upscale_stage(), fn_constructor_args=(cfg.checkpoint,), fn_constructor_kwargs=stage_kwargs,
                         batch_format="pyarrow", batch_size=cfg.batch_size,

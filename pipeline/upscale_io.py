@@ -492,17 +492,17 @@ def _header(uri: str):
     the whole file when the header is longer than that. A PNG's eXIf chunk that follows the image
     data is found from the file's tail (PNG_TAIL_BYTES) and put in `info`, as Pillow would after
     a full decode, so the EXIF orientation counts either way."""
-    from PIL import Image
+    from pipeline.images import open_header  # the caps (`check_pixels`), not Pillow's bomb limit
 
     fs, path = split_uri(uri)
     with fs.open_input_stream(path) as f:
         head = f.read(HEADER_BYTES)
         try:
-            im = Image.open(io.BytesIO(head))
+            im = open_header(io.BytesIO(head))
         except Exception:  # noqa: BLE001 — a header past HEADER_BYTES, or not an image at all
             if len(head) < HEADER_BYTES:
                 raise
-            return Image.open(io.BytesIO(head + f.read()))
+            return open_header(io.BytesIO(head + f.read()))
     if im.format == "PNG" and "exif" not in im.info:
         exif = _png_chunk(head, b"eXIf") if len(head) < HEADER_BYTES else _png_tail_exif(fs, path)
         if exif:
@@ -639,10 +639,10 @@ def split_channels(array: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]
     raise ValueError(f"unsupported channel count {c}")
 
 
-def decode_batch(batch: Dict[str, Sequence]) -> Dict[str, list]:
-    """Pending rows: read and decode (pipeline.images.load_image) into raw `pixels` (HxWxC, C = 1
-    or 3), `alpha` (HxW, or empty), `dtype`, `height`, `width`, `channels`, `icc` (the input's ICC
-    profile, or empty). Failures -> error rows."""
+def decode_batch(batch: Dict[str, Sequence], *, max_pixels: int = MAX_PIXELS) -> Dict[str, list]:
+    """Pending rows: read and decode (pipeline.images.load_image, under the `max_pixels` cap) into
+    raw `pixels` (HxWxC, C = 1 or 3), `alpha` (HxW, or empty), `dtype`, `height`, `width`,
+    `channels`, `icc` (the input's ICC profile, or empty). Failures -> error rows."""
     from pipeline.images import load_image
 
     out = {k: list(v) for k, v in batch.items()}
@@ -651,7 +651,7 @@ def decode_batch(batch: Dict[str, Sequence]) -> Dict[str, list]:
         values = (b"", b"", "", 0, 0, 0, b"")
         if out["status"][i] == PENDING:
             try:
-                decoded = load_image(_read_bytes(uri), uri)
+                decoded = load_image(_read_bytes(uri), uri, max_pixels)
                 colour, alpha = split_channels(decoded.pixels)
                 if colour.dtype not in (np.uint8, np.uint16):
                     raise ValueError(f"unsupported sample type {colour.dtype}")

@@ -1,12 +1,21 @@
 """Hostile corpora and operators: what a real photo bucket brings to the jobs (issue 22, round 2)."""
+import os
+import shutil
+import subprocess
+import sys
 import zlib
+from typing import Tuple
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from jobs import prepare_data as P
 from pipeline import upscale_io as io
 from pipeline.images import ImageTooLarge, load_image
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PILLOW_BOMB_LIMIT = 178_956_970  # 2 x PIL.Image.MAX_IMAGE_PIXELS: what Pillow's own refusal quotes
 
 
@@ -41,3 +50,67 @@ def test_limit_rows_quote_max_pixels_not_pillows_bomb_limit(tmp_path, width, hei
                             scale=4.0, max_pixels=50_000_000)
     assert probed["status"] == [io.ERROR]
     assert "--max-pixels" in probed["error"][0] and str(PILLOW_BOMB_LIMIT) not in probed["error"][0]
+
+
+# ---- a TorchScript file is never executed ------------------------------------------------------------
+class CreatesFileWhenLoaded(torch.nn.Module):
+    """A scripted module whose `__setstate__` (run by `torch.jit.load`) creates the file at `path`."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.touched = torch.zeros(1, dtype=torch.uint8)
+
+    def forward(self, x):
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool]:
+        return (self.path, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool]) -> None:
+        self.path = state[0]
+        self.training = state[1]
+        self.touched = torch.from_file(self.path, True, 1, dtype=torch.uint8)  # opened with O_CREAT
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    """(a TorchScript file saved as .pt and as .pth, the file that loading it would create)."""
+    root = tmp_path_factory.mktemp("scripted")
+    marker = root / "created-by-setstate"
+    torch.jit.save(torch.jit.script(CreatesFileWhenLoaded(str(marker))), str(root / "model.pt"))
+    shutil.copy(root / "model.pt", root / "model.pth")
+    torch.jit.load(str(root / "model.pt"))  # the archive does run code when loaded ...
+    assert marker.exists()
+    marker.unlink()
+    return root, marker
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pth"])
+def test_torchscript_weights_are_refused_without_running_them(scripted, name):
+    from pipeline.sr_models import ModelError, describe, load_weights
+
+    root, marker = scripted
+    for load in (load_weights, describe):
+        with pytest.raises(ModelError) as raised:
+            load(str(root / name))
+        assert not marker.exists()
+        assert "TorchScript" in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_torchscript_model_and_baseline_are_refused_by_the_jobs(scripted, tmp_path):
+    root, marker = scripted
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "a.png")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    for argv in (["-m", "jobs.upscale", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "up"), "-m", str(root / "model.pt")],
+                 ["-m", "jobs.evaluate", "--data", str(tmp_path / "in"), "--lr-dir", str(tmp_path / "in"),
+                  "--out", str(tmp_path / "ev"), "--baseline", f"x={root / 'model.pth'}"]):
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        lines = [line for line in done.stderr.splitlines() if line.strip() and "Warning" not in line
+                 and not line.startswith("  ")]
+        assert done.returncode == 2 and len(lines) == 1 and "TorchScript" in lines[0], done.stderr
+        assert not marker.exists()
+    assert not (tmp_path / "up").exists()

@@ -22,7 +22,9 @@ and unsupported rows too) is committed atomically as a part in OUT/_manifest-par
 batch's images are moved into place, so a killed run leaves a row for every output it wrote. At
 the end the parts are streamed into OUT/manifest.parquet (or --manifest) and removed. A rerun
 removes a killed run's parts and probes every output again (valid ones are `skipped` rows): the
-manifest lists each input exactly once, with the last run's status.
+manifest lists each input exactly once, with the last run's status and the sha256 of the input
+bytes its output was made from (`input_sha256`). Each output records that digest too, so an input
+edited in place since (same size or not) is redone on a rerun, with no earlier manifest read.
 
 The checkpoint and the options are checked before the corpus is touched. Exit status: 0 when
 every input is ok, skipped or unsupported (a listed file that is not an image: a manifest row

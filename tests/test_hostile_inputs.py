@@ -1,4 +1,5 @@
 """Hostile corpora and operators: what a real photo bucket brings to the jobs (issue 22, round 2)."""
+import hashlib
 import os
 import shutil
 import subprocess
@@ -7,6 +8,7 @@ import zlib
 from typing import Tuple
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -114,3 +116,67 @@ def test_torchscript_model_and_baseline_are_refused_by_the_jobs(scripted, tmp_pa
         assert done.returncode == 2 and len(lines) == 1 and "TorchScript" in lines[0], done.stderr
         assert not marker.exists()
     assert not (tmp_path / "up").exists()
+
+
+# ---- an input changed in place is redone -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory):
+    """A tiny pixel-space FlowSR checkpoint (random weights)."""
+    from flowsr.backbones import PixelBackbone
+    from flowsr.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("pixel_ckpt")
+    cfg.save(str(directory / "config.json"))
+    PixelBackbone.from_config(cfg.model).save_trainable(str(directory / "student"))
+    return str(directory)
+
+
+def _smooth(h, w, shift=0):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([(x * 9 + shift) % 256, (y * 7) % 256, ((x + y) * 5 + 2 * shift) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("ext,dtype", [(".png", np.uint8), (".png", np.uint16), (".jpg", np.uint8), (".webp", np.uint8)])
+def test_outputs_record_the_digest_of_their_input(tmp_path, ext, dtype):
+    colour = _smooth(6, 5).astype(dtype) * (257 if dtype == np.uint16 else 1)
+    digest = hashlib.sha256(b"the input's bytes").hexdigest()
+    (tmp_path / f"o{ext}").write_bytes(io.encode_image(colour, None, ext, None, digest))
+    assert io.output_source(str(tmp_path / f"o{ext}"), (6, 5)) == digest
+    assert io.output_source(str(tmp_path / f"o{ext}"), (5, 6)) is None  # not the expected size
+    (tmp_path / f"p{ext}").write_bytes(io.encode_image(colour, None, ext))
+    assert io.output_source(str(tmp_path / f"p{ext}"), (6, 5)) == ""  # valid, made from an unknown input
+
+
+def test_rerun_redoes_inputs_whose_content_changed(ray_local, pixel_ckpt, tmp_path):
+    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+
+    (tmp_path / "in").mkdir()
+    for name, shift in (("a.png", 0), ("b.png", 40), ("c.jpg", 80)):
+        Image.fromarray(_smooth(12, 10, shift)).save(tmp_path / "in" / name, quality=95)
+    cfg = UpscaleJobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), checkpoint=pixel_ckpt,
+                           scale=2, tile=0, batch_size=2)
+
+    def manifest():
+        rows = pq.read_table(tmp_path / "out" / io.MANIFEST_NAME).to_pylist()
+        return {os.path.basename(r["input"]): r for r in rows}
+
+    def sha(name):
+        return hashlib.sha256((tmp_path / "in" / name).read_bytes()).hexdigest()
+    first = upscale_corpus(cfg)
+    assert (first["ok"], first["skipped"]) == (3, 0)
+    assert {n: r["input_sha256"] for n, r in manifest().items()} == {n: sha(n) for n in ("a.png", "b.png", "c.jpg")}
+    before = {n: (tmp_path / "out" / n).read_bytes() for n in ("a.png", "b.png", "c.jpg")}
+
+    Image.fromarray(_smooth(12, 10, 7)).save(tmp_path / "in" / "a.png")  # edited in place, same size
+    os.utime(tmp_path / "in" / "b.png", (1, 1))  # touched, same content
+    second = upscale_corpus(cfg)
+    rows = manifest()
+    assert (second["ok"], second["skipped"]) == (1, 2)
+    assert {n: r["status"] for n, r in rows.items()} == {"a.png": "ok", "b.png": "skipped", "c.jpg": "skipped"}
+    assert {n: r["input_sha256"] for n, r in rows.items()} == {n: sha(n) for n in ("a.png", "b.png", "c.jpg")}
+    assert (tmp_path / "out" / "a.png").read_bytes() != before["a.png"]
+    assert all((tmp_path / "out" / n).read_bytes() == before[n] for n in ("b.png", "c.jpg"))
+    third = upscale_corpus(cfg)
+    assert (third["ok"], third["skipped"]) == (0, 3)

@@ -180,3 +180,58 @@ def test_rerun_redoes_inputs_whose_content_changed(ray_local, pixel_ckpt, tmp_pa
     assert all((tmp_path / "out" / n).read_bytes() == before[n] for n in ("b.png", "c.jpg"))
     third = upscale_corpus(cfg)
     assert (third["ok"], third["skipped"]) == (0, 3)
+
+
+# ---- evaluate scores every good pair and names the rest ----------------------------------------------
+def test_evaluate_gives_error_rows_for_bad_pairs_and_lists_unmatched_names(ray_local, tmp_path):
+    import csv
+    import json
+
+    from jobs.evaluate import EvalConfig, evaluate
+
+    for d in ("hr", "lr", "sr"):
+        (tmp_path / d).mkdir()
+
+    def pair(name, hr, lr, sr=True):
+        Image.fromarray(hr).save(tmp_path / "hr" / f"{name}.png")
+        Image.fromarray(lr).save(tmp_path / "lr" / f"{name}.png")
+        if sr:
+            Image.fromarray(hr).save(tmp_path / "sr" / f"{name}.png")
+    hr = _smooth(32, 24)
+    lr = np.asarray(Image.fromarray(hr).resize((6, 8), Image.BICUBIC))
+    pair("good0", hr, lr)
+    pair("good1", hr[::-1].copy(), lr[::-1].copy())
+    pair("not_quarter", hr, _smooth(10, 10))  # LR is not HR / 4
+    pair("tiny", _smooth(3, 3), _smooth(1, 1))  # a 3x3 HR
+    pair("small", _smooth(4, 4), _smooth(1, 1))  # HR / 4 = LR, but nothing left inside the metrics' border
+    pair("no_sr", hr, lr, sr=False)
+    for d in ("hr", "lr", "sr"):
+        (tmp_path / d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    Image.fromarray(hr).save(tmp_path / "hr" / "hr_only.png")
+    Image.fromarray(lr).save(tmp_path / "lr" / "lr_only.png")
+    cfg = EvalConfig(data=str(tmp_path / "hr"), lr_dir=str(tmp_path / "lr"), sr=(("oracle", str(tmp_path / "sr")),),
+                     out=str(tmp_path / "out"), metrics=(), batch_size=2)
+    summary = evaluate(cfg)
+
+    rows = {r["sample_id"]: r for r in csv.DictReader((tmp_path / "out" / "per_image.csv").read_text().splitlines())}
+    assert sorted(rows) == ["corrupt", "good0", "good1", "not_quarter", "small", "tiny"]
+    for name in ("good0", "good1"):
+        assert rows[name]["error"] == "" and float(rows[name]["bicubic/psnr"]) > 10
+        assert rows[name]["oracle/psnr"] == "inf"
+    for name in ("corrupt", "not_quarter", "small", "tiny"):
+        assert rows[name]["error"] and rows[name]["bicubic/psnr"] in ("", "nan"), rows[name]
+    assert "is not 4x LR" in rows["not_quarter"]["error"] and "is not 4x LR" in rows["tiny"]["error"]
+    assert "too small" in rows["small"]["error"]
+    assert summary["n_images"] == 2 and summary["errors"] == 4
+    assert sorted(r["sample_id"] for r in summary["failed"]) == ["corrupt", "not_quarter", "small", "tiny"]
+    # the means are over the scored pairs only
+    expected = np.mean([float(rows[n]["bicubic/psnr"]) for n in ("good0", "good1")])
+    assert summary["mean"]["bicubic"]["psnr"] == pytest.approx(expected)
+    unmatched = {r["name"]: r["missing"] for r in summary["unmatched"]}
+    assert unmatched == {"hr_only": "LR, SR oracle", "lr_only": "HR, SR oracle", "no_sr": "SR oracle"}
+    assert summary["n_unmatched"] == 3
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["unmatched"] == summary["unmatched"]
+    report = (tmp_path / "out" / "report.html").read_text()
+    table = (tmp_path / "out" / "table1.md").read_text()
+    for name in ("hr_only", "lr_only", "no_sr", "corrupt", "not_quarter", "tiny", "small"):
+        assert name in report and name in table

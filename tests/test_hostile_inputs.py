@@ -265,3 +265,28 @@ def test_tiled_thin_image_equals_the_whole_image_forward(pixel_ckpt, h, w):
         tiled = S.upscale(backbone, lr, 2, tile=64, tile_overlap=16, vae_tile=64, color_fix=fix)
         assert tiled.shape == whole.shape == (1, 3, 2 * h, 2 * w)
         assert (tiled - whole).abs().max() < 1e-5, fix
+
+
+# ---- pair shards read as images by `datasets` with no extra arguments ------------------------------
+def test_pair_shards_load_as_images_with_datasets_and_no_other_argument(tmp_path):
+    import datasets
+
+    from flowsr.data import decode_rgb
+    from jobs.prepare_data import make_pair, pairs_table, write_shard
+    from pipeline.schema import decode_png
+
+    rng = np.random.default_rng(0)
+    rows = [make_pair(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), f"mem://img{i}.png", 0, 0,
+                      sample_id=f"{i:016x}", scale=4, seed=0, conversion="", degradation="bicubic") for i in range(3)]
+    path = str(tmp_path / "pairs" / write_shard(pairs_table(rows), str(tmp_path / "pairs"))["shard"])
+    ds = datasets.load_dataset("parquet", data_files=path, split="train", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(ds.features["hr"], datasets.Image) and isinstance(ds.features["lr"], datasets.Image)
+    assert ds.features["scale"] == datasets.Value("int32") and len(ds) == 3
+    by_id = {r["sample_id"]: r for r in rows}
+    for item in ds:
+        assert item["hr"].size == (32, 32) and item["lr"].size == (8, 8)
+        np.testing.assert_array_equal(np.asarray(item["hr"].convert("RGB")), decode_png(by_id[item["sample_id"]]["hr"]))
+        np.testing.assert_array_equal(np.asarray(item["lr"].convert("RGB")), decode_png(by_id[item["sample_id"]]["lr"]))
+    for row in pq.read_table(path).to_pylist():  # the project's own readers take the stored layout
+        np.testing.assert_array_equal(decode_rgb(row["hr"]), decode_png(by_id[row["sample_id"]]["hr"]))
+        np.testing.assert_array_equal(decode_png(row["lr"]), decode_png(by_id[row["sample_id"]]["lr"]))

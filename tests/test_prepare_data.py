@@ -271,7 +271,10 @@ def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def by_sample_id(table: pa.Table) -> dict:
-    return {r["sample_id"]: (r["lr"], r["degradation"], r["hr"])
+    """{sample_id: (LR PNG, degradation, HR PNG)} of pair rows, as stages pass them or as shards store them."""
+    from pipeline.schema import image_bytes
+
+    return {r["sample_id"]: (image_bytes(r["lr"]), r["degradation"], image_bytes(r["hr"]))
             for r in table.select(["sample_id", "lr", "degradation", "hr"]).to_pylist()}
 
 

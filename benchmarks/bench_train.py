@@ -34,7 +34,8 @@ def write_pairs(directory: str, n: int, hr_size: int, scale: int = 4, seed: int 
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline.schema import PAIR_SCHEMA, encode_png
+    from pipeline.schema import encode_png
+    from pipeline.shards import conform_pairs
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -46,7 +47,7 @@ def write_pairs(directory: str, n: int, hr_size: int, scale: int = 4, seed: int 
                      "lr": encode_png(lr), "scale": scale, "seed": seed, "hr_caption": "a sharp photo",
                      "lr_caption": "a blurry photo"})
     os.makedirs(directory, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), os.path.join(directory, "part-00000.parquet"))
+    pq.write_table(conform_pairs(pa.Table.from_pylist(rows)), os.path.join(directory, "part-00000.parquet"))
     return directory
 
 

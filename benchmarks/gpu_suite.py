@@ -716,7 +716,8 @@ def section_ray_train(ctx: Context, rec: Record) -> None:
     from flowsr.config import apply_overrides
     from flowsr.trainer import LocalSession, run_stage
     from jobs.train import train
-    from pipeline.schema import PAIR_SCHEMA
+    from pipeline.schema import IMAGE_COLUMNS, PAIR_SCHEMA
+    from pipeline.shards import conform_pairs
 
     batch, steps = ctx.pick(8, 2), ctx.pick(8, 1)
     cfg = apply_overrides(train_config(ctx), [f"optim.batch_size={batch}", f"optim.stage1_steps={steps}",
@@ -728,8 +729,9 @@ def section_ray_train(ctx: Context, rec: Record) -> None:
     shards = os.path.join(work, "shards")
     os.makedirs(shards)
     n = len(rows["sample_id"])
-    table = pa.table({f.name: rows.get(f.name) or ([0] * n if pa.types.is_integer(f.type) else [""] * n)
-                      for f in PAIR_SCHEMA}, schema=PAIR_SCHEMA)
+    columns = {f.name: rows.get(f.name) or ([0] * n if pa.types.is_integer(f.type) else [""] * n)
+               for f in PAIR_SCHEMA if f.name not in IMAGE_COLUMNS}
+    table = conform_pairs(pa.table({**columns, **{k: rows[k] for k in IMAGE_COLUMNS}}))  # as the shard writer stores them
     for k in range(2):
         pq.write_table(table.slice(k * n // 2, n // 2), os.path.join(shards, f"part-{k:05d}.parquet"))
     rec["setup"] = f"stage 1, batch {batch}, {steps} steps, {size}^2, 1 worker ({'GPU' if ctx.gpu else 'CPU'})"

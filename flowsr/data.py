@@ -73,12 +73,14 @@ def paired_hflip(hr: torch.Tensor, lr: torch.Tensor, generator: torch.Generator,
     return hr, lr
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Encoded image bytes (the shards' PNG columns) -> uint8 HxWx3 RGB."""
+def decode_rgb(data) -> np.ndarray:
+    """Encoded image bytes (the shards' PNG columns: bytes, or Hugging Face `datasets`' image
+    struct {"bytes", "path"}) -> uint8 HxWx3 RGB."""
     import io
 
     from PIL import Image
 
+    data = data["bytes"] if isinstance(data, dict) else data
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
 

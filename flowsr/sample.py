@@ -87,6 +87,24 @@ def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
+def tile_shape(h: int, w: int, tile: int, multiple: int = 1) -> Tuple[int, int]:
+    """(th, tw): the sides of the tiles of an h x w image for tiles of `tile` x `tile` pixels.
+
+    The tile is a budget of tile^2 pixels (what bounds the network's memory), not a square: a
+    side shorter than `tile` leaves the rest of the budget to the other side (rounded down to
+    `multiple`, at least `tile`). A thin image then runs in as few tiles as a square one of the
+    same area — whole, when it fits the budget, so its result is the whole-image forward — where
+    square tiles of a 64-pixel strip cut it into ~tile/64 times as many tiles, each an extra
+    seam between the tiles' forwards of a network that is not local (normalisation, attention).
+    Each side is at most the image's."""
+    th, tw = min(tile, h), min(tile, w)
+    if th < tile:
+        tw = min(w, max(tw, tile * tile // th // multiple * multiple))
+    elif tw < tile:
+        th = min(h, max(th, tile * tile // tw // multiple * multiple))
+    return th, tw
+
+
 def gaussian_weights(h: int, w: int, *, device=None) -> torch.Tensor:
     """(1, 1, h, w) separable Gaussian peaked at the tile centre, std GAUSSIAN_TILE_SIGMA x size."""
     def axis(n):
@@ -112,15 +130,17 @@ def tiled_apply(fn: Callable[[torch.Tensor, Sequence[Box]], torch.Tensor], x: to
     `x` is (B, C, H, W) on a grid of (H / unit_in, W / unit_in) cells; one cell of input is
     `unit_in` pixels and one cell of output `unit_out` pixels (VAE encode: 8 -> 1, decode: 1 -> 8,
     velocity: 1 -> 1). `tile` and `overlap` are in cells; `tile=None` runs whole images.
-    Tiles of all images are batched together, `tile_batch` at a time. Returns float32.
+    Tiles (`tile_shape`: tile x tile cells, longer on a thin image) of all images are batched
+    together, `tile_batch` at a time. Returns float32.
     """
     B, _, H, W = x.shape
     gh, gw = H // unit_in, W // unit_in
     if not tile:
         tile = max(gh, gw)
-    overlap = min(overlap, tile - 1)  # tile sizes are rounded to whole cells: keep a positive stride
-    size = (min(tile, gh), min(tile, gw))
-    grid = [(y, c) for y in tile_starts(gh, tile, overlap) for c in tile_starts(gw, tile, overlap)]
+    size = tile_shape(gh, gw, tile)
+    # tile sizes are rounded to whole cells: keep a positive stride on each axis
+    grid = [(y, c) for y in tile_starts(gh, size[0], min(overlap, size[0] - 1))
+            for c in tile_starts(gw, size[1], min(overlap, size[1] - 1))]
     boxes = [(b, y, c) for b in range(B) for y, c in grid]
     if len(grid) == 1:  # one tile per image: the blend is the identity
         return torch.cat([fn(x[i:i + tile_batch], boxes[i:i + tile_batch]).float() for i in range(0, B, tile_batch)])
@@ -488,7 +508,8 @@ def stream_tiles(run: TileFn, multiple: int, images: Sequence[torch.Tensor], siz
     `multiple`, and the image each tile belongs to -> SR tiles of the same shape in about [-1, 1].
 
     The images share one padded size (the largest, rounded up to `multiple` and `pad_multiple`)
-    and one grid of `tile`-pixel tiles overlapping by `tile_overlap`. Each tile's LR crop is
+    and one grid of tiles of `tile` x `tile` pixels (for a thin image, as long as that many pixels
+    allow: `tile_shape`) overlapping by `tile_overlap`. Each tile's LR crop is
     resized bicubically on the fly (`BicubicSource`), goes through `run`, and is blended with
     Gaussian weights (MultiDiffusion / StableSR) into a band of rows; a band is final,
     colour-corrected and emitted as soon as no later tile touches it. Peak memory is
@@ -502,7 +523,7 @@ def stream_tiles(run: TileFn, multiple: int, images: Sequence[torch.Tensor], siz
     Hp = _round_up(max(h for h, _ in sizes), m)
     Wp = _round_up(max(w for _, w in sizes), m)
     T = max(multiple, tile // multiple * multiple) if tile else max(Hp, Wp)
-    th, tw = min(T, Hp), min(T, Wp)
+    th, tw = tile_shape(Hp, Wp, T, multiple)
     ys = tile_starts(Hp, th, min(tile_overlap, th - 1))
     xs = tile_starts(Wp, tw, min(tile_overlap, tw - 1))
     device = images[0].device

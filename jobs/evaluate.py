@@ -34,6 +34,12 @@ LR / bicubic / each baseline / 1-step / 4-step / HR crops (PNG files in OUT/repo
 are `safe_name`s of the sample ids and method names (a name with other characters than letters,
 digits, `.`, `_` and `-` gets them replaced and a hash of the original appended); the report
 escapes all it prints.
+
+A pair that cannot be scored (an LR that is not HR / scale, an HR too small for the metrics'
+border, an undecodable image, an SR output of another size) is an error row (per_image.csv
+`error`, no metrics) and every other pair is still scored; the tables, the report and
+summary.json (`errors`, `failed`) say how many failed and why. With HR / LR folders, names found
+in only some of the folders are listed in the report and in summary.json (`unmatched`).
 """
 from __future__ import annotations
 
@@ -53,6 +59,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -82,6 +89,8 @@ RESULTS_DIR = "results"  # per-image metric parts under OUT, one committed per e
 DRIVER_SORT_ROWS = 100_000  # up to this many result rows are sorted on the driver, more by Ray Data
 OVERWRITE_ADVICE = "rerun with --overwrite to replace them, or evaluate into a new --out"
 SUMMARY_BATCH_ROWS = 4096  # result rows per step of the summary pass (fixed: the sums do not depend on the parts)
+ERROR_COLUMN = "error"  # of a result row: why its pair could not be scored ("" when it was)
+LISTED_MAX = 1000  # failed pairs and unmatched names named in summary.json and the report (all are counted)
 
 
 def safe_name(text: str) -> str:
@@ -316,19 +325,27 @@ class PairEvaluator:
             self._save(key, sample_id, image)
         return row
 
-    def __call__(self, batch: Dict) -> Dict:
-        rows = []
-        for i, sid in enumerate(batch["sample_id"]):
-            sid = str(sid)
+    def pair_row(self, batch: Dict, i: int) -> Dict:
+        """The result row of pair `i` of `batch`: its metrics, or, when it cannot be scored, its
+        ERROR_COLUMN saying why (and no metrics)."""
+        sid = str(batch["sample_id"][i])
+        try:
             hr_bytes = batch["hr"][i] if "hr" in batch else self._read(str(batch["hr_uri"][i]))
             lr_bytes = batch["lr"][i] if "lr" in batch else self._read(str(batch["lr_uri"][i]))
             sr = {k.split("/", 1)[1]: decode_png(self._read(str(batch[k][i])))
                   for k in batch if k.startswith("sr_uri/")}
-            rows.append(self.evaluate_one(sid, decode_png(hr_bytes), decode_png(lr_bytes), sr))
+            return {**self.evaluate_one(sid, decode_png(hr_bytes), decode_png(lr_bytes), sr), ERROR_COLUMN: ""}
+        except Exception as err:  # noqa: BLE001 — one bad pair must not cost the others their scores
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            return {"sample_id": sid, ERROR_COLUMN: f"{type(err).__name__}: {reason}"}
+
+    def __call__(self, batch: Dict) -> Dict:
+        rows = [self.pair_row(batch, i) for i in range(len(batch["sample_id"]))]
         if not rows:  # every pair of the batch had committed results already
             return {"sample_id": np.asarray([], dtype=str)}
         keys = sorted({k for r in rows for k in r})
-        return {k: np.asarray([r.get(k, np.nan) for r in rows]) for k in keys}
+        return {k: np.asarray([r.get(k, "" if k in ("sample_id", ERROR_COLUMN) else np.nan) for r in rows])
+                for k in keys}
 
 
 # ---- the output: run record, committed result parts, resume ----------------------------------------
@@ -396,9 +413,11 @@ def results_table(batch: Mapping[str, np.ndarray], keys: Sequence[str]) -> pa.Ta
     per-image winners "best_psnr" / "best_ssim" among the method `keys`."""
     ids = [str(s) for s in batch["sample_id"]]
     columns = {"sample_id": pa.array(ids, pa.string())}
-    for name in sorted(k for k in batch if k != "sample_id"):
+    metrics = sorted(k for k in batch if k not in ("sample_id", ERROR_COLUMN))
+    for name in metrics:
         columns[name] = pa.array(np.asarray(batch[name], np.float64))
-    rows = [{k: float(batch[k][i]) for k in batch if k != "sample_id"} for i in range(len(ids))]
+    columns[ERROR_COLUMN] = pa.array([str(e) for e in batch.get(ERROR_COLUMN, [""] * len(ids))], pa.string())
+    rows = [{k: float(batch[k][i]) for k in metrics} for i in range(len(ids))]
     for metric, column in zip(WINNER_METRICS, WINNER_COLUMNS):
         columns[column] = pa.array([best_method(r, keys, metric) for r in rows], pa.string())
     return pa.table(columns)
@@ -440,7 +459,8 @@ def iter_sorted_results(output: Output, parts: Sequence[str], batch_rows: int = 
 
 class ResultTotals:
     """Streaming totals of result rows: per column the sum and count of non-NaN values, the images
-    won per method, the number of rows, and the first `keep` rows (for the report)."""
+    won per method, the number of scored rows, the first `keep` of them (for the report), and
+    the pairs that could not be scored (counted; the first LISTED_MAX as {"sample_id", "error"})."""
 
     def __init__(self, keys: Sequence[str], keep: int = 0):
         self.keys, self.keep = list(keys), keep
@@ -448,12 +468,19 @@ class ResultTotals:
         self.counts: Dict[str, int] = {}
         self.wins = {m: {k: 0 for k in self.keys} for m in WINNER_METRICS}
         self.rows, self.first = 0, []
+        self.errors, self.failed = 0, []
 
     def add(self, batch: pa.Table) -> None:
+        if ERROR_COLUMN in batch.column_names:
+            error = pc.fill_null(batch.column(ERROR_COLUMN), "")
+            failed = batch.filter(pc.not_equal(error, ""))
+            self.errors += failed.num_rows
+            self.failed += failed.select(["sample_id", ERROR_COLUMN]).slice(0, LISTED_MAX - len(self.failed)).to_pylist()
+            batch = batch.filter(pc.equal(error, ""))
         for name in batch.column_names:
-            if name == "sample_id" or name in WINNER_COLUMNS:
+            if name in ("sample_id", ERROR_COLUMN) or name in WINNER_COLUMNS:
                 continue
-            values = batch.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            values = batch.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
             present = ~np.isnan(values)
             self.sums[name] = self.sums.get(name, 0.0) + float(values[present].sum())
             self.counts[name] = self.counts.get(name, 0) + int(present.sum())
@@ -523,27 +550,43 @@ def _is_parquet(uri: str) -> bool:
     return any(f.path.endswith(".parquet") for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)))
 
 
-def folder_items(cfg: EvalConfig) -> List[Dict[str, str]]:
-    """One item per HR image that has an LR image (and every SR output) of the same stem."""
+def _folders(cfg: EvalConfig) -> Dict[str, Dict[str, str]]:
+    """{folder label ("HR", "LR", "SR <name>"): {file stem: uri}} of an HR / LR folder evaluation."""
     if cfg.lr_dir is None:
         raise ValueError(f"{cfg.data} holds no Parquet shards: give --lr-dir for an HR image folder")
-    hr, lr = _list_images(cfg.data), _list_images(cfg.lr_dir)
-    srs = {name: _list_images(path) for name, path in cfg.sr}
-    stems = sorted(s for s in hr if s in lr and all(s in v for v in srs.values()))
-    if not stems:
+    return {"HR": _list_images(cfg.data), "LR": _list_images(cfg.lr_dir),
+            **{f"SR {name}": _list_images(path) for name, path in cfg.sr}}
+
+
+def folder_items(cfg: EvalConfig) -> List[Dict[str, str]]:
+    """One item per HR image that has an LR image (and every SR output) of the same stem."""
+    return _folder_pairs(cfg)[0]
+
+
+def _folder_pairs(cfg: EvalConfig) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+    """(`folder_items`, the unmatched names: {"name", "missing": the folders without it}, sorted)."""
+    folders = _folders(cfg)
+    stems = sorted(set().union(*folders.values()))
+    shared = [s for s in stems if all(s in v for v in folders.values())]
+    unmatched = [{"name": s, "missing": ", ".join(k for k, v in folders.items() if s not in v)}
+                 for s in stems if not all(s in v for v in folders.values())]
+    if not shared:
         raise ValueError(f"no image stems shared by {cfg.data}, {cfg.lr_dir} and the SR folders")
-    return [{"sample_id": s, "hr_uri": hr[s], "lr_uri": lr[s], **{f"sr_uri/{n}": v[s] for n, v in srs.items()}}
-            for s in stems]
+    hr, lr = folders["HR"], folders["LR"]
+    items = [{"sample_id": s, "hr_uri": hr[s], "lr_uri": lr[s],
+              **{f"sr_uri/{n}": folders[f"SR {n}"][s] for n, _ in cfg.sr}} for s in shared]
+    return items, unmatched
 
 
-def pair_items(cfg: EvalConfig) -> Optional[List[Dict[str, str]]]:
-    """Checks the inputs without Ray: None for Parquet pair shards, else the folder items
-    (`folder_items`); ValueError when the inputs hold no pairs."""
+def pair_items(cfg: EvalConfig) -> Tuple[Optional[List[Dict[str, str]]], List[Dict[str, str]]]:
+    """Checks the inputs without Ray: (None, []) for Parquet pair shards, else the folder items
+    and the names found in only some of the folders (`_folder_pairs`); ValueError when the
+    inputs hold no pairs."""
     if _is_parquet(cfg.data):
         if cfg.sr:
             raise ValueError("SR folders are evaluated against HR/LR folders, not Parquet shards")
-        return None
-    return folder_items(cfg)
+        return None, []
+    return _folder_pairs(cfg)
 
 
 def build_dataset(cfg: EvalConfig, items: Optional[List[Dict[str, str]]] = None):
@@ -623,7 +666,19 @@ def table1_markdown(summary: Dict) -> str:
     if summary.get("wins"):
         text += f"\n\nPer-image wins (highest value of {summary['n_images']} images):\n\n"
         text += markdown_table(*wins_table(summary))
-    return text + "\n"
+    return text + "".join(f"\n\n{line}" for line in problem_lines(summary)) + "\n"
+
+
+def problem_lines(summary: Dict) -> List[str]:
+    """What the tables leave out, in words: pairs that could not be scored, names without a pair."""
+    lines = []
+    if summary.get("errors"):
+        lines.append(f"{summary['errors']} pairs could not be scored (per_image.csv, column `{ERROR_COLUMN}`): "
+                     + "; ".join(f"{r['sample_id']}: {r[ERROR_COLUMN]}" for r in summary["failed"]))
+    if summary.get("n_unmatched"):
+        lines.append(f"{summary['n_unmatched']} names are not in every input folder, so not evaluated: "
+                     + "; ".join(f"{r['name']} (no {r['missing']})" for r in summary["unmatched"]))
+    return lines
 
 
 def _crop_box(shape, size: int, scale: int) -> Tuple[int, int, int]:
@@ -685,6 +740,15 @@ def write_report(summary: Dict, cfg: EvalConfig, per_image: List[Dict]) -> str:
                                for r in wins_rows) + "</table>"
     notes = "".join(f"<li>{html.escape(HEADERS.get(m, m))}: {html.escape(str(r))}</li>"
                     for m, r in summary["unavailable"].items())
+    problems = ""
+    if summary.get("errors"):
+        problems += (f"<h2>Pairs not scored ({int(summary['errors'])})</h2><ul>"
+                     + "".join(f"<li>{html.escape(r['sample_id'])}: {html.escape(r[ERROR_COLUMN])}</li>"
+                               for r in summary["failed"]) + "</ul>")
+    if summary.get("n_unmatched"):
+        problems += (f"<h2>Names not in every folder ({int(summary['n_unmatched'])})</h2><ul>"
+                     + "".join(f"<li>{html.escape(r['name'])}: no {html.escape(r['missing'])}</li>"
+                               for r in summary["unmatched"]) + "</ul>")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>FlowSR evaluation: {html.escape(summary['dataset'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -695,6 +759,7 @@ figure{{margin:0;text-align:center}} img{{image-rendering:pixelated}}</style></h
 Crops of {cfg.crop_size}px (HR) from the image centre; the caption gives the image's PSNR.</p>
 {table}
 {f"<p>Unavailable metrics (never estimated):</p><ul>{notes}</ul>" if notes else ""}
+{problems}
 <h2>Crops</h2>
 {''.join(blocks)}
 </body></html>
@@ -724,7 +789,7 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
     record = eval_record(cfg, per_image_metrics)
     methods = cfg.methods()
     keys = [key for key, _, _ in methods]
-    items = pair_items(cfg)  # the inputs are checked before OUT is touched, OUT before Ray is started
+    items, unmatched = pair_items(cfg)  # the inputs are checked before OUT is touched, OUT before Ray is started
     with open_output(cfg.out, record, overwrite=cfg.overwrite, advice=OVERWRITE_ADVICE) as output:
         started = init_ray(cfg.address)
         try:
@@ -749,7 +814,8 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
                 evaluated += int(row["rows"])
                 if on_part is not None:
                     on_part(row)
-            summary = summarize(cfg, output, suite, methods, {"evaluated": evaluated, "resumed": output.resumed})
+            summary = summarize(cfg, output, suite, methods, {"evaluated": evaluated, "resumed": output.resumed},
+                                unmatched)
             if output.fs.get_file_info(output.path(INDEX_DIR)).type == pafs.FileType.Directory:
                 output.fs.delete_dir(output.path(INDEX_DIR))  # this run's resume state
         finally:
@@ -759,13 +825,14 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
 
 
 def summarize(cfg: EvalConfig, output: Output, suite: MetricSuite, methods: Sequence[Tuple[str, str, str]],
-              run: Optional[Dict] = None) -> Dict:
+              run: Optional[Dict] = None, unmatched: Sequence[Dict[str, str]] = ()) -> Dict:
     """Tables, per-image CSV, report and summary.json from every committed result part of OUT
-    (streamed in sample_id order: the same numbers whichever run committed which part)."""
+    (streamed in sample_id order: the same numbers whichever run committed which part).
+    `unmatched`: the names found in only some of the input folders (`pair_items`)."""
     keys = [key for key, _, _ in methods]
     totals = ResultTotals(keys, keep=cfg.report_images)
     write_per_image(output, list_parts(output.fs, output.path(RESULTS_DIR)), totals)
-    if not totals.rows:
+    if not totals.rows and not totals.errors:
         raise ValueError(f"no pairs in {cfg.data}")
     mean = totals.mean()
     if "fid" in suite.available:
@@ -776,7 +843,8 @@ def summarize(cfg: EvalConfig, output: Output, suite: MetricSuite, methods: Sequ
     summary = {"dataset": cfg.dataset_name or os.path.basename(cfg.data.rstrip("/")), "n_images": totals.rows,
                "scale": cfg.scale, "methods": [list(m) for m in methods], "metrics_order": order, "mean": mean,
                "status": suite.status(), "unavailable": dict(suite.unavailable), "wins": totals.wins,
-               **(run or {})}
+               "errors": totals.errors, "failed": totals.failed, "n_unmatched": len(unmatched),
+               "unmatched": list(unmatched[:LISTED_MAX]), **(run or {})}
     headers, _, raw = table1(summary)
     write_csv(os.path.join(cfg.out, "table1.csv"), headers, raw)
     _write_text(os.path.join(cfg.out, "table1.md"), table1_markdown(summary))

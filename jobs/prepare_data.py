@@ -61,7 +61,7 @@ from pipeline import output as out
 from pipeline import shards as pair_shards
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, ImageTooLarge, load_image, to_rgb8
-from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, PAIR_SCHEMA, content_sample_id, dataset_card,
+from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, IMAGE_COLUMNS, PAIR_SCHEMA, content_sample_id, dataset_card,
                              encode_png)
 
 CROP_MODES = ("random", "grid")
@@ -432,7 +432,9 @@ def process_uri(source_uri: str, cfg: PrepareConfig, done: out.DoneIndex = out.E
 # ---------------------------------------------------------------------------------------------
 
 PAIR_COLUMNS_BEFORE_CAPTIONS = tuple(n for n in PAIR_SCHEMA.names if n not in CAPTION_COLUMNS)
-_STAGE_SCHEMA = pa.schema([PAIR_SCHEMA.field(n) for n in PAIR_COLUMNS_BEFORE_CAPTIONS])
+# as the pairs travel between stages: PNG bytes in the image columns (`pipeline.shards` stores them)
+_STAGE_SCHEMA = pa.schema([pa.field(n, pa.binary()) if n in IMAGE_COLUMNS else PAIR_SCHEMA.field(n)
+                           for n in PAIR_COLUMNS_BEFORE_CAPTIONS])
 
 
 def pairs_table(rows: List[Dict[str, Any]]) -> pa.Table:

@@ -23,7 +23,9 @@ and unsupported rows too) is committed atomically as a part in OUT/_manifest-par
 batch's images are moved into place, so a killed run leaves a row for every output it wrote. At
 the end the parts are streamed into OUT/manifest.parquet (or --manifest) and removed. A rerun
 removes a killed run's parts and probes every output again (valid ones are `skipped` rows): the
-manifest lists each input exactly once, with the last run's status.
+manifest lists each input exactly once, with the last run's status and the sha256 of the input
+bytes its output was made from (`input_sha256`). Each output records that digest too, so an input
+edited in place since (same size or not) is redone on a rerun, with no earlier manifest read.
 
 The checkpoint, the options and the cluster address are checked before the corpus or OUT is
 touched. Exit status (`jobs.common`, the same for every job): 0 when every input is ok, skipped
@@ -372,7 +374,7 @@ def _run_pipeline(cfg: UpscaleJobConfig, parts: str, pending: list, sort: bool =
         ds.context.default_hash_shuffle_parallelism = _partitions(todo)  # this dataset's own context
         ds = ds.sort(["bucket_h", "bucket_w", "input"])
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(_arrow(io.decode_batch), batch_format="pyarrow", batch_size=IO_BATCH)
+    ds = ds.map_batches(_arrow(io.decode_batch, max_pixels=cfg.max_pixels), batch_format="pyarrow", batch_size=IO_BATCH)
     stage_kwargs = {**cfg.upscaler_options(), "fail_after": cfg.fail_after}
     ds = ds.map_batches(_make_upscale_stage(), fn_constructor_args=(cfg.checkpoint,), fn_constructor_kwargs=stage_kwargs,
                         batch_format="pyarrow", batch_size=cfg.batch_size,

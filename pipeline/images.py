@@ -127,21 +127,52 @@ def _pil_pixels(im: Image.Image, uri: str) -> np.ndarray:
     raise ImageDecodeError(f"{uri or '<bytes>'}: unsupported image mode {mode!r}")
 
 
+def open_header(fp) -> Image.Image:
+    """`Image.open(fp)` (the header only), except that an image past Pillow's decompression-bomb
+    limit is opened all the same: for callers that check the header's size against a cap of
+    their own (`--max-pixels`), which is then the limit that applies and the one a message names.
+    `fp`: a binary file object at its start."""
+    try:
+        return Image.open(fp)
+    except Image.DecompressionBombError:
+        pass
+    Image.init()
+    fp.seek(0)
+    prefix = fp.read(16)
+    for name in Image.ID:  # as Image.open finds the format, without its size check
+        factory, accept = Image.OPEN[name]
+        if accept and not accept(prefix):
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError):
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def too_many_pixels(width: int, height: int, max_pixels: int) -> str:
+    """The message for a header of `width` x `height` over the `max_pixels` cap."""
+    return (f"too many pixels: the header declares {width}x{height} = {width * height} pixels, over the cap of "
+            f"{max_pixels} (--max-pixels)")
+
+
 def load_image(data: bytes, uri: str = "", max_pixels: Optional[int] = None) -> DecodedImage:
     """Decode image bytes (first frame of animations), EXIF orientation applied.
 
     `max_pixels`: checked against the size in the header before any pixel is decoded
-    (ImageTooLarge). Raises ImageDecodeError for empty, unrecognised, truncated, oversized or
+    (ImageTooLarge); it replaces Pillow's decompression-bomb limit, which applies only when no
+    cap is given. Raises ImageDecodeError for empty, unrecognised, truncated, oversized or
     unsupported data.
     """
     name = uri or "<bytes>"
     if not data:
         raise ImageDecodeError(f"{name}: empty file")
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
+        im = Image.open(io.BytesIO(data)) if max_pixels is None else open_header(io.BytesIO(data))
         width, height = im.size
         if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLarge(f"too many pixels: {width}x{height} = {width * height} > max_pixels {max_pixels}")
+            raise ImageTooLarge(too_many_pixels(width, height, max_pixels))
         im.load()
     except ImageTooLarge:
         raise

@@ -4,15 +4,15 @@ Writers (`jobs.prepare_data`, `jobs.caption`) and readers (`jobs.train`, `jobs.e
 from here. Images are stored as encoded PNG bytes (uint8 RGB), never as array columns.
 Captions live in their own columns so that regenerating them is a join on `sample_id`.
 
-Each pair shard carries `flowsr` Parquet schema metadata (`with_shard_metadata`: schema
-version, scale, degradation-parameters version). Hugging Face `datasets` reads `hr` / `lr` as
-`Image` features while pandas and pyarrow still read them as plain PNG bytes:
-`datasets.load_dataset(OUT)` on a `prepare-data` output folder (its `README.md` dataset card,
-`dataset_card`, declares the features and the shard files), or
-`datasets.load_dataset("parquet", data_files=..., features=hf_features())` on shards alone.
-(`datasets` takes the features of a Parquet file's own `huggingface` metadata only when the
-column is stored as its `{bytes, path}` struct, which would change the column for every other
-reader, so the shards do not carry that key.)
+`hr` / `lr` are stored as Hugging Face `datasets`' image storage, a struct {bytes: the PNG,
+path: null} (IMAGE_STORAGE), and each pair shard's Parquet schema carries `datasets`' own
+`huggingface` feature metadata besides the `flowsr` one (`with_shard_metadata`: schema version,
+scale, degradation-parameters version). So `datasets.load_dataset("parquet", data_files=...)`
+on shards alone, like `datasets.load_dataset(OUT)` on a `prepare-data` output folder (its
+`README.md` dataset card, `dataset_card`), reads `hr` / `lr` as `Image` features with no other
+argument (`datasets` takes a Parquet file's feature metadata only for a column stored as that
+struct). pandas and pyarrow read the struct; `image_bytes` / `decode_png` take a value of either
+layout, so shards of schema version 1 (plain bytes) still read.
 """
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+# `datasets.Image`'s Arrow storage (nullable, as `datasets` declares it, or it ignores the metadata)
+IMAGE_STORAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
 PAIR_SCHEMA = pa.schema([
     pa.field("sample_id", pa.string(), nullable=False),  # content_sample_id: bytes digest + crop index
     pa.field("source_uri", pa.string(), nullable=False),
     pa.field("crop", pa.string()),  # JSON {"y", "x", "size"} in source pixels
-    pa.field("hr", pa.binary(), nullable=False),  # PNG, uint8 RGB, patch x patch
-    pa.field("lr", pa.binary(), nullable=False),  # PNG, uint8 RGB, (patch/scale)^2
+    pa.field("hr", IMAGE_STORAGE),  # {bytes: PNG, uint8 RGB, patch x patch; path: null}
+    pa.field("lr", IMAGE_STORAGE),  # {bytes: PNG, uint8 RGB, (patch/scale)^2; path: null}
     pa.field("hr_size", pa.int32()),
     pa.field("scale", pa.int32(), nullable=False),
     pa.field("degradation", pa.string()),  # JSON of every drawn parameter
@@ -41,9 +44,10 @@ PAIR_SCHEMA = pa.schema([
     pa.field("caption_prompt_version", pa.string()),
 ])
 
-SCHEMA_VERSION = 1  # bump on any change of PAIR_SCHEMA's columns or their meaning
+SCHEMA_VERSION = 2  # bump on any change of PAIR_SCHEMA's columns or their meaning (2: hr / lr as IMAGE_STORAGE)
 IMAGE_COLUMNS = ("hr", "lr")
 FLOWSR_METADATA_KEY = b"flowsr"
+HF_METADATA_KEY = b"huggingface"  # datasets.Features.arrow_schema's key
 _HF_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.binary(): "binary"}
 
 CAPTION_COLUMNS = ("hr_caption", "lr_caption", "caption_model", "caption_prompt_version")
@@ -77,11 +81,29 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 HxWx3 (RGB)."""
+def image_bytes(value) -> bytes:
+    """The encoded image of an `hr` / `lr` value: an IMAGE_STORAGE struct ({"bytes", "path"}, as
+    pyarrow and Ray Data give it) or plain bytes (schema version 1)."""
+    return value["bytes"] if isinstance(value, dict) else value
+
+
+def image_storage(column) -> pa.Array:
+    """An `hr` / `lr` column (or array) of PNG bytes as IMAGE_STORAGE (path null); one already
+    in that layout is returned as it is."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.type == IMAGE_STORAGE:
+        return column
+    column = column.cast(pa.binary())
+    return pa.StructArray.from_arrays([column, pa.nulls(len(column), pa.string())], fields=list(IMAGE_STORAGE),
+                                      mask=column.is_null())
+
+
+def decode_png(data) -> np.ndarray:
+    """PNG bytes (or an IMAGE_STORAGE value, `image_bytes`) -> uint8 HxWx3 (RGB)."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(image_bytes(data))) as im:
         return np.asarray(im.convert("RGB"))
 
 
@@ -119,8 +141,10 @@ def with_shard_metadata(table: pa.Table, *, params_version: Optional[int] = None
     scales = set(table.column("scale").to_pylist()) if "scale" in table.column_names else set()
     flowsr = {"schema_version": SCHEMA_VERSION, "scale": scales.pop() if len(scales) == 1 else None,
               "degradation_params_version": params_version}
+    hf = {"info": {"features": hf_feature_dict(table.schema)}}
     return table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                          FLOWSR_METADATA_KEY: json.dumps(flowsr).encode()})
+                                          FLOWSR_METADATA_KEY: json.dumps(flowsr).encode(),
+                                          HF_METADATA_KEY: json.dumps(hf).encode()})
 
 
 def shard_metadata(schema: pa.Schema) -> dict:

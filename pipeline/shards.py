@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Iterator, Optional
 import pyarrow as pa
 
 from pipeline import output as out
-from pipeline.schema import CAPTION_COLUMNS, PAIR_SCHEMA, with_shard_metadata
+from pipeline.schema import CAPTION_COLUMNS, IMAGE_COLUMNS, PAIR_SCHEMA, image_storage, with_shard_metadata
 from pipeline.storage import resolve_fs
 
 SHARDS_DIR = "shards"
@@ -27,10 +27,13 @@ CPUS_PER_WRITER = 32  # cluster CPUs of degrade tasks one writer keeps up with (
 
 
 def conform_pairs(table: pa.Table) -> pa.Table:
-    """A batch of pair rows -> exactly PAIR_SCHEMA; missing caption columns become ""."""
+    """A batch of pair rows -> exactly PAIR_SCHEMA; missing caption columns become "", image
+    columns of PNG bytes become `datasets`' image storage (`image_storage`)."""
     columns = []
     for field in PAIR_SCHEMA:
-        if field.name in table.column_names:
+        if field.name in IMAGE_COLUMNS and field.name in table.column_names:
+            columns.append(image_storage(table.column(field.name)))
+        elif field.name in table.column_names:
             columns.append(table.column(field.name).cast(field.type))
         elif field.name in CAPTION_COLUMNS:
             columns.append(pa.array([""] * table.num_rows, field.type))

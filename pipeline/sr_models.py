@@ -20,6 +20,7 @@ import functools
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -104,14 +105,45 @@ def local_weights(uri: str) -> str:
 _DOWNLOADED: Dict[str, str] = {}
 
 
+def is_torchscript(path: str) -> bool:
+    """Is the file at `path` a TorchScript archive (`torch.jit.save`)? A zip archive holding
+    `constants.pkl` or compiled `code/`, as `torch.load` tells one from a `torch.save` file."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        records = [name.split("/", 1)[-1] for name in archive.namelist()]
+    return any(record == "constants.pkl" or record.startswith("code/") for record in records)
+
+
+def read_state_dict(path: str, uri: str, device) -> dict:
+    """The tensors of weights file `path` (named `uri` in messages), read as data only: a
+    safetensors file, or a `torch.save` pickle through `torch.load(weights_only=True)`. A
+    TorchScript archive is refused (ModelError), never loaded: `torch.jit.load`, which spandrel
+    tries for `.pt` files and `torch.load` hands a TorchScript zip to, runs the archive's code
+    (a scripted module's `__setstate__`)."""
+    if is_torchscript(path):
+        raise ModelError(f"{uri}: a TorchScript archive, which runs its own code when loaded; give the "
+                         f"model's weights (a state dict: .pth, .ckpt or .safetensors) instead")
+    if os.path.splitext(path)[1].lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path, device=str(device))
+    return torch.load(path, map_location=device, weights_only=True)
+
+
 def load_weights(uri: str, device=None):
-    """A spandrel `ImageModelDescriptor` (eval mode, on `device`) of weights file `uri`; a file
-    spandrel cannot read, or a model that is not image -> image, is a one-line ModelError."""
+    """A spandrel `ImageModelDescriptor` (eval mode, on `device`) of weights file `uri` (its
+    tensors read as data only, `read_state_dict`); a file spandrel cannot read, a TorchScript
+    archive, or a model that is not image -> image, is a one-line ModelError."""
     import spandrel
 
     path = local_weights(uri)
+    device = torch.device(device or "cpu")
     try:
-        model = spandrel.ModelLoader(device=device or "cpu").load_from_file(path)
+        state = spandrel.canonicalize_state_dict(read_state_dict(path, uri, device))
+        model = spandrel.ModelLoader(device=device).load_from_state_dict(state)
+    except ModelError:
+        raise
     except spandrel.UnsupportedModelError:
         raise ModelError(f"{uri}: not an architecture spandrel knows (the core spandrel package reads "
                          "Real-ESRGAN/ESRGAN, SwinIR, HAT, DAT, OmniSR, SPAN, ...)") from None

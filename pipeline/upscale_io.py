@@ -8,8 +8,14 @@ Format rules: PNG, JPEG and WebP out (`same` keeps PNG / JPEG / WebP inputs' for
 inputs become PNG); 16-bit in -> 16-bit out (PNG; JPEG and WebP are 8-bit formats); alpha is
 upscaled separately (bicubic) and kept (a JPEG target for an image with alpha is written as PNG,
 as Real-ESRGAN does); grayscale stays grayscale (except WebP, which has no gray mode); EXIF
-orientation is applied on decode. Writes are atomic (temporary file in `TMP_DIR`, then a move);
-an output that exists, opens and has the expected size counts as done on a rerun.
+orientation is applied on decode. Writes are atomic (temporary file in `TMP_DIR`, then a move).
+
+Identity of an input is its content: each output records the sha256 of the input bytes it was
+made from (EXIF ImageDescription, `SOURCE_DIGEST_PREFIX`), as does the manifest (`input_sha256`).
+On a rerun an output counts as done when it exists, opens, has the expected size and records the
+digest of the input as it is now; an input edited in place (same size or not) is redone. The
+check needs no earlier manifest and no state in the driver: each probe reads its own input and
+output.
 
 Safety rules (`scan_inputs`, `plan_outputs`, `probe_batch`): only regular files are read, folder
 links are followed once per real folder, a path that exists is never read as a glob, files that
@@ -59,6 +65,9 @@ MAX_PIXELS = 150_000_000  # input pixels, from the header: a 100-MP photo passes
 MAX_OUTPUT_PIXELS = 400_000_000  # output pixels: the result is one uint8/uint16 buffer of this size
 MAX_BYTES = 1 << 30  # input file size
 PNG_TAIL_BYTES = 1 << 16  # read from a PNG's end to find an eXIf chunk that follows the image data
+SOURCE_DIGEST_TAG = 0x010E  # EXIF ImageDescription of an output: SOURCE_DIGEST_PREFIX + its input's sha256
+SOURCE_DIGEST_PREFIX = "flowsr source sha256:"
+DIGEST_READ_BYTES = 1 << 22  # an input is hashed in reads of this size
 
 # status of a row: pending (to do), ok (written now), skipped (valid output existed), error,
 # unsupported (a listed file that is not an image by its extension; not a failure)
@@ -496,17 +505,17 @@ def _header(uri: str):
     the whole file when the header is longer than that. A PNG's eXIf chunk that follows the image
     data is found from the file's tail (PNG_TAIL_BYTES) and put in `info`, as Pillow would after
     a full decode, so the EXIF orientation counts either way."""
-    from PIL import Image
+    from pipeline.images import open_header  # the caps (`check_pixels`), not Pillow's bomb limit
 
     fs, path = split_uri(uri)
     with fs.open_input_stream(path) as f:
         head = f.read(HEADER_BYTES)
         try:
-            im = Image.open(io.BytesIO(head))
+            im = open_header(io.BytesIO(head))
         except Exception:  # noqa: BLE001 — a header past HEADER_BYTES, or not an image at all
             if len(head) < HEADER_BYTES:
                 raise
-            return Image.open(io.BytesIO(head + f.read()))
+            return open_header(io.BytesIO(head + f.read()))
     if im.format == "PNG" and "exif" not in im.info:
         exif = _png_chunk(head, b"eXIf") if len(head) < HEADER_BYTES else _png_tail_exif(fs, path)
         if exif:
@@ -579,38 +588,74 @@ def header_size(f) -> Tuple[int, int, bool]:
     return (w, h, alpha) if orientation in (5, 6, 7, 8) else (h, w, alpha)
 
 
-def is_valid_output(uri: str, size: Tuple[int, int]) -> bool:
-    """The output exists, its image structure checks out and it is (H, W) = `size`."""
+def output_source(uri: str, size: Tuple[int, int]) -> Optional[str]:
+    """The input digest (sha256 hex) that output `uri` records, "" when it records none, or None
+    when it is not a valid output: missing, not an image whose structure checks out, or not
+    (H, W) = `size`."""
     from PIL import Image
 
     fs, path = split_uri(uri)
     if fs.get_file_info(path).type != pafs.FileType.File:
-        return False
+        return None
     try:
         with Image.open(io.BytesIO(_read_bytes(uri))) as im:
             if (im.size[1], im.size[0]) != tuple(size):
-                return False
+                return None
+            exif = im.info.get("exif")  # read with the header; getexif() on a PNG could decode it all
             im.verify()
-        return True
+        if not exif:
+            return ""
+        recorded = _exif_value(exif, SOURCE_DIGEST_TAG)
+        return recorded[len(SOURCE_DIGEST_PREFIX):] if recorded.startswith(SOURCE_DIGEST_PREFIX) else ""
     except Exception:  # noqa: BLE001 — any failure to read back means "not done"
-        return False
+        return None
+
+
+def _exif_value(exif: bytes, tag: int) -> str:
+    """Tag `tag` of an EXIF block (as Pillow keeps it in `info["exif"]`), as text ("" if absent)."""
+    from PIL import Image
+
+    block = Image.Exif()
+    block.load(exif)
+    value = block.get(tag, "")
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def is_valid_output(uri: str, size: Tuple[int, int]) -> bool:
+    """The output exists, its image structure checks out and it is (H, W) = `size`."""
+    return output_source(uri, size) is not None
+
+
+def file_digest(uri: str) -> str:
+    """sha256 (hex) of the bytes of `uri`, read in pieces (`pipeline.output.bytes_digest` of the
+    whole file)."""
+    import hashlib
+
+    fs, path = split_uri(uri)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while piece := f.read(DIGEST_READ_BYTES):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def probe_batch(batch: Dict[str, Sequence], *, scale: float, resume: bool = True, max_pixels: int = MAX_PIXELS,
                 max_output_pixels: int = MAX_OUTPUT_PIXELS, max_bytes: int = MAX_BYTES) -> Dict[str, list]:
-    """Rows {input, output[, status, error]} -> + in/out sizes and status: rows planned as error or
-    unsupported stay so; error when the input is not a regular file, is over a cap (`check_input`,
-    `check_pixels`: from the file size and the header, before any decode) or its header does not
-    parse; skipped when a valid output exists (and `resume`; the run record guarantees it was
-    made with the same settings); else pending. JPEG targets of images with alpha become PNG
-    targets."""
+    """Rows {input, output[, status, error]} -> + in/out sizes, status and `input_sha256`: rows
+    planned as error or unsupported stay so; error when the input is not a regular file, is over a
+    cap (`check_input`, `check_pixels`: from the file size and the header, before any decode) or
+    its header does not parse; skipped when a valid output exists that records the digest of the
+    input as it is now (and `resume`; the run record guarantees it was made with the same
+    settings), with that digest; else pending (digest "": taken when the input is decoded). JPEG
+    targets of images with alpha become PNG targets. An input is read whole only when it has a
+    valid output."""
     out = {k: [] for k in ("input", "output", "in_height", "in_width", "out_height", "out_width",
-                           "status", "error")}
+                           "status", "error", "input_sha256")}
     planned = zip(batch.get("status") or [PENDING] * len(batch["input"]),
                   batch.get("error") or [""] * len(batch["input"]))
     for uri, target, (status, error) in zip(batch["input"], batch["output"], planned):
         h = w = H = W = 0
-        status, error = status or PENDING, error or ""
+        status, error, digest = status or PENDING, error or "", ""
         if status != PENDING:
             pass
         else:
@@ -621,11 +666,12 @@ def probe_batch(batch: Dict[str, Sequence], *, scale: float, resume: bool = True
                 check_pixels(h, w, H, W, max_pixels, max_output_pixels)
                 if alpha and os.path.splitext(target)[1] in (".jpg", ".jpeg"):
                     target = os.path.splitext(target)[0] + ".png"
-                if resume and is_valid_output(target, (H, W)):
-                    status = SKIPPED
+                recorded = output_source(target, (H, W)) if resume else None
+                if recorded and recorded == file_digest(uri):
+                    status, digest = SKIPPED, recorded
             except Exception as err:  # noqa: BLE001 — a bad file becomes an error row
                 status, error = ERROR, f"probe: {type(err).__name__}: {err}"
-        for k, v in zip(out, (uri, target, h, w, H, W, status, error)):
+        for k, v in zip(out, (uri, target, h, w, H, W, status, error, digest)):
             out[k].append(v)
     return out
 
@@ -643,19 +689,24 @@ def split_channels(array: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]
     raise ValueError(f"unsupported channel count {c}")
 
 
-def decode_batch(batch: Dict[str, Sequence]) -> Dict[str, list]:
-    """Pending rows: read and decode (pipeline.images.load_image) into raw `pixels` (HxWxC, C = 1
-    or 3), `alpha` (HxW, or empty), `dtype`, `height`, `width`, `channels`, `icc` (the input's ICC
-    profile, or empty). Failures -> error rows."""
+def decode_batch(batch: Dict[str, Sequence], *, max_pixels: int = MAX_PIXELS) -> Dict[str, list]:
+    """Pending rows: read and decode (pipeline.images.load_image, under the `max_pixels` cap) into
+    raw `pixels` (HxWxC, C = 1 or 3), `alpha` (HxW, or empty), `dtype`, `height`, `width`,
+    `channels`, `icc` (the input's ICC profile, or empty), and `input_sha256`: the digest of the
+    bytes decoded. Failures -> error rows."""
     from pipeline.images import load_image
+    from pipeline.output import bytes_digest
 
     out = {k: list(v) for k, v in batch.items()}
+    out.setdefault("input_sha256", [""] * len(out["input"]))
     cols = {k: [] for k in ("pixels", "alpha", "dtype", "height", "width", "channels", "icc")}
     for i, uri in enumerate(batch["input"]):
         values = (b"", b"", "", 0, 0, 0, b"")
         if out["status"][i] == PENDING:
             try:
-                decoded = load_image(_read_bytes(uri), uri)
+                data = _read_bytes(uri)
+                out["input_sha256"][i] = bytes_digest(data)
+                decoded = load_image(data, uri, max_pixels)
                 colour, alpha = split_channels(decoded.pixels)
                 if colour.dtype not in (np.uint8, np.uint16):
                     raise ValueError(f"unsupported sample type {colour.dtype}")
@@ -753,24 +804,40 @@ def _png16(array: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_COMPRESSION)) + chunk(b"IEND", b""))
 
 
-def _with_iccp(png: bytes, icc_profile: bytes) -> bytes:
-    """`png` with an iCCP chunk (the ICC profile, zlib-compressed) right after its IHDR chunk."""
+def _with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """`png` with a chunk of type `kind` holding `data` right after its IHDR chunk."""
     end_of_ihdr = 8 + 4 + 4 + 13 + 4  # signature, then length, type, 13 data bytes, CRC
-    data = b"ICC profile\x00\x00" + zlib.compress(icc_profile)
-    chunk = struct.pack(">I", len(data)) + b"iCCP" + data + struct.pack(">I", zlib.crc32(b"iCCP" + data))
+    chunk = struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     return png[:end_of_ihdr] + chunk + png[end_of_ihdr:]
 
 
-def encode_image(colour: np.ndarray, alpha: Optional[np.ndarray], ext: str,
-                 icc_profile: Optional[bytes] = None) -> bytes:
-    """HxWxC (C = 1 or 3) uint8 / uint16 colour + optional HxW alpha -> file bytes of format `ext`.
-    16 bits are kept in PNG; JPEG and WebP get 8 bits; JPEG drops alpha. `icc_profile` (the
-    input's: the pixels are still in its colour space) is embedded in every format."""
+def _with_iccp(png: bytes, icc_profile: bytes) -> bytes:
+    """`png` with an iCCP chunk (the ICC profile, zlib-compressed) right after its IHDR chunk."""
+    return _with_chunk(png, b"iCCP", b"ICC profile\x00\x00" + zlib.compress(icc_profile))
+
+
+def source_exif(source_digest: str) -> bytes:
+    """An EXIF block (as Pillow takes it: `Exif`, two NULs, TIFF) recording an output's input digest."""
     from PIL import Image
 
+    block = Image.Exif()
+    block[SOURCE_DIGEST_TAG] = SOURCE_DIGEST_PREFIX + source_digest
+    return block.tobytes()
+
+
+def encode_image(colour: np.ndarray, alpha: Optional[np.ndarray], ext: str,
+                 icc_profile: Optional[bytes] = None, source_digest: str = "") -> bytes:
+    """HxWxC (C = 1 or 3) uint8 / uint16 colour + optional HxW alpha -> file bytes of format `ext`.
+    16 bits are kept in PNG; JPEG and WebP get 8 bits; JPEG drops alpha. `icc_profile` (the
+    input's: the pixels are still in its colour space) is embedded in every format, and
+    `source_digest` (the input's sha256, when given) as EXIF (`source_exif`)."""
+    from PIL import Image
+
+    exif = source_exif(source_digest) if source_digest else b""
     if ext == ".png" and colour.dtype == np.uint16:
         channels = [colour] if alpha is None else [colour, alpha[..., None]]
         png = _png16(np.concatenate(channels, axis=2))
+        png = _with_chunk(png, b"eXIf", exif[len(b"Exif\x00\x00"):]) if exif else png
         return _with_iccp(png, icc_profile) if icc_profile else png
     if colour.dtype == np.uint16:
         colour = (colour.astype(np.uint32) * 255 + 32767) // 65535
@@ -780,13 +847,13 @@ def encode_image(colour: np.ndarray, alpha: Optional[np.ndarray], ext: str,
     if alpha is not None and ext != ".jpg" and ext != ".jpeg":
         image.putalpha(Image.fromarray(alpha.astype(np.uint8)))
     buf = io.BytesIO()
-    icc = {"icc_profile": icc_profile} if icc_profile else {}
+    metadata = {**({"icc_profile": icc_profile} if icc_profile else {}), **({"exif": exif} if exif else {})}
     if ext == ".png":
-        image.save(buf, format="PNG", compress_level=PNG_COMPRESSION, **icc)
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESSION, **metadata)
     elif ext in (".jpg", ".jpeg"):
-        image.save(buf, format="JPEG", quality=JPEG_QUALITY, **icc)
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY, **metadata)
     elif ext == ".webp":
-        image.save(buf, format="WEBP", quality=WEBP_QUALITY, **icc)
+        image.save(buf, format="WEBP", quality=WEBP_QUALITY, **metadata)
     else:
         raise ValueError(f"unknown output extension: {ext!r}")
     return buf.getvalue()
@@ -849,7 +916,8 @@ def write_batch(batch: Dict[str, Sequence], *, output_root: str, parts_dir: Opti
                 alpha = resize_alpha(alpha, shape[:2])
             target = out["output"][i]
             icc = batch["icc"][i] if "icc" in batch else None
-            data = encode_image(colour, alpha, os.path.splitext(target)[1].lower(), icc or None)
+            data = encode_image(colour, alpha, os.path.splitext(target)[1].lower(), icc or None,
+                                (batch.get("input_sha256") or [""] * len(out["input"]))[i] or "")
             staged.append((i, _stage(target, data, tmp_root(output_root))))
             out["status"][i], out["out_height"][i], out["out_width"][i] = OK, shape[0], shape[1]
         except Exception as err:  # noqa: BLE001
@@ -980,7 +1048,7 @@ def write_and_count(batch: Dict[str, Sequence], *, output_root: str, parts_dir: 
 
 # ---- the manifest -----------------------------------------------------------------------------
 MANIFEST_COLUMNS = ("input", "output", "in_height", "in_width", "out_height", "out_width", "seconds",
-                    "status", "error")
+                    "status", "error", "input_sha256")  # input_sha256: the content the output was made from
 
 
 def manifest_schema():
@@ -988,7 +1056,8 @@ def manifest_schema():
 
     return pa.schema([("input", pa.string()), ("output", pa.string()), ("in_height", pa.int32()),
                       ("in_width", pa.int32()), ("out_height", pa.int32()), ("out_width", pa.int32()),
-                      ("seconds", pa.float64()), ("status", pa.string()), ("error", pa.string())])
+                      ("seconds", pa.float64()), ("status", pa.string()), ("error", pa.string()),
+                      ("input_sha256", pa.string())])
 
 
 def manifest_table(rows: Dict[str, Sequence]):

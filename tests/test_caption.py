@@ -11,7 +11,8 @@ import pytest
 from jobs import caption as caption_job
 from pipeline import caption as C
 from pipeline.qwen_offline import SPECIAL_TOKENS, build_qwen2vl, tiktoken_path
-from pipeline.schema import CAPTION_SCHEMA, PAIR_SCHEMA, encode_png
+from pipeline.schema import CAPTION_SCHEMA, encode_png, image_bytes
+from pipeline.shards import conform_pairs
 
 N_NEW = 6  # new tokens per tiny-model caption
 
@@ -58,7 +59,7 @@ def make_rows(n, seed=0):
 def write_shards(directory, rows, per_file):
     directory.mkdir(parents=True, exist_ok=True)
     for k in range(0, len(rows), per_file):
-        table = pa.Table.from_pylist(rows[k:k + per_file], schema=PAIR_SCHEMA)
+        table = conform_pairs(pa.Table.from_pylist(rows[k:k + per_file]))  # as the shard writer stores them
         pq.write_table(table, directory / f"shard-{k // per_file:03d}.parquet")
     return str(directory)
 
@@ -360,7 +361,7 @@ def test_regenerate_qwen2vl_cli_on_actor_pool(ray_local, tmp_path, tiny_qwen, qw
     assert sorted(joined["sample_id"]) == [r["sample_id"] for r in rows]
     assert got == {sid: (hr, lr) for sid, hr, lr in zip(joined["sample_id"], joined["hr_caption"],
                                                         joined["lr_caption"])}
-    assert {r["sample_id"]: r["hr"] for r in rows} == dict(zip(joined["sample_id"], joined["hr"]))
+    assert {r["sample_id"]: r["hr"] for r in rows} == dict(zip(joined["sample_id"], map(image_bytes, joined["hr"])))
 
 
 def test_caption_stage_off_adds_null_columns(ray_local):

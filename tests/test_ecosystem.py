@@ -311,7 +311,7 @@ def test_http_ray_address(monkeypatch, capsys):
 
 
 # ---- Hugging Face datasets reads the pair shards ------------------------------------------------
-def test_pair_shards_read_as_images_by_hf_datasets_and_as_bytes_by_pandas(tmp_path):
+def test_pair_shards_read_as_images_by_hf_datasets_and_as_image_structs_by_pandas(tmp_path):
     import datasets
     import numpy as np
     import pandas as pd
@@ -333,7 +333,7 @@ def test_pair_shards_read_as_images_by_hf_datasets_and_as_bytes_by_pandas(tmp_pa
     assert shard_metadata(pq.read_schema(path)) == {"schema_version": SCHEMA_VERSION, "scale": 4,
                                                     "degradation_params_version": PARAMS_VERSION}
     frame = pd.read_parquet(path)
-    assert isinstance(frame["hr"][0], bytes) and frame["scale"].tolist() == [4, 4, 4]
+    assert isinstance(frame["hr"][0]["bytes"], bytes) and frame["scale"].tolist() == [4, 4, 4]  # datasets' layout
     by_id = {r["sample_id"]: r for r in rows}
     for ds in (datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf")),
                datasets.load_dataset("parquet", data_files=path, features=hf_features(), split="train",

@@ -271,7 +271,10 @@ def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def by_sample_id(table: pa.Table) -> dict:
-    return {r["sample_id"]: (r["lr"], r["degradation"], r["hr"])
+    """{sample_id: (LR PNG, degradation, HR PNG)} of pair rows, as stages pass them or as shards store them."""
+    from pipeline.schema import image_bytes
+
+    return {r["sample_id"]: (image_bytes(r["lr"]), r["degradation"], image_bytes(r["hr"]))
             for r in table.select(["sample_id", "lr", "degradation", "hr"]).to_pylist()}
 
 
@@ -430,7 +433,8 @@ def test_special_and_oversized_files_are_error_rows(tmp_path):
     assert results["zero.png"][1]["error"] == "not a regular file (character device)"
     assert results["ok.png"][1]["error"].startswith("file too large")
     assert results["bomb.png"][1] == P.error_row(str(folder / "bomb.png"), "limit",
-                                                 "too many pixels: 9000x9000 = 81000000 > max_pixels 40000000")
+                                                 "too many pixels: the header declares 9000x9000 = 81000000 pixels, "
+                                                 "over the cap of 40000000 (--max-pixels)")
     small = dataclasses.replace(cfg, max_bytes=P.DEFAULT_MAX_BYTES, max_pixels=rgb.shape[0] * rgb.shape[1] - 1)
     assert P.process_uri(str(folder / "ok.png"), small)[1]["stage"] == "limit"
     rows, error = P.process_uri(str(folder / "ok.png"), dataclasses.replace(small, max_pixels=10**8))

@@ -25,7 +25,8 @@ import torch
 from flowsr.config import resolve
 from flowsr.data import collate, paired_crop, sample_generator, to_tensor
 from flowsr.metrics_log import MetricsLog, read_csv
-from pipeline.schema import PAIR_SCHEMA, encode_png, make_sample_id
+from pipeline.schema import encode_png, make_sample_id
+from pipeline.shards import conform_pairs
 
 HR, SCALE = 64, 4
 
@@ -48,7 +49,7 @@ def make_pairs(n: int, seed: int = 0, hr_size: int = HR) -> pa.Table:
                      "hr": encode_png(hr), "lr": encode_png(lr), "hr_size": hr_size, "scale": SCALE,
                      "degradation": "{}", "seed": seed, "conversion": "", "hr_caption": "an astronaut, sharp",
                      "lr_caption": "an astronaut, blurry", "caption_model": "test", "caption_prompt_version": "0"})
-    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+    return conform_pairs(pa.Table.from_pylist(rows))  # as the shard writer stores them
 
 
 def row_batch(table: pa.Table, start: int = 0, size: int = 2):

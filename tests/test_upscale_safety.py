@@ -200,7 +200,8 @@ def test_probe_unit_commits_one_pending_part_and_names_its_bucket(tmp_path):
     assert sorted(part.column("input").to_pylist()) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert part.column("bucket_h").to_pylist() == [3, 3] and part.column("bucket_w").to_pylist() == [3, 3]
     assert probe(["a.png", "c.png"], "m")["pending_bucket"] == [uio.MIXED_BUCKETS]  # 20 vs 60 rows
-    _png(tmp_path / "sa.png", _rgb(20, 24))  # a valid output already there: nothing pending
+    made_from_a = uio.encode_image(_rgb(20, 24), None, ".png", None, uio.file_digest(str(tmp_path / "a.png")))
+    (tmp_path / "sa.png").write_bytes(made_from_a)  # a valid output of a.png already there: nothing pending
     done = probe(["a.png"], "s")
     assert (done["pending_part"], done["pending_rows"], done["pending_bucket"], done["skipped"]) == ([""], [0], [""], [1])
 

@@ -36,7 +36,7 @@ class Figure:
 FIGURES: Dict[str, Figure] = {
     # ---- per-GPU throughput ----
     "captions_per_s": Figure(57.0, "captions/s/GPU", "anchor",
-                             "docs/DESIGN.md 'More GPU anchors': Qwen2-VL-2B shapes, random init, H200, bf16, "
+                             "docs/DESIGN.md 'Performance anchors': Qwen2-VL-2B shapes, random init, H200, bf16, "
                              "batch 256, 512^2 image, 40 new tokens"),
     "captions_per_pair": Figure(2, "captions/pair", "measured",
                                 "pipeline/caption.py: one HR and one LR `generate` per pair"),

@@ -64,7 +64,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flowsr.metrics import LEARNED_METRICS, LOWER_BETTER, PAPER_METRICS, SET_METRICS, MetricSuite, mean_metrics
-from jobs.common import add_ray_args, fit_actor_cpus, init_ray, is_local, resolve_fs
+from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, init_ray, is_local,
+                         resolve_fs)
 from pipeline.output import (EMPTY_INDEX, INDEX_DIR, DoneIndex, Output, OutputError, atomic_write,
                              build_done_index, checkpoint_digest, content_part_name, list_parts, open_output,
                              part_rows, path_inside, run_record, write_bytes_atomic, write_json_atomic,
@@ -922,6 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the results OUT holds instead of resuming them (needed when the inputs, settings "
                         "or checkpoint differ from the run that wrote them)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, run nothing")
+    add_allow_errors_arg(p)
     add_ray_args(p)
     return p
 
@@ -962,7 +964,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(table1_markdown(summary))
     print(json.dumps(summary["files"], indent=2))
-    return 0
+    return exit_status(summary.get("errors", 0), args.allow_errors)  # pairs that could not be scored
 
 
 if __name__ == "__main__":

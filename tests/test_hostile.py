@@ -141,7 +141,9 @@ def test_upscale_and_prepare_data_carry_names_that_are_not_utf8(ray_local, pixel
     shards = pq.read_table(data / "shards", columns=["source_uri", "hr"]).to_pylist()
     by_name = {os.fsencode(names.from_text(r["source_uri"])): r for r in shards}
     assert set(by_name) == {src + b"/" + n for n in odd}
-    hr = np.asarray(Image.open(__import__("io").BytesIO(by_name[src + b"/caf\xe9.png"]["hr"])))
+    from pipeline.schema import image_bytes
+
+    hr = np.asarray(Image.open(__import__("io").BytesIO(image_bytes(by_name[src + b"/caf\xe9.png"]["hr"]))))
     found = any(np.array_equal(pixels[b"caf\xe9.png"][y:y + 32, x:x + 32], hr) for y in range(9) for x in range(17))
     assert found  # the pair's HR patch is a crop of that very file
     errors = read_errors(str(data)).to_pylist()

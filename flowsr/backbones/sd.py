@@ -131,7 +131,7 @@ class SDLatentBackbone(nn.Module):
         """v(x_t, t) with the active adapter; `cond` = text hidden states or None (empty prompt)."""
         ehs = cond if cond is not None else self.empty_embedding.expand(x_t.shape[0], -1, -1)
         timesteps = timestep(t, self.cfg.timestep_scale)
-        dtype = self.unet.conv_in.weight.dtype  # the flow math hands over fp32; a bf16 UNet gets bf16 inputs
+        dtype = self.unet.dtype  # conv_in's: the flow math hands over fp32, a bf16 UNet gets bf16 inputs
         forward = self.student_forward if (self.student_forward is not None and self._active() == STUDENT) else self.unet
         return forward(x_t.to(dtype), timesteps, encoder_hidden_states=ehs.to(dtype)).sample
 
@@ -209,7 +209,7 @@ class SDLatentBackbone(nn.Module):
         Never through gradient checkpointing: a checkpointed block recomputes its forward during
         backward, when the adapters are on again, and would differ from the forward it replaces
         (torch raises CheckpointError). The feature pass is the encoder half only."""
-        dtype = self.unet.conv_in.weight.dtype
+        dtype = self.unet.dtype
         ehs = self.empty_embedding.expand(z_noisy.shape[0], -1, -1).to(dtype)
         with self.adapters_disabled(), self._checkpointing_off():
             return unet_encoder_features(self.unet, z_noisy.to(dtype), timesteps, ehs)

@@ -30,7 +30,8 @@ import torch
 
 from pipeline.storage import is_local, resolve_fs
 
-from flowsr.sample import LUMA_WEIGHTS, TileBlender, Upscaler, default_device, output_size, tile_starts
+from flowsr.sample import (LUMA_WEIGHTS, TileBlender, Upscaler, default_device, output_size, tile_shape,
+                           tile_starts)
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 ONNX_SUFFIX = ".onnx"
@@ -140,7 +141,8 @@ def load_weights(uri: str, device=None):
     path = local_weights(uri)
     device = torch.device(device or "cpu")
     try:
-        state = spandrel.canonicalize_state_dict(read_state_dict(path, uri, device))
+        # read on the host (small files), then the model goes to `device`: safetensors cannot read onto every device (meta)
+        state = spandrel.canonicalize_state_dict(read_state_dict(path, uri, "cpu"))
         model = spandrel.ModelLoader(device=device).load_from_state_dict(state)
     except ModelError:
         raise
@@ -273,8 +275,11 @@ class RowResizer:
 
     def __init__(self, size: Tuple[int, int], out_size: Tuple[int, int], emit, device=None):
         self.size, self.out_size, self.emit = tuple(size), tuple(out_size), emit
-        self.row_index, self.row_weight, self.row_last = resize_taps(size[0], out_size[0], device)
+        self.row_index, self.row_weight, _ = resize_taps(size[0], out_size[0], device)
         self.col_index, self.col_weight, _ = resize_taps(size[1], out_size[1], device)
+        # host copies of the row bookkeeping: which rows are final never waits for the device
+        host_index, _, self.host_last = resize_taps(size[0], out_size[0])
+        self.host_first = host_index[:, 0]
         self.held, self.held_top, self.received, self.done = None, 0, 0, 0
 
     def add(self, top: int, rows: torch.Tensor) -> None:
@@ -284,7 +289,7 @@ class RowResizer:
         cols = sum(rows[:, :, self.col_index[:, k]] * self.col_weight[:, k] for k in range(self.col_index.shape[1]))
         self.held = cols if self.held is None else torch.cat([self.held, cols], 1)
         self.received = top + rows.shape[1]
-        end = int(torch.searchsorted(self.row_last, self.received))  # output rows whose sources all arrived
+        end = int(torch.searchsorted(self.host_last, self.received))  # output rows whose sources all arrived
         if end <= self.done:
             return
         index = self.row_index[self.done:end] - self.held_top
@@ -293,7 +298,7 @@ class RowResizer:
         self.emit(self.done, out.clamp(0, 1))
         self.done = end
         if end < self.out_size[0]:
-            keep = int(self.row_index[end:, 0].min())
+            keep = int(self.host_first[end:].min())
             self.held, self.held_top = self.held[:, keep - self.held_top:].clone(), keep
         else:
             self.held = None
@@ -367,9 +372,9 @@ class WeightsUpscaler:
         rows_of, cols_of = _pad_index(h, self.pre_pad), _pad_index(w, self.pre_pad)
         hp, wp = len(rows_of), len(cols_of)
         T = self.tile or max(hp, wp)
-        th, tw = min(T, hp), min(T, wp)
-        overlap = min(self.tile_overlap, T - 1)
-        ys, xs = tile_starts(hp, T, overlap), tile_starts(wp, T, overlap)
+        th, tw = tile_shape(hp, wp, T)  # a budget of T x T pixels: longer tiles along a thin image
+        ys = tile_starts(hp, th, min(self.tile_overlap, th - 1))
+        xs = tile_starts(wp, tw, min(self.tile_overlap, tw - 1))
         sinks = [functools.partial(emit, k) if out_size == native else
                  RowResizer(native, out_size, functools.partial(emit, k), self.device).add for k in range(count)]
         boxes = [(r, k, x) for r in range(len(ys)) for k in range(count) for x in xs]

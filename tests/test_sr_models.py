@@ -508,7 +508,8 @@ def test_pair_evaluator_runs_baselines_on_shard_rows(esrgan, tmp_path):
                      metrics=())
     out = PairEvaluator(dataclasses.asdict(cfg))({"sample_id": np.asarray(["s0"]), "hr": [encode_png(hr)],
                                                  "lr": [encode_png(lr)]})
-    assert set(out) == {"sample_id", "bicubic/psnr", "bicubic/ssim", "esr/psnr", "esr/ssim"}
+    assert set(out) == {"sample_id", "error", "bicubic/psnr", "bicubic/ssim", "esr/psnr", "esr/ssim"}
+    assert list(out["error"]) == [""]  # the pair was scored
     (sr,), _ = M.load_upscaler(esrgan[0], device="cpu").upscale_images([lr])
     saved = np.asarray(Image.open(tmp_path / "out" / "images" / "esr" / "s0.png"))
     assert np.array_equal(saved, sr) and np.isfinite(out["esr/psnr"][0]) and 0 < out["esr/ssim"][0] < 1

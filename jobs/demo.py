@@ -222,6 +222,7 @@ def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STA
               "upscale": up, "timings": timings, "heldout_pairs": len(ids)}
     with open(os.path.join(out, SUMMARY_FILE), "w") as f:  # the figures, for scripts and CI
         json.dump(result, f, indent=1, default=float)
+    sys.stderr.flush()  # the jobs' own stderr lines (the upscale summary) before the last line
     print(f"report: {report}", flush=True)
     return result
 

@@ -310,14 +310,14 @@ def test_every_job_with_error_rows_follows_one_exit_status_rule(ray_local, pixel
     assert _cli("upscale", str(tmp_path / "in"), str(tmp_path / "u1"), *upscale, "--allow-errors") == 0
     assert _cli("upscale", str(tmp_path / "clean"), str(tmp_path / "u2"), *upscale) == 0
     # evaluate: a pair that cannot be scored (LR not HR / 2) is a failed input like the others
-    for d in ("hr", "lr"):
+    for d in ("hr", "lr", "sr"):
         (tmp_path / d).mkdir()
-    _image(tmp_path / "hr" / "ok.png", 40, 48)
-    _image(tmp_path / "lr" / "ok.png", 20, 24)
-    _image(tmp_path / "hr" / "bad.png", 40, 48)
-    _image(tmp_path / "lr" / "bad.png", 9, 9)
+    for name, lr_size in (("ok", (20, 24)), ("bad", (9, 9))):
+        _image(tmp_path / "hr" / f"{name}.png", 40, 48)
+        _image(tmp_path / "sr" / f"{name}.png", 40, 48)
+        _image(tmp_path / "lr" / f"{name}.png", *lr_size)
     evaluate = ["evaluate", "--data", str(tmp_path / "hr"), "--lr-dir", str(tmp_path / "lr"), "--scale", "2",
-                "--metrics", "--out"]
+                "--sr", f"mine={tmp_path / 'sr'}", "--metrics", "--out"]
     assert _cli(*evaluate, str(tmp_path / "e1")) == 1
     assert _cli(*evaluate, str(tmp_path / "e1"), "--allow-errors") == 0
     capsys.readouterr()

@@ -76,6 +76,27 @@ def _estimate(cfg: FlowSRConfig, stage: int, rows: int) -> Dict:
             "chunk_rows": rows}
 
 
+def memory_report(memory: Dict, cfg: FlowSRConfig, gpu_memory: float) -> str:
+    """The per-stage, per-worker memory estimates as a table, with a warning for each stage
+    above `gpu_memory` GB and what lowers it."""
+    lines = [f"estimated peak GPU memory per worker ({cfg.train.num_workers} workers, global batch "
+             f"{cfg.optim.batch_size}, {cfg.data.patch_size}^2 patches, {cfg.train.mixed_precision}; "
+             f"docs/DESIGN.md \"Memory per worker\"):"]
+    for stage, est in memory.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in est["parts"].items())
+        lines.append(f"  {stage}: {est['total_gb']:.1f} GB ({est['chunk_rows']} rows per chunk) = {parts}")
+    for stage, est in memory.items():
+        if est["total_gb"] > gpu_memory:
+            fixes = [f for f, on in (("--set model.vae_gradient_checkpointing=true",
+                                      not cfg.model.vae_gradient_checkpointing),
+                                     ("--set model.gradient_checkpointing=true", not cfg.model.gradient_checkpointing),
+                                     ("more --num-workers", True), ("a larger --set optim.grad_accum=N", True)) if on]
+            lines.append(f"WARNING: {stage} needs about {est['total_gb']:.0f} GB per worker, more than the "
+                         f"{gpu_memory:g} GB of --gpu-memory: it will run out of memory. Lower it with "
+                         f"{', '.join(fixes)}.")
+    return "\n".join(lines)
+
+
 # ---- models of the stage, shapes only ----------------------------------------------------------
 def _meta_models(cfg: FlowSRConfig, stage: int):
     from .build import _frozen_in_bf16

@@ -113,6 +113,7 @@ PREFLIGHT_S = 30  # what the preflight may take (reported; the boxes above leave
 DEFAULT_BUDGET_S = {False: 420.0, True: 1500.0}  # GPU, --tiny (a loaded 2-core machine)
 END_MARGIN_S = 5  # kept from the budget for killing a section's processes and the last write
 SD_SECTIONS = ("infer", "upscale_job", "upscale_4096", "train_stage1", "train_stage2", "ray_train")
+QUALITY_S, TINY_QUALITY_S = 8.0, 0.5  # pixel_quality's training time on the GPU / with --tiny
 MIN_BOX_S = 10  # a section is skipped when less than this is left of the budget
 SCALE = 4
 EXIT_PREFLIGHT = 3
@@ -874,7 +875,7 @@ def section_pixel_quality(ctx: Context, rec: Record) -> None:
         rec.update(unavailable=str(exc), anchor=None, ratio=None)
         rec.flush()
         return
-    seconds = ctx.args.quality_seconds if not ctx.tiny else 0.5
+    seconds = ctx.args.quality_seconds if not ctx.tiny or ctx.args.quality_given else TINY_QUALITY_S
     cfg = resolve("pixel-small", [f"train.use_gpu={json.dumps(ctx.gpu)}",
                                   f"train.mixed_precision={json.dumps('bf16' if ctx.gpu else 'no')}"])
     hr_size, n_train, n_eval = 128, ctx.pick(256, 8), ctx.pick(32, 2)
@@ -1122,7 +1123,8 @@ def run_child(name: str, args, box: int, report: Optional[Report] = None) -> Dic
     if os.path.exists(out):
         os.remove(out)
     cmd = [sys.executable, os.path.abspath(__file__), "--run-section", name, "--result-file", out,
-           "--workdir", args.workdir, "--quality-seconds", str(args.quality_seconds), "--only", ",".join(args.sections)]
+           "--workdir", args.workdir, "--only", ",".join(args.sections)]
+    cmd += ["--quality-seconds", str(args.quality_seconds)] if args.quality_given else []
     cmd += ["--report", report.path] if report else []
     cmd += ["--compile-job"] if args.compile_job else []
     cmd += ["--tiny"] if args.tiny else []
@@ -1188,7 +1190,8 @@ def parse_args(argv=None):
                    help="skip the import and tiny-model checks (they passed on this image already)")
     p.add_argument("--box", action="append", default=[], metavar="SECTION=SECONDS",
                    help="another time box for a section (repeatable)")
-    p.add_argument("--quality-seconds", type=float, default=8.0, help="pixel_quality training time")
+    p.add_argument("--quality-seconds", type=float, default=None,
+                   help=f"pixel_quality training time (default {QUALITY_S:g} s; {TINY_QUALITY_S:g} s with --tiny)")
     p.add_argument("--compile-job", action="store_true", help="torch.compile in the upscale_job actors")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each section in a child process (default: yes, except with --tiny)")
@@ -1197,6 +1200,9 @@ def parse_args(argv=None):
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.quality_given = args.quality_seconds is not None  # a time given on the command line holds with --tiny too
+    if not args.quality_given:
+        args.quality_seconds = QUALITY_S
     names = list(SECTIONS) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]
     unknown += [args.run_section] if args.run_section and args.run_section not in SECTION_FUNCTIONS else []

@@ -71,3 +71,19 @@ def _run_until_killed(argv, watch, timeout=300, quiet_s=2.0, **kwargs):
 def run_until_killed():
     """`_run_until_killed`: a job subprocess that SIGKILLs itself, and what it leaves settles."""
     return _run_until_killed
+
+
+@pytest.fixture(scope="module")
+def pixel_ckpt(tmp_path_factory):
+    """A small pixel-space FlowSR checkpoint (random weights), saved as training saves one."""
+    import torch
+
+    from flowsr.backbones import PixelBackbone
+    from flowsr.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("pixel_ckpt")
+    cfg.save(str(directory / "config.json"))
+    PixelBackbone.from_config(cfg.model).save_trainable(str(directory / "student"))
+    return str(directory)

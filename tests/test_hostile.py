@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from pipeline import upscale_io as uio
@@ -24,20 +23,6 @@ ROOT = str(Path(__file__).resolve().parents[1])
 
 
 # ---- fixtures and helpers ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    from flowsr.backbones import PixelBackbone
-    from flowsr.config import apply_overrides, preset
-
-    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
-    torch.manual_seed(0)
-    backbone = PixelBackbone.from_config(cfg.model)
-    directory = tmp_path_factory.mktemp("pixel_ckpt")
-    cfg.save(os.path.join(directory, "config.json"))
-    backbone.save_trainable(os.path.join(directory, "student"))
-    return str(directory)
-
-
 def _image(path, h=40, w=48, seed=0):
     """A noisy RGB PNG at `path` (str, bytes or Path); returns the pixels."""
     path = os.fsdecode(path)

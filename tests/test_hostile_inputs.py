@@ -119,20 +119,6 @@ def test_torchscript_model_and_baseline_are_refused_by_the_jobs(scripted, tmp_pa
 
 
 # ---- an input changed in place is redone -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    """A tiny pixel-space FlowSR checkpoint (random weights)."""
-    from flowsr.backbones import PixelBackbone
-    from flowsr.config import apply_overrides, preset
-
-    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("pixel_ckpt")
-    cfg.save(str(directory / "config.json"))
-    PixelBackbone.from_config(cfg.model).save_trainable(str(directory / "student"))
-    return str(directory)
-
-
 def _smooth(h, w, shift=0):
     y, x = np.mgrid[0:h, 0:w]
     return np.stack([(x * 9 + shift) % 256, (y * 7) % 256, ((x + y) * 5 + 2 * shift) % 256], -1).astype(np.uint8)

@@ -526,22 +526,6 @@ upscale.main(sys.argv[1:])
 """
 
 
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    """A small pixel-space FlowSR checkpoint (random weights), saved as training saves one."""
-    import torch
-
-    from flowsr.backbones import PixelBackbone
-    from flowsr.config import apply_overrides, preset
-
-    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("pixel_ckpt")
-    cfg.save(str(directory / "config.json"))
-    PixelBackbone.from_config(cfg.model).save_trainable(str(directory / "student"))
-    return str(directory)
-
-
 def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settings(
         s3, ray_s3, pixel_ckpt, run_until_killed_module, capsys):
     """upscale from s3:// images to an s3:// output inside the input prefix: SIGKILLed when its first written batch

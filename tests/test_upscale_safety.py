@@ -18,23 +18,10 @@ import torch
 from PIL import Image
 
 from flowsr import sample as S
-from flowsr.backbones import PixelBackbone
-from flowsr.config import apply_overrides, preset
 from pipeline import upscale_io as uio
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pixel_ckpt(tmp_path_factory):
-    cfg = apply_overrides(preset("pixel-small"), ["model.pixel_channels=[8,16]"])
-    torch.manual_seed(0)
-    backbone = PixelBackbone.from_config(cfg.model)
-    directory = tmp_path_factory.mktemp("pixel_ckpt")
-    cfg.save(os.path.join(directory, "config.json"))
-    backbone.save_trainable(os.path.join(directory, "student"))
-    return str(directory)
-
-
 @pytest.fixture(scope="module")
 def stage(pixel_ckpt):
     return uio.UpscaleStage(pixel_ckpt, scale=2, tile=None, vae_tile=None, color_fix="none")

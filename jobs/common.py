@@ -80,7 +80,30 @@ class Stopped(KeyboardInterrupt):
 def _raise_stopped(signum, frame):
     for sig in STOP_SIGNALS:  # a second signal while the job unwinds ends the process at once
         signal.signal(sig, _exit_now)
+    _leave_running_tasks()
     raise Stopped(signum)
+
+
+_ray_cancel: Optional[Callable] = None  # ray.cancel while a stopped job unwinds (see below)
+
+
+def _leave_running_tasks() -> None:
+    """While a stopped job unwinds, Ray Data cancels its running tasks one by one. In Ray 2.60 a
+    cancel that crosses the task's own reply aborts the driver inside Ray's core ("Tried to complete
+    task that was not pending", ray-project/ray#54846): exit 1 and a C++ stack instead of 128 + N
+    and one line. The driver is leaving and its tasks end with it (Ray ends a job's workers when
+    its driver disconnects), so `ray.cancel` does nothing until `run_job` returns."""
+    global _ray_cancel
+    ray = sys.modules.get("ray")
+    if ray is None or _ray_cancel is not None or not hasattr(ray, "cancel"):
+        return
+    _ray_cancel, ray.cancel = ray.cancel, lambda *args, **kwargs: None
+
+
+def _restore_ray_cancel() -> None:
+    global _ray_cancel
+    if _ray_cancel is not None:
+        sys.modules["ray"].cancel, _ray_cancel = _ray_cancel, None
 
 
 def _exit_now(signum, frame):
@@ -184,6 +207,7 @@ def run_job(name: str, call: Callable[[], object]) -> int:
     finally:
         for sig, handler in previous.items():  # the caller's handlers again (a test, a notebook)
             signal.signal(sig, handler)
+        _restore_ray_cancel()
     return result if isinstance(result, int) else EXIT_OK
 
 

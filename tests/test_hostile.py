@@ -216,6 +216,31 @@ def test_a_dead_cluster_address_fails_in_one_line_before_the_output_is_touched(p
 
 
 # ---- 4. SIGINT and SIGTERM --------------------------------------------------------------------------
+def test_a_stopped_job_leaves_its_tasks_to_ray_instead_of_cancelling_each(capsys):
+    """Ray Data cancels its running tasks while a stopped driver unwinds, and in Ray 2.60 a cancel
+    that crosses the task's reply aborts the driver (exit 1, a C++ stack; seen once in CI). While
+    the job unwinds `ray.cancel` does nothing; after `run_job` returns it is Ray's own again."""
+    import ray
+
+    from jobs.common import run_job
+
+    own = ray.cancel
+    seen = {}
+
+    def job():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        finally:
+            seen["cancel"] = ray.cancel
+            seen["result"] = ray.cancel("a task that is not there")
+
+    assert run_job("demo", job) == 143
+    assert seen["cancel"] is not own and seen["result"] is None
+    assert ray.cancel is own
+    assert "flowsr demo: stopped by SIGTERM" in capsys.readouterr().err
+
+
 def _stop_when_written(argv, out, signum, more_than=0, timeout=300):
     """Run a job until OUT holds more than `more_than` outputs, send it `signum`, and return
     (exit status, stderr, seconds from the signal to its exit)."""

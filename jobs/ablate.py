@@ -15,8 +15,8 @@ Runs (the `pixel-small` preset plus the size's overrides plus `--set`):
   stage 2  from the sr_flow stage-1 weights, shared by every stage-2 run:
            hrcl / cd / hr consistency (Table 3), fast-slow n_fast 1, 4, 8, N-interval 4, 18, 50,
            slow only (Table 4); "hrcl" is fast-slow (4), the paper's default, in both tables.
-A run is a loop over `stage1_step` / `stage2_step`, then `jobs.evaluate.evaluate_pairs` on the
-test crops at 1 and 4 steps. With a cluster (`--address`, or `--runner ray`) each run is one Ray
+A run is the trainer's own stage loop (`flowsr.trainer.run_stage`, as `jobs.train` runs it on
+each worker), then `evaluate_pairs` on the test crops at 1 and 4 steps. With a cluster (`--address`, or `--runner ray`) each run is one Ray
 task and stage-2 tasks start when the shared stage-1 model is done; on one machine the runs go
 one after the other in this process. Every run sees the same batches and the same time draws
 (common random numbers), so the tables compare methods, not seeds.
@@ -54,7 +54,6 @@ EVAL_STEPS = (1, 4)
 FALLBACK_NOISE_SIGMA = 5.0  # /255, the fallback degradation's Gaussian noise
 FALLBACK_JPEG_QUALITY = 75
 TEST_SEED_OFFSET = 1_000_003  # test crops are degraded with seed + this, never seen in training
-STEP_STRIDE = 10_000_000  # batch index = stage * STEP_STRIDE + step
 PROGRESS_REPORTS = 5  # progress lines per run
 RUNNERS = ("auto", "ray", "local")
 
@@ -234,25 +233,27 @@ def _generator(*parts):
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def batch_at(train: Dict, cfg: FlowSRConfig, seed: int, step: int, device) -> Dict:
-    """The step's batch: rows drawn from (seed, step) alone, so every run sees the same ones."""
+def row_batches(train: Dict, batch_size: int, seed: int):
+    """The trainer's `batches(epoch)` over the in-memory training pairs: each epoch one
+    permutation drawn from (seed, epoch) alone, so every run sees the same batches."""
     import torch
 
-    from flowsr.data import collate
+    def batches(epoch: int):
+        n = len(train["sample_id"])
+        order = np.resize(torch.randperm(n, generator=_generator(seed, "rows", epoch)).numpy(), max(n, batch_size))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            yield {k: v[rows] for k, v in train.items()}
+    return batches
 
-    n = len(train["sample_id"])
-    index = torch.randperm(n, generator=_generator(seed, "rows", step))[:cfg.optim.batch_size].numpy()
-    if len(index) < cfg.optim.batch_size:
-        index = np.resize(index, cfg.optim.batch_size)
-    rows = {k: v[index] for k, v in train.items()}
-    return collate(rows, cfg.data, seed=seed, epoch=step, augment=True, device=device)
 
-
-def _read_dir(directory: str) -> Dict[str, bytes]:
+def _read_dir(directory: str, skip: Sequence[str] = ()) -> Dict[str, bytes]:
     out = {}
     for root, _, files in os.walk(directory):
         for f in files:
             path = os.path.join(root, f)
+            if os.path.relpath(path, directory) in skip:
+                continue
             with open(path, "rb") as fh:
                 out[os.path.relpath(path, directory)] = fh.read()
     return out
@@ -267,66 +268,53 @@ def _write_dir(files: Dict[str, bytes], directory: str) -> str:
     return directory
 
 
+def run_config(cfg: FlowSRConfig, stage: int, seed: int) -> FlowSRConfig:
+    """`cfg` as one ablation run trains it: seeded by `seed`, a loss reading and a checkpoint
+    every 1/PROGRESS_REPORTS of the run (the last one is the run's model), no validation."""
+    from flowsr.trainer import stage_steps
+
+    total = stage_steps(cfg, stage)
+    every = max(1, total // PROGRESS_REPORTS)
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, seed=seed, log_every=every, checkpoint_every=every, val_every=total + 1, fail_at_step=-1))
+
+
 def train_and_evaluate(name: str, stage: int, cfg_dict: Dict, data: Dict, seed: int,
                        init_files: Optional[Dict[str, bytes]] = None, threads: int = 1,
                        metrics: Sequence[str] = ()) -> Tuple[Dict, Dict[str, bytes]]:
-    """Train one run from scratch (stage 1) or from `init_files` (stage 2), then evaluate it on
-    the test pairs at EVAL_STEPS. Returns (result, checkpoint files {relative path: bytes})."""
+    """Train one run from scratch (stage 1) or from `init_files` (stage 2) with the trainer's own
+    stage loop (`flowsr.trainer.run_stage`: the same optimisers, schedules and draws as
+    `jobs.train`), then evaluate it on the test pairs at EVAL_STEPS. Returns (result, checkpoint
+    files {relative path: bytes}, without the optimiser state)."""
     import torch
 
-    from flowsr.build import build_stage1, build_stage2, make_optimizer
-    from flowsr.checkpoint import save_checkpoint
+    from flowsr.checkpoint import STATE_NAME, load_for_inference
     from flowsr.metrics import MetricSuite
-    from flowsr.schedules import make_pair_sampler
-    from flowsr.train_step import lr_at, set_lr, stage1_step, stage2_step
-    from flowsr.trainer import stage_lr
+    from flowsr.trainer import LocalSession, run_stage, stage_steps
     from jobs.evaluate import evaluate_pairs
 
     torch.set_num_threads(threads)
-    cfg = FlowSRConfig.from_dict(cfg_dict)
+    cfg = run_config(FlowSRConfig.from_dict(cfg_dict), stage, seed)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # weight init (diffusers draws from the global generator): scoped here
-        if stage == 1:
-            models = build_stage1(cfg, device)
-        else:
-            models = build_stage2(cfg, device, init_from=os.path.join(_write_dir(init_files, tmp), "student"))
-        params = models.student.trainable_parameters()
-        base_lr = stage_lr(cfg, stage)
-        opt = make_optimizer(params, base_lr, cfg)
-        total = cfg.optim.stage1_steps if stage == 1 else cfg.optim.stage2_steps
-        sampler = make_pair_sampler(cfg.schedule.sampler, n_fast=cfg.schedule.n_fast, n_slow=cfg.schedule.n_slow,
-                                    n_intervals=cfg.schedule.n_intervals) if stage == 2 else None
-        losses = []
-        every = max(1, total // PROGRESS_REPORTS)
-        for step in range(total):
-            o = cfg.optim  # the preset's schedule (pixel-small: cosine decay), as the trainer runs it
-            set_lr(opt, lr_at(step, base_lr, o.warmup_steps, total, o.lr_schedule, o.lr_floor))
-            batch = batch_at(data["train"], cfg, seed, stage * STEP_STRIDE + step, device)
-            gen = _generator(seed, "draws", stage, step)  # the same t / noise draws in every run
-            if stage == 1:
-                out = stage1_step(batch, models, opt, cfg, gen)
-            else:
-                out = stage2_step(batch, models, (opt, None), cfg, sampler, gen)
-            losses.append(out["loss"])
-            if (step + 1) % every == 0:
-                print(f"[ablate] {name}: step {step + 1}/{total} loss {np.mean(losses[-every:]):.4f} "
-                      f"({time.perf_counter() - start:.0f}s)", flush=True)
+        session = LocalSession(os.path.join(tmp, "checkpoints"), device=device)
+        init = _write_dir(init_files, os.path.join(tmp, "init")) if stage == 2 else None
+        run_stage(cfg, stage, session, row_batches(data["train"], cfg.optim.batch_size, seed), init_from=init)
         train_seconds = time.perf_counter() - start
-        backbone = models.student.eval()
+        losses = [r["loss"] for r in session.reports]
+        print(f"[ablate] {name}: {cfg.train.checkpoint_every * len(losses)} steps, loss "
+              f"{' -> '.join(f'{v:.4f}' for v in losses)} ({train_seconds:.0f}s)", flush=True)
+        files = _read_dir(session.checkpoints[-1], skip=(STATE_NAME,))
+        backbone, _ = load_for_inference(session.checkpoints[-1], device=device)
         test = data["test"]
         result = evaluate_pairs(backbone, [(p["lr"], p["hr"]) for p in test], EVAL_STEPS, scale=SCALE,
                                 suite=MetricSuite(metrics, device=str(device), crop_border=SCALE), seed=seed,
                                 ids=[p["sample_id"] for p in test])
-        out_dir = os.path.join(tmp, "checkpoint")
-        save_checkpoint(out_dir, cfg=cfg, stage=stage, step=total, models=models, optimizers=[],
-                        extra={"run": name})
-        files = _read_dir(out_dir)
-    return {"run": name, "stage": stage, "steps": total, "mean": result["mean"],
+    return {"run": name, "stage": stage, "steps": stage_steps(cfg, stage), "mean": result["mean"],
             "per_image": [{k: v for k, v in e.items() if k != "images"} for e in result["per_image"]],
-            "loss_first": float(np.mean(losses[:10])) if losses else None,
-            "loss_last": float(np.mean(losses[-10:])) if losses else None,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "device": str(device)}, files
 
 

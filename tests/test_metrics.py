@@ -2,8 +2,11 @@
 import csv
 import json
 import sys
+import os
+import tempfile
 
 import numpy as np
+import torch
 import pytest
 
 from flowsr import metrics as M
@@ -490,3 +493,32 @@ def test_ablate_runs_share_batches_and_differ_only_by_method():
     assert base.schedule.n_intervals == 18
     with pytest.raises(ValueError, match="unknown size"):
         base_config("huge")
+
+
+def test_ablate_stage2_trains_the_discriminator_when_the_gan_loss_is_on():
+    """ablate had its own loop that passed `(opt, None)` to stage2_step: with loss.lambda_adv > 0
+    its discriminator heads never moved. It now trains through `flowsr.trainer.run_stage`: the
+    heads saved after 4 steps differ from those after 2 (both start from the same seeded init),
+    and the optimiser state is not shipped with the run's model."""
+    from safetensors.torch import load_file
+
+    from flowsr.checkpoint import DISC_NAME, STATE_NAME
+    from jobs.ablate import SIZES, base_config, build_data, train_and_evaluate
+
+    data = build_data(SIZES["tiny"], seed=0)
+    base = base_config("tiny", ["loss.lambda_adv=0.5", "optim.warmup_steps=0"])
+    _, stage1 = train_and_evaluate("s1", 1, base.to_dict(), data, seed=0)
+    assert DISC_NAME not in stage1 and STATE_NAME not in stage1
+    heads = {}
+    for steps in (2, 4):
+        cfg = base_config("tiny", ["loss.lambda_adv=0.5", "optim.warmup_steps=0", f"optim.stage2_steps={steps}"])
+        result, files = train_and_evaluate(f"s2-{steps}", 2, cfg.to_dict(), data, seed=0, init_files=stage1)
+        assert result["steps"] == steps and np.isfinite(result["mean"]["1-step"]["psnr"])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, DISC_NAME)
+            with open(path, "wb") as f:
+                f.write(files[DISC_NAME])
+            heads[steps] = load_file(path)
+    assert heads[2].keys() == heads[4].keys()
+    moved = [k for k in heads[2] if not torch.equal(heads[2][k], heads[4][k])]
+    assert moved, "the discriminator heads did not train between step 2 and step 4"

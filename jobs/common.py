@@ -16,6 +16,7 @@ import time
 from typing import Callable, Optional, Sequence, Tuple, TypeVar
 
 from pipeline.actors import gpu_pool_size  # noqa: F401  (re-exported for the jobs)
+from pipeline.logs import setup_logging
 from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
 
 log = logging.getLogger("flowsr")
@@ -304,38 +305,6 @@ def add_ray_args(parser) -> None:
     """The flags every job takes to find its cluster."""
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-
-
-# ---- logging -------------------------------------------------------------------------------------
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at the time (so `quiet_console` sees the records)."""
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def setup_logging(level: int = logging.INFO) -> logging.Logger:
-    """The `flowsr` loggers (every job, the trainer on Ray Train workers) with timestamps and
-    levels on stderr; idempotent. Other libraries' loggers are left as they are."""
-    logger = logging.getLogger("flowsr")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(level)
-    return logger
 
 
 # ---- a console without Ray's known noise -----------------------------------------------------------

@@ -44,12 +44,45 @@ def resolve_fs(uri: str) -> Tuple[pafs.FileSystem, str]:
 
 
 def is_local(uri: str) -> bool:
+    """True for a local path or a `file://` URI: a path the OS opens (after `resolve_fs`)."""
     return "://" not in uri or uri.startswith("file://")
 
 
 def join_uri(root: str, *parts: str) -> str:
     """`root` joined with `parts`, keeping `root`'s kind (URI or local path)."""
     return posixpath.join(root.rstrip("/"), *parts) if "://" in root else os.path.join(root, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve_fs(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write `text` to the file `uri`, creating its folder."""
+    fs, path = resolve_fs(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy a directory between a local path and a URI (either way)."""
+    src_fs, src_path = resolve_fs(src)
+    dst_fs, dst_path = resolve_fs(dst)
+    dst_fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def local_copy(uri: str, prefix: str = "flowsr-") -> str:
+    """A local path of the file `uri`: itself when local (`file://` included), else a fresh
+    download into a new temporary folder (unlike `cached_copy`, for files that change)."""
+    if is_local(uri):
+        return resolve_fs(uri)[1]
+    fs, path = resolve_fs(uri)
+    local = os.path.join(tempfile.mkdtemp(prefix=prefix), posixpath.basename(path))
+    pafs.copy_files(path, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
 
 
 CACHE_ENV = "FLOWSR_CACHE"  # where remote inputs are copied (default ~/.cache/flowsr/remote)

@@ -182,7 +182,8 @@ def test_cli_dry_run_and_bad_arguments(capsys, tmp_path):
 def test_rerun_with_other_config_or_data_is_refused(capsys, tmp_path):
     """A rerun of a named run resumes only the same config and data; anything else is one line
     on stderr, exit 2, before Ray starts, and config.json keeps the first run's config."""
-    from jobs.train import check_resume, main
+    from jobs.train import main
+    from pipeline.train_ray import check_resume
 
     data = tmp_path / "shards"
     data.mkdir()
@@ -345,3 +346,20 @@ def test_job_submitted_to_local_cluster(shards, tiny_models, tmp_path):
     assert csv_steps(str(run / "metrics" / "stage1.csv")) == [1, 2]
     assert (run / "config.json").exists() and list((run / "stage1").glob("checkpoint_step0000002"))
     print(f"cluster job: {time.time() - t0:.0f} s")
+
+
+def test_file_uris_are_local_paths_to_the_training_run(tmp_path):
+    """`jobs/train.py` had its own `is_remote`, true for `file://`: a file:// run directory got
+    its metrics written to a temporary mirror and its CSV and checkpoint handed back as temporary
+    copies. URIs now mean one thing (`pipeline.storage`): file:// is the local path it names."""
+    from pipeline.storage import exists, is_local, local_copy, write_text
+    from pipeline.train_ray import _metrics_dir, run_uri
+
+    run = run_uri(f"file://{tmp_path}", "r1")
+    assert run == f"file://{tmp_path}/r1" and is_local(run) and not is_local("s3://bucket/run")
+    metrics, sync = _metrics_dir(run)
+    assert (metrics, sync) == (f"{tmp_path}/r1/metrics", None)  # rank 0 writes there directly
+    write_text(f"{run}/metrics/stage1.csv", "step,loss\n1,0.5\n")
+    assert exists(f"{run}/metrics/stage1.csv") and not exists(f"{run}/metrics/stage2.csv")
+    assert local_copy(f"{run}/metrics/stage1.csv") == f"{tmp_path}/r1/metrics/stage1.csv"
+    assert run_uri(str(tmp_path / "rel"), "x") == str(tmp_path / "rel" / "x")

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flowsr.config import resolve
-from jobs.train import check_resources, epoch_batches, ingest_cpus, load_datasets, train
+from jobs.train import train
+from pipeline.train_ray import check_resources, epoch_batches, ingest_cpus, load_datasets
 from test_train import make_pairs
 
 TINY_PIXEL = ["model.pixel_channels=[8,16]", "optim.stage1_steps=2", "train.checkpoint_every=2",

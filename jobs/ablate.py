@@ -29,6 +29,7 @@ reads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from flowsr.config import FlowSRConfig, apply_overrides, preset
-from jobs.common import add_ray_args, config_or_exit, init_ray
+from jobs.common import add_ray_args, config_or_exit, using_ray
 from jobs.evaluate import format_metric, markdown_table, write_csv
 
 TRAIN_IMAGES = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
@@ -485,10 +486,9 @@ def ablate(size: str = "small", out: str = "runs/ablate", *, seed: int = 0, over
     data = build_data(SIZES[size], seed)
     log(f"[ablate] size {size}: {len(data['train']['sample_id'])} training pairs, {len(data['test'])} test pairs, "
         f"degradation {degrader()[1]}; LPIPS {suite.status()['lpips']}")
-    if not local:
-        init_ray(address)
-    results, files = run_all(base, data, seed, local=local, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                             metrics=metrics, log=log)
+    with using_ray(address) if not local else contextlib.nullcontext():
+        results, files = run_all(base, data, seed, local=local, cpus_per_run=cpus_per_run,
+                                 gpus_per_run=gpus_per_run, metrics=metrics, log=log)
     for name, ckpt in files.items():
         _write_dir(ckpt, os.path.join(out, "models", name))
     claim_rows = claims(results, metrics)

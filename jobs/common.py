@@ -301,6 +301,23 @@ def connect_first(address: Optional[str] = None) -> bool:
     return init_ray(address)
 
 
+@contextlib.contextmanager
+def using_ray(address: Optional[str] = None, *, only_a_cluster: bool = False, **init_kwargs):
+    """Ray for the block, shut down on leaving when the block started it (never a Ray that was
+    already running). Connects to `address` / $RAY_ADDRESS, else starts a local Ray (`init_ray`).
+    `only_a_cluster`: connect only when a cluster address is given (`connect_first`: a job checks
+    its cluster before it touches its output, and starts a local Ray later, with its work).
+    Yields True when this block started Ray."""
+    started = connect_first(address) if only_a_cluster else init_ray(address, **init_kwargs)
+    try:
+        yield started
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
 def add_ray_args(parser) -> None:
     """The flags every job takes to find its cluster."""
     parser.add_argument("--address", default=None,

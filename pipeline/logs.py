@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from typing import Optional
+
+from flowsr.metrics_log import progress_text
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -35,3 +39,26 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     return logger
 
 
+
+
+PROGRESS_EVERY_S = 10.0  # seconds between two progress lines of a job
+
+
+class Progress:
+    """A job's progress lines on the `flowsr` logger: `update(done)` logs `label done/total (pct),
+    rate, ETA` (`flowsr.metrics_log.progress_text`) at most every `every_s` seconds, and always
+    when `done` reaches `total`. `extra(done)` may add text (e.g. an error count)."""
+
+    def __init__(self, label: str, total: int, unit: str = "img", every_s: float = PROGRESS_EVERY_S,
+                 logger: Optional[logging.Logger] = None):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.logger = logger or logging.getLogger("flowsr")
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        self.logger.info("%s %s%s", self.label, progress_text(done, self.total, now - self.start, self.unit),
+                         f" | {extra}" if extra else "")

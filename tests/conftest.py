@@ -73,9 +73,10 @@ def run_until_killed():
     return _run_until_killed
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pixel_ckpt(tmp_path_factory):
-    """A small pixel-space FlowSR checkpoint (random weights), saved as training saves one."""
+    """A small pixel-space FlowSR checkpoint (random weights), saved as training saves one; built
+    once per session (tests only read it)."""
     import torch
 
     from flowsr.backbones import PixelBackbone

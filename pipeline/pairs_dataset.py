@@ -73,8 +73,8 @@ def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], reader: SourceReader,
                   errors_done: out.DoneIndex = out.EMPTY_INDEX) -> pa.Table:
     """Batch of listed files {source_uri, reject} -> pair rows; its bad files go to output/errors.
 
-    `cfg`: `asdict` of a PrepareConfig; `reader` reads the files. Files with an error row already (`errors_done`) and crops already in a shard
-    (`shards_done`) are skipped.
+    `cfg`: `asdict` of a PrepareConfig; `reader` reads the files. Files with an error row
+    already (`errors_done`) and crops already in a shard (`shards_done`) are skipped.
     """
     cv2.setNumThreads(1)  # a Ray task holds one CPU; OpenCV would otherwise start a thread per core
     config = PrepareConfig(**cfg)

@@ -1,5 +1,6 @@
-"""Pair building: one source image's bytes -> (HR patch, degraded LR) pair rows. No Ray, no I/O
-but the injected file read, so every function here runs on one image in a test.
+"""Pair building: the data stage's settings (`PrepareConfig`) and one source image's bytes ->
+(HR patch, degraded LR) pair rows. No Ray and no I/O but the injected file read
+(`SourceReader`), so every function here runs on one image in a test.
 
 Identity: `sample_id` = hash of the file's bytes (sha256) and the crop's index, so the same
 image reached through a moved, renamed or symlinked path has the same ids and is not redone;
@@ -20,12 +21,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import output as out
+from pipeline.caption import BACKENDS
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, ImageTooLarge, load_image, to_rgb8
 from pipeline.schema import CAPTION_COLUMNS, IMAGE_COLUMNS, PAIR_SCHEMA, content_sample_id, encode_png
 
 CROP_MODES = ("random", "grid")
-CAPTIONERS = ("off", "template", "qwen2vl")
+CAPTIONERS = BACKENDS  # --captioner: pipeline.caption's backends
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
                     ".pgm", ".jfif")
 CROP_STREAM = 1  # keeps the crop generator's seed apart from the degradation's
@@ -102,6 +104,10 @@ class SourceReader:
     read: Callable[[str, Optional[int]], bytes]
     refused: Type[OSError]
 
+
+# ---------------------------------------------------------------------------------------------
+# Per-file stage
+# ---------------------------------------------------------------------------------------------
 
 def plan_crops(height: int, width: int, key: str, *, patch_size: int, count: int,
                mode: str, seed: int) -> List[Tuple[int, int]]:

@@ -147,7 +147,6 @@ def clip_token_counter():
     return lambda text: len(tokenizer.encode(text))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Backends: caption(batch) -> (hr captions, lr captions)
 # ---------------------------------------------------------------------------------------------

@@ -168,4 +168,3 @@ def parse_degradation(value) -> Optional[Dict[str, Any]]:
             return None
         value = json.loads(value)
     return value if isinstance(value, dict) else None
-

@@ -94,7 +94,6 @@ class PrepareConfig:
         return out.run_record("prepare_data", self.input, self.data_settings())
 
 
-
 @dataclass(frozen=True)
 class SourceReader:
     """How `process_uri` reads a listed file: `read(uri, max_bytes) -> bytes` raises `refused`
@@ -229,4 +228,3 @@ _STAGE_SCHEMA = pa.schema([pa.field(n, pa.binary()) if n in IMAGE_COLUMNS else P
 def pairs_table(rows: List[Dict[str, Any]]) -> pa.Table:
     """Rows of `make_pair` -> a table of PAIR_SCHEMA's columns without the caption columns."""
     return pa.Table.from_pylist(rows, schema=_STAGE_SCHEMA)
-

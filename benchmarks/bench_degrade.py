@@ -239,19 +239,21 @@ def cpu_seconds_by_role() -> Dict[str, float]:
 def bare_loop(cfg) -> int:
     """The job's stage functions in one process, no Ray; returns the number of pairs."""
     from jobs import prepare_data as P
+    from pipeline.pairs import pairs_table, process_uri
+    from pipeline.pairs_dataset import write_errors, write_shard
 
     rows, errors, n_pairs = [], [], 0
     for uri in P.list_sources(cfg.input):
-        pairs, error = P.process_uri(uri, cfg)
+        pairs, error = process_uri(uri, cfg, P.READER)
         rows.extend(pairs)
         n_pairs += len(pairs)
         errors += [error] if error else []
         while len(rows) >= cfg.shard_rows:
-            P.write_shard(P.pairs_table(rows[:cfg.shard_rows]), cfg.output)
+            write_shard(pairs_table(rows[:cfg.shard_rows]), cfg.output)
             rows = rows[cfg.shard_rows:]
     if rows:
-        P.write_shard(P.pairs_table(rows), cfg.output)
-    P.write_errors(errors, cfg.output)
+        write_shard(pairs_table(rows), cfg.output)
+    write_errors(errors, cfg.output)
     return n_pairs
 
 

@@ -81,7 +81,7 @@ def caption_corpus(pairs: Path, folder: Path, shards: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.caption import pair_shard_paths
+    from pipeline.caption_tables import pair_shard_paths
     from pipeline.schema import PAIR_SCHEMA
 
     base = pa.concat_tables(pq.read_table(p) for p in pair_shard_paths(str(pairs))).select(PAIR_SCHEMA.names)

@@ -6,7 +6,7 @@
 Images are not re-synthesised: the shards are read, captioned, and a caption table
 (CAPTION_SCHEMA: `sample_id` + caption columns, incl. `caption_model` and
 `caption_prompt_version`) is written as Parquet part files under `--output`, one part per pair
-shard. Readers join on `sample_id` (`pipeline.caption.join_captions`).
+shard. Readers join on `sample_id` (`pipeline.caption_tables.join_captions`).
 
 The output is written through `pipeline.output`: a lease (a second concurrent run refuses), a
 run record (`_run.json`: backend, caption model, prompt version and the settings that change
@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, connect_first, init_ray, resolve_fs, run_job
+from jobs.common import add_ray_args, connect_first, init_ray, run_job
 from pipeline import output as out
-from pipeline.caption import (BACKENDS, DEFAULT_MODEL, PART_PREFIX, CaptionConfig, caption_part_name,
-                              caption_shards)
+from pipeline.caption import BACKENDS, DEFAULT_MODEL, CaptionConfig
+from pipeline.caption_tables import caption_shards, plan_parts
 
 # CaptionConfig fields that change the captions (with `caption_model`): the run record's params.
 RESULT_FIELDS = ("backend", "prompt_version", "max_new_tokens", "min_new_tokens", "min_pixels",
@@ -67,39 +67,6 @@ class RegenerateConfig:
         return out.run_record("caption", self.shards, params, checkpoint)
 
 
-def pair_shard_paths(uri: str) -> List[str]:
-    """Parquet files under `uri` holding pair rows (sample_id + hr), sorted; dot/underscore files skipped."""
-    import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
-
-    filesystem, root = resolve_fs(uri)
-    info = filesystem.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    paths = sorted(i.path for i in infos if i.is_file and i.base_name.endswith(".parquet")
-                   and not i.base_name.startswith((".", "_")))
-    return [p for p in paths
-            if {"sample_id", "hr"} <= set(pq.read_schema(p, filesystem=filesystem).names)]
-
-
-def plan_parts(cfg: RegenerateConfig, output: out.Output) -> Dict:
-    """{shard path -> part name} of every shard, and which parts are committed already."""
-    from pyarrow import fs as pafs
-
-    filesystem, root = resolve_fs(cfg.shards)
-    paths = pair_shard_paths(cfg.shards)
-    if not paths:
-        raise FileNotFoundError(f"no pair shards (Parquet with sample_id and hr) under {cfg.shards}")
-    sizes = {i.path: i.size for i in filesystem.get_file_info(paths)}
-    base = root if filesystem.get_file_info(root).type == pafs.FileType.Directory else os.path.dirname(root)
-    parts = {p: caption_part_name(os.path.relpath(p, base), sizes[p]) for p in paths}
-    done = {path.rsplit("/", 1)[-1][len(PART_PREFIX):-len(out.PARQUET_SUFFIX)]
-            for path in out.list_parts(output.fs, output.root)}
-    return {"parts": parts, "done": done, "filesystem": filesystem}
-
-
 def regenerate(cfg: RegenerateConfig, on_part: Optional[Callable[[int, Dict], None]] = None) -> Dict:
     """Caption every shard whose part is not committed yet; returns a summary.
 
@@ -110,7 +77,7 @@ def regenerate(cfg: RegenerateConfig, on_part: Optional[Callable[[int, Dict], No
     connected = connect_first(cfg.address)  # a cluster that does not answer: one line, the output untouched
     try:
         with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
-            plan = plan_parts(cfg, output)
+            plan = plan_parts(cfg.shards, output)
             shard_rows = dict(zip(plan["parts"], out.part_rows(plan["filesystem"], list(plan["parts"]))))
             todo = [{"shard": p, "part": name} for p, name in plan["parts"].items() if name not in plan["done"]]
             summary = {"shards": len(plan["parts"]), "rows": sum(shard_rows.values()),

@@ -5,26 +5,9 @@
         [--scale 4] [--seed 0] [--shard-rows N] [--max-pixels N] [--max-bytes N]
         [--captioner off|template|qwen2vl] [--overwrite] [--address ...] [--num-cpus ...]
 
-Pipeline: list files (streamed into `_work/` Parquet chunks, cut into units of `files_per_task`
-files) -> [read, digest, skip finished, decode, crop, degrade, template captions] (Ray tasks,
-about four per cluster CPU, each working through a run of units and passing each unit's pairs
-on as it goes) -> [write one shard per `shard_rows` rows] (a small pool of writer actors). Layout of `--output` (written through `pipeline.output`):
-
-    _run.json                   run record: the settings that define the pairs; a rerun must match
-    _lease.json                 held while a run writes; a second concurrent run refuses
-    shards/part-<hash>.parquet  PAIR_SCHEMA rows (pipeline/schema.py), at most shard_rows each
-    errors/part-<hash>.parquet  ERROR_SCHEMA rows: one per file that failed or is unsupported
-    manifest.json               every committed shard with its row count, and totals
-
-Identity: `sample_id` = hash of the file's bytes (sha256) and the crop's index, so the same
-image reached through a moved, renamed or symlinked path has the same ids and is not redone;
-crops and degradations are drawn from (seed, content digest, crop index), so each pair depends
-only on the bytes, never on the path, worker count or batch size.
-
-Resume: every part is committed atomically (dot-prefixed temp file, then rename); a killed run
-leaves no partial shard. A rerun builds a hash-partitioned index of the finished sample_ids
-(and errored source_uris) inside Ray Data from the committed parts; each task skips the crops
-(and files) found there. Delete errors/ to retry failed files.
+The pairs are built by `pipeline.pairs` (per file: crops and degradations drawn from the
+content digest) in the Ray Data plan of `pipeline.pairs_dataset`, which also owns the output's
+layout (shards/, errors/, manifest.json) and its resume.
 
 Inputs: a literal path (file or directory) is never read as a glob; `--glob` (or a path that
 does not exist) makes it one. Directories are walked recursively, following directory
@@ -39,104 +22,27 @@ import argparse
 import contextlib
 import fnmatch
 import glob as globlib
-import hashlib
 import json
 import os
 import stat
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import asdict
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import cv2
-import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status, init_ray, is_local,
                          resolve_fs, run_job)
 from pipeline import names
 from pipeline import output as out
-from pipeline import shards as pair_shards
-from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
-from pipeline.images import ALPHA_MODES, ImageDecodeError, ImageTooLarge, load_image, to_rgb8
-from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, IMAGE_COLUMNS, PAIR_SCHEMA, content_sample_id, dataset_card,
-                             encode_png)
+from pipeline import pairs_dataset as dataset
+from pipeline.degrade import DEGRADATION_KINDS
+from pipeline.images import ALPHA_MODES
+from pipeline.pairs import CAPTIONERS, CROP_MODES, IMAGE_EXTENSIONS, PrepareConfig, SourceReader
+from pipeline.pairs_dataset import ERRORS_DIR, MANIFEST_FILE, SHARDS_DIR, WORK_DIR
 
-CROP_MODES = ("random", "grid")
-CAPTIONERS = ("off", "template", "qwen2vl")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
-                    ".pgm", ".jfif")
-SHARDS_DIR, ERRORS_DIR, WORK_DIR = pair_shards.SHARDS_DIR, "errors", "_work"
-ERRORS_FILE, MANIFEST_FILE = ERRORS_DIR, "manifest.json"  # errors: a directory of parts
-PART_PREFIX, TMP_PREFIX, PARQUET_SUFFIX = out.PART_PREFIX, out.TMP_PREFIX, out.PARQUET_SUFFIX
-ROW_GROUP_ROWS = out.ROW_GROUP_ROWS  # pairs per Parquet row group: readers stream a shard in small steps
-CROP_STREAM = 1  # keeps the crop generator's seed apart from the degradation's
 GLOB_CHARS = "*?["
-WORK_CHUNK_ROWS = 50_000  # listed files per `_work` chunk: the listing never sits whole in memory
-DEFAULT_MAX_PIXELS = 40_000_000  # ~1.6 GB peak per task at the decode + composite
-DEFAULT_MAX_BYTES = 256 << 20
-# Fields of PrepareConfig that change the pairs: a rerun into the same output must keep them.
-DATA_FIELDS = ("patch_size", "crops_per_image", "crop_mode", "scale", "seed", "alpha", "degradation",
-               "captioner")
-WORK_SCHEMA = pa.schema([("source_uri", pa.string()), ("reject", pa.string())])
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Everything the job needs; `main` only parses flags into one of these."""
-
-    input: str
-    output: str
-    patch_size: int = 512
-    crops_per_image: int = 1  # random: exactly N crops; grid: the first N tiles in raster order
-    crop_mode: str = "random"
-    degradation: str = "realesrgan"  # realesrgan (the paper's data) | bicubic (classical x1/scale)
-    scale: int = 4
-    seed: int = 0
-    shard_rows: int = 500
-    captioner: str = "off"
-    files_per_task: int = 4  # source files per unit of work (a task works through a run of units)
-    num_workers: Optional[int] = None  # concurrent decode/degrade tasks; None: as many as CPUs
-    alpha: str = "white"  # transparent pixels: composited on "white", or the alpha "drop"ped
-    extensions: Tuple[str, ...] = IMAGE_EXTENSIONS
-    glob: bool = False  # read `input` as a glob pattern even when such a path exists
-    max_pixels: int = DEFAULT_MAX_PIXELS  # header check before decode
-    max_bytes: int = DEFAULT_MAX_BYTES
-    overwrite: bool = False  # delete the output's earlier results instead of resuming
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None  # CPUs of a local Ray started by the job
-
-    def __post_init__(self):
-        if self.crop_mode not in CROP_MODES:
-            raise ValueError(f"unknown crop mode: {self.crop_mode!r} (choose from {CROP_MODES})")
-        if self.captioner not in CAPTIONERS:
-            raise ValueError(f"unknown captioner: {self.captioner!r} (choose from {CAPTIONERS})")
-        if self.degradation not in DEGRADATION_KINDS:
-            raise ValueError(f"unknown degradation: {self.degradation!r} (choose from {DEGRADATION_KINDS})")
-        if self.alpha not in ALPHA_MODES:
-            raise ValueError(f"unknown alpha mode: {self.alpha!r} (choose from {ALPHA_MODES})")
-        for name in ("patch_size", "crops_per_image", "scale", "shard_rows", "files_per_task",
-                     "max_pixels", "max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.patch_size % self.scale:
-            raise ValueError(f"patch_size {self.patch_size} is not divisible by scale {self.scale}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.num_workers is not None and self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if not self.input or not self.output:
-            raise ValueError("input and output must be given")
-
-    def data_settings(self) -> Dict[str, Any]:
-        """The settings that define the pairs (the run record's params)."""
-        return {**{name: getattr(self, name) for name in DATA_FIELDS},
-                "degradation_params_version": PARAMS_VERSION}
-
-    def record(self) -> Dict[str, Any]:
-        return out.run_record("prepare_data", self.input, self.data_settings())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,308 +222,14 @@ def _file_kind(mode: int) -> str:
     return "special file"
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-file stage (pure functions; no Ray)
-# ---------------------------------------------------------------------------------------------
+READER = SourceReader(read_bytes, InputTooLarge)  # how the degrade tasks read a listed file
 
-def plan_crops(height: int, width: int, key: str, *, patch_size: int, count: int,
-               mode: str, seed: int) -> List[Tuple[int, int]]:
-    """Top-left corners (y, x) of up to `count` patch_size crops of a height x width image.
-
-    random: crop i is drawn from a generator seeded by (seed, key, i), `key` being the
-    source's content digest (hex); repeated corners (possible on small images) are kept once.
-    grid: non-overlapping tiles in raster order. Returns [] when the image is smaller than one
-    patch. A crop's index in the returned list is part of its sample_id and does not change
-    when more crops are asked for.
-    """
-    if height < patch_size or width < patch_size:
-        return []
-    if mode == "grid":
-        tiles = [(y, x) for y in range(0, height - patch_size + 1, patch_size)
-                 for x in range(0, width - patch_size + 1, patch_size)]
-        return tiles[:count]
-    if mode != "random":
-        raise ValueError(f"unknown crop mode: {mode!r}")
-    stream = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-    corners: List[Tuple[int, int]] = []
-    for index in range(count):
-        rng = np.random.default_rng([seed, CROP_STREAM, stream, index])
-        corner = (int(rng.integers(height - patch_size + 1)), int(rng.integers(width - patch_size + 1)))
-        if corner not in corners:
-            corners.append(corner)
-    return corners
-
-
-def error_row(source_uri: str, stage: str, error: str) -> Dict[str, str]:
-    """One ERROR_SCHEMA row."""
-    return {"source_uri": source_uri, "stage": stage, "error": error}
-
-
-def make_pair(hr: np.ndarray, source_uri: str, y: int, x: int, *, sample_id: str, scale: int,
-              seed: int, conversion: str, degradation: str = "realesrgan") -> Dict[str, Any]:
-    """One PAIR_SCHEMA row (caption columns left out) from an HR patch, uint8 PxPx3 RGB."""
-    size = hr.shape[0]
-    lr, params = degrade(hr, seed=seed, sample_id=sample_id, scale=scale, kind=degradation)
-    return {"sample_id": sample_id, "source_uri": source_uri,
-            "crop": json.dumps({"y": y, "x": x, "size": size}), "hr": encode_png(hr),
-            "lr": encode_png(lr), "hr_size": size, "scale": scale,
-            "degradation": json.dumps(params, sort_keys=True), "seed": seed,
-            "conversion": conversion}
-
-
-def candidate_ids(digest: str, cfg: PrepareConfig) -> List[str]:
-    """sample_ids of crops 0..crops_per_image-1 of the content `digest` (some may not exist)."""
-    return [content_sample_id(digest, i) for i in range(cfg.crops_per_image)]
-
-
-def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: Iterable[str] = (),
-                   digest: Optional[str] = None
-                   ) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
-    """Decode one file, crop and degrade it: (pair rows, None) or ([], error row).
-
-    Crops whose sample_id is in `skip_ids` are not produced (they are already written).
-    The pixel count is checked from the header before anything is decoded.
-    """
-    digest = digest or out.bytes_digest(data)
-    try:
-        rgb, conversion = to_rgb8(load_image(data, source_uri, cfg.max_pixels), alpha=cfg.alpha)
-    except ImageTooLarge as exc:
-        return [], error_row(source_uri, "limit", str(exc))
-    except (ImageDecodeError, ValueError) as exc:
-        return [], error_row(source_uri, "decode", str(exc))
-    height, width = rgb.shape[:2]
-    corners = plan_crops(height, width, digest, patch_size=cfg.patch_size,
-                         count=cfg.crops_per_image, mode=cfg.crop_mode, seed=cfg.seed)
-    if not corners:
-        return [], error_row(source_uri, "crop", f"too small: {width}x{height} < patch "
-                                                 f"{cfg.patch_size}x{cfg.patch_size}")
-    skip, size = set(skip_ids), cfg.patch_size
-    rows = []
-    for index, (y, x) in enumerate(corners):
-        sample_id = content_sample_id(digest, index)
-        if sample_id in skip:
-            continue
-        hr = np.ascontiguousarray(rgb[y:y + size, x:x + size])
-        rows.append(make_pair(hr, source_uri, y, x, sample_id=sample_id, scale=cfg.scale,
-                              seed=cfg.seed, conversion=conversion, degradation=cfg.degradation))
-    return rows, None
-
-
-def process_uri(source_uri: str, cfg: PrepareConfig, done: out.DoneIndex = out.EMPTY_INDEX
-                ) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
-    """`process_source` on a file read from its URI, skipping the crops `done` holds.
-
-    Unreadable, special or oversized files give an error row; a file whose crops are all done
-    is not decoded.
-    """
-    try:
-        data = read_bytes(source_uri, cfg.max_bytes)
-    except InputTooLarge as exc:
-        return [], error_row(source_uri, "read", str(exc))
-    except (OSError, MemoryError) as exc:
-        return [], error_row(source_uri, "read", f"{type(exc).__name__}: {exc}")
-    digest = out.bytes_digest(data)
-    ids = candidate_ids(digest, cfg)
-    finished = done.done(ids)
-    if finished.all():
-        return [], None
-    try:
-        return process_source(source_uri, data, cfg, [i for i, f in zip(ids, finished) if f], digest)
-    except Exception as exc:  # one bad file must not stop the job; the reason is recorded
-        return [], error_row(source_uri, "degrade", f"{type(exc).__name__}: {exc}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables and parts
-# ---------------------------------------------------------------------------------------------
-
-PAIR_COLUMNS_BEFORE_CAPTIONS = tuple(n for n in PAIR_SCHEMA.names if n not in CAPTION_COLUMNS)
-# as the pairs travel between stages: PNG bytes in the image columns (`pipeline.shards` stores them)
-_STAGE_SCHEMA = pa.schema([pa.field(n, pa.binary()) if n in IMAGE_COLUMNS else PAIR_SCHEMA.field(n)
-                           for n in PAIR_COLUMNS_BEFORE_CAPTIONS])
-
-
-def pairs_table(rows: List[Dict[str, Any]]) -> pa.Table:
-    """Rows of `make_pair` -> a table of PAIR_SCHEMA's columns without the caption columns."""
-    return pa.Table.from_pylist(rows, schema=_STAGE_SCHEMA)
-
-
-def _join(root: str, *names: str) -> str:
-    return "/".join([root.rstrip("/"), *names])
-
-
-def write_shard(table: pa.Table, output: str) -> Optional[Dict[str, Any]]:
-    """Commit one shard of pair rows under output/shards; its {"shard", "rows"} or None if empty."""
-    return pair_shards.write_shard(table, output, PARAMS_VERSION)
-
-
-def write_errors(rows: List[Dict[str, str]], output: str) -> None:
-    """Commit error rows as one part of output/errors (named by their sources)."""
-    if rows:
-        fs, root = resolve_fs(output)
-        name = out.content_part_name(r["source_uri"] for r in rows)
-        out.write_parquet_atomic(fs, _join(root, ERRORS_DIR, name),
-                                 pa.Table.from_pylist(rows, schema=ERROR_SCHEMA))
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Data adapters (thin: the work is in the functions above)
-# ---------------------------------------------------------------------------------------------
-
-def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> pa.Table:
-    """Batch of listed files {source_uri, reject} -> pair rows; its bad files go to output/errors.
-
-    Files with an error row already (`errors_done`) and crops already in a shard
-    (`shards_done`) are skipped.
-    """
-    cv2.setNumThreads(1)  # a Ray task holds one CPU; OpenCV would otherwise start a thread per core
-    config = PrepareConfig(**cfg)
-    items = batch.to_pylist()
-    recorded = errors_done.done([item["source_uri"] for item in items])
-    pairs, errors = [], []
-    for item, has_error in zip(items, recorded):
-        if has_error:
-            continue
-        if item.get("reject"):
-            errors.append(error_row(item["source_uri"], "unsupported", item["reject"]))
-            continue
-        rows, error = process_uri(item["source_uri"], config, shards_done)
-        pairs.extend(rows)
-        if error is not None:
-            errors.append(error)
-    write_errors(errors, config.output)
-    return pairs_table(pairs)
-
-
-def add_captions(ds, captioner: str):
-    """The caption stage of `pipeline.caption` (qwen2vl: its GPU actor pool)."""
-    from pipeline.caption import CaptionConfig, add_caption_stage
-
-    return add_caption_stage(ds, CaptionConfig(backend=captioner))
-
-
-def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Dict[str, Any],
-                  shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> Iterator[pa.Table]:
-    """Batch of run numbers {id} -> the pairs of each unit of those runs (`degrade_batch` on the
-    unit's files), unit by unit.
-
-    With a CPU captioner (template) or none, the task captions and writes them itself: it yields
-    the SHARD_SCHEMA row of each shard of `shard_rows` pairs as it commits it. With qwen2vl it
-    yields the pair rows, for the captioner's actor pool and the writer stage after it.
-    """
-    config = PrepareConfig(**cfg)
-    tables = (degrade_batch(files, cfg, shards_done, errors_done)
-              for files in out.rows_of_runs(batch, listing, runs))
-    if config.captioner == "qwen2vl":
-        yield from tables
-        return
-    if config.captioner != "off":
-        from pipeline.caption import CaptionConfig, caption_table
-
-        captions = CaptionConfig(backend=config.captioner)
-        tables = (caption_table(table, captions) for table in tables)
-    yield from pair_shards.write_shards(tables, config.output, PARAMS_VERSION, config.shard_rows)
-
-
-def degrade_runs(listing: out.ListingUnits, cfg: PrepareConfig, cluster_cpus: float) -> int:
-    """Degrade tasks (runs of units): `listing.runs`, but when the job writes its shards in the
-    degrade tasks no more than it takes to fill shards of `shard_rows` pairs (a task's last shard
-    is short), while keeping one task per CPU (or per `num_workers`)."""
-    runs = listing.runs(cluster_cpus)
-    if cfg.captioner == "qwen2vl":
-        return runs
-    pairs = sum(listing.rows) * cfg.crops_per_image  # at most; done and failed files make fewer
-    slots = cfg.num_workers or max(1, int(cluster_cpus))
-    return min(runs, max(slots, -(-pairs // cfg.shard_rows)))
-
-
-def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX):
-    """The listing, `files_per_task` files a unit -> a Ray Dataset of written shards ({shard, rows}).
-
-    Without a GPU captioner it is a single operator: a run of units per task (no batch size, so
-    the read of the run numbers fuses with it), each task degrading, captioning and writing its
-    pairs as it goes. No writer actor: an actor pool's start (its worker process, and Ray Data's
-    actor-location tracker, which holds up the first tasks) cost ~1 s of a 3 s small job.
-    """
-    import ray
-
-    compute = ray.data.TaskPoolStrategy(size=cfg.num_workers) if cfg.num_workers else None
-    cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    runs = degrade_runs(listing, cfg, cluster_cpus)
-    ds = listing.dataset(runs).map_batches(
-        degrade_units, fn_kwargs={"listing": listing, "runs": runs, "cfg": asdict(cfg),
-                                  "shards_done": shards_done, "errors_done": errors_done},
-        batch_size=None, batch_format="pyarrow", compute=compute)
-    if cfg.captioner == "qwen2vl":
-        ds = add_captions(ds, cfg.captioner)
-        return pair_shards.add_shard_writer(ds, cfg.output, PARAMS_VERSION, cfg.shard_rows, cluster_cpus)
-    # One operator, whose output is a row per shard: Ray Data's per-operator reservation (there
-    # to share CPUs and object store among operators) only held it to one task at a time until
-    # its first task had finished (measured: a CPU idle for the first second on 2 CPUs).
-    ds.context.op_resource_reservation_enabled = False  # this dataset's own context
-    return ds
-
-
-# ---------------------------------------------------------------------------------------------
-# Output state
-# ---------------------------------------------------------------------------------------------
 
 def write_work_listing(cfg: PrepareConfig, output: out.Output) -> out.ListingUnits:
-    """Stream the input listing into `_work/listing-NNNNN.parquet` chunks (WORK_SCHEMA), cut into
-    units of `files_per_task` files; the listing is never held whole."""
-    directory = output.path(WORK_DIR)
-    output.fs.delete_dir_contents(directory, missing_dir_ok=True)
+    """The input's files, listed into the output's `_work/` units (`pipeline.pairs_dataset`)."""
     exclude = [output.root if out.is_local(cfg.output) else output.uri]  # when it lies inside the input
-    rows = ({"source_uri": names.to_text(uri), "reject": reject}  # a name that is not UTF-8: a file:// URI
-            for uri, reject in iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude))
-    chunks, counts = out.write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)
-    return out.ListingUnits(output.fs, chunks, counts, cfg.files_per_task)
-
-
-def count_rows(fs: pafs.FileSystem, root: str, directory: str) -> Tuple[List[str], int]:
-    parts = out.list_parts(fs, _join(root, directory))
-    return parts, sum(out.part_rows(fs, parts))
-
-
-def count_failed(fs: pafs.FileSystem, root: str) -> int:
-    """Error rows of files that failed (every stage but `unsupported`: a file that is not an
-    image by its extension is not a failure), read a part's `stage` column at a time."""
-    failed = 0
-    for path in out.list_parts(fs, _join(root, ERRORS_DIR)):
-        with fs.open_input_file(path) as f:
-            stages = pq.read_table(f, columns=["stage"]).column("stage")
-        failed += len(stages) - stages.to_pylist().count("unsupported")
-    return failed
-
-
-def write_manifest(fs: pafs.FileSystem, root: str, cfg: PrepareConfig) -> Dict[str, Any]:
-    """manifest.json: every committed shard (path relative to the output) and its row count."""
-    shards = out.list_parts(fs, _join(root, SHARDS_DIR))
-    rows = out.part_rows(fs, shards)
-    _, n_errors = count_rows(fs, root, ERRORS_DIR)
-    manifest = {"format": "flowsr-pairs", "schema": PAIR_SCHEMA.names,
-                "settings": cfg.data_settings(),
-                "shards": [{"path": f"{SHARDS_DIR}/{p.rsplit('/', 1)[-1]}", "rows": n}
-                           for p, n in zip(shards, rows)],
-                "total_rows": sum(rows),
-                "errors": {"path": ERRORS_DIR, "rows": n_errors, "failed": count_failed(fs, root)}}
-    out.write_json_atomic(fs, _join(root, MANIFEST_FILE), manifest)
-    card = dataset_card(f"{SHARDS_DIR}/*.parquet", scale=cfg.scale, params_version=PARAMS_VERSION)
-    out.write_bytes_atomic(fs, _join(root, "README.md"), card.encode())
-    return manifest
-
-
-def read_errors(output: str) -> pa.Table:
-    """All error rows of an output (ERROR_SCHEMA)."""
-    fs, root = resolve_fs(output)
-    tables = []
-    for path in out.list_parts(fs, _join(root, ERRORS_DIR)):
-        with fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f).cast(ERROR_SCHEMA))
-    return pa.concat_tables(tables) if tables else ERROR_SCHEMA.empty_table()
+    files = iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude)
+    return dataset.write_work_units(output, files, cfg.files_per_task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,15 +251,15 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
             out.remove_file(output.uri_of(MANIFEST_FILE))  # written again only when this run finishes
             listing = write_work_listing(cfg, output)
             listed = sum(listing.rows)
-            shard_parts, pairs_before = count_rows(fs, root, SHARDS_DIR)
-            error_parts, errors_before = count_rows(fs, root, ERRORS_DIR)
+            shard_parts, pairs_before = dataset.count_rows(fs, root, SHARDS_DIR)
+            error_parts, errors_before = dataset.count_rows(fs, root, ERRORS_DIR)
             pairs = shards = 0
             if listing.count:
                 started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
                 try:
                     shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
                     errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
-                    for row in build_dataset(listing, cfg, shards_done, errors_done).iter_rows():
+                    for row in dataset.build_dataset(listing, cfg, READER, shards_done, errors_done).iter_rows():
                         pairs, shards = pairs + row["rows"], shards + 1
                         if on_shard is not None:
                             on_shard(row)
@@ -656,7 +268,7 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
                         import ray
 
                         ray.shutdown()
-            manifest = write_manifest(fs, root, cfg)
+            manifest = dataset.write_manifest(fs, root, cfg)
             out.remove_dir(fs, output.path(WORK_DIR))
             out.remove_dir(fs, output.path(out.INDEX_DIR))
     finally:

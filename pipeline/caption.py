@@ -9,7 +9,7 @@ Backends (`CaptionConfig.backend`):
   `qwen_vl_utils.process_vision_info`, batched greedy generation with left padding, bf16 on GPU.
   One versioned prompt per role asks for a one-sentence image-quality description.
 * `"template"` - the offline default: a deterministic caption built from the degradation
-  parameters recorded in the row (blur, noise kind and level, JPEG quality, resizes).
+  parameters recorded in the row (`pipeline.caption_templates`).
 * `"off"` - the caption columns are added as nulls.
 
 `Captioner` follows Ray's batch-inference template: the model is loaded once in `__init__`,
@@ -17,14 +17,11 @@ Backends (`CaptionConfig.backend`):
 `hr_caption`, `lr_caption`, `caption_model` and `caption_prompt_version`. It runs in a plain loop
 without Ray; `add_caption_stage` is the thin Ray Data adapter.
 
-Caption tables (written by `jobs.caption`) hold CAPTION_SCHEMA rows keyed by `sample_id`;
-`join_captions` replaces a pair table's caption columns by a table's.
+Caption tables (written by `jobs.caption`, joined by readers) are `pipeline.caption_tables`.
 """
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -32,9 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from pipeline.caption_templates import TEMPLATES, parse_degradation, template_lr_caption
 from pipeline.schema import CAPTION_COLUMNS, CAPTION_SCHEMA, decode_png
 
 BACKENDS = ("off", "template", "qwen2vl")
@@ -149,172 +145,6 @@ def clip_token_counter():
 
     tokenizer = SimpleTokenizer()
     return lambda text: len(tokenizer.encode(text))
-
-
-# ---------------------------------------------------------------------------------------------
-# Template captions from the recorded degradation (pipeline.degrade's params layout)
-# ---------------------------------------------------------------------------------------------
-
-# Effective blur sigma, in LR pixels: (slightly soft, blurry, heavily blurred) from these up.
-BLUR_LEVELS = (0.25, 0.5, 0.8)
-# Noise std at LR resolution, 0..255 units (see strongest_noise): slight / visible / strong.
-NOISE_LEVELS = (3.0, 8.0, 18.0)
-POISSON_TO_SIGMA = 11.3  # std of Real-ESRGAN Poisson noise at mid-gray, 256 levels, per unit scale
-# JPEG quality below these: mild / visible / heavy compression artifacts.
-JPEG_LEVELS = (80.0, 60.0, 40.0)
-# Fraction of LR resolution the image passed through: lost fine detail / lost much detail.
-RESOLUTION_LEVELS = (0.85, 0.55)
-SINC_RINGING_OMEGA = 0.5 * math.pi  # sinc cut-offs below this leave visible ringing
-# Summed levels of all defects -> overall rating (about a third of Real-ESRGAN draws each).
-OVERALL_LEVELS = ((8, "very poor"), (6, "poor"), (0, "mediocre"))
-
-TEMPLATES: Dict[str, Dict[str, Any]] = {
-    "v1": {
-        "hr": "image quality is excellent, sharp and clean, with clear details and natural colors.",
-        "blur": ("slightly soft", "blurry", "heavily blurred"),
-        "noise": ("slight", "visible", "strong"),
-        "jpeg": ("mild JPEG artifacts", "visible JPEG compression artifacts",
-                 "heavy JPEG compression artifacts"),
-        "resolution": ("lacking fine detail", "missing most fine detail"),
-        "ringing": "ringing around edges",
-        "unknown": "image quality is poor, low-resolution and degraded.",
-    },
-}
-
-
-def _level(value: float, thresholds: Sequence[float], ascending: bool = True) -> int:
-    """0 below the first threshold, i when past the i-th (descending thresholds: below it)."""
-    passed = [value >= t if ascending else value < t for t in thresholds]
-    return sum(passed)
-
-
-def _gaussian_blurs(params: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
-    out = []
-    for stage in ("stage1", "stage2"):
-        kernel = (params.get(stage) or {}).get("blur")
-        if isinstance(kernel, dict) and "sigma_x" in kernel:
-            out.append((stage, kernel))
-    return out
-
-
-def effective_blur(params: Dict[str, Any]) -> float:
-    """Blur sigma in LR pixels: stage-1 sigma / scale and stage-2 sigma / (scale * stage-1 resize),
-    combined in quadrature (each kernel's larger sigma)."""
-    scale = float(params.get("scale") or 4)
-    factor1 = float(((params.get("stage1") or {}).get("resize") or {}).get("factor") or 1.0)
-    pixels_per_lr = {"stage1": scale, "stage2": scale * factor1}
-    total = 0.0
-    for stage, kernel in _gaussian_blurs(params):
-        sigma = max(float(kernel.get("sigma_x") or 0), float(kernel.get("sigma_y") or 0))
-        total += (sigma / pixels_per_lr[stage]) ** 2
-    return math.sqrt(total)
-
-
-def resolution_fraction(params: Dict[str, Any]) -> float:
-    """Smallest size the image passed through, as a fraction of the final LR size (<= 1)."""
-    scale = float(params.get("scale") or 4)
-    factor1 = ((params.get("stage1") or {}).get("resize") or {}).get("factor")
-    factor2 = ((params.get("stage2") or {}).get("resize") or {}).get("factor")
-    sizes = [1.0]
-    if factor1 is not None:
-        sizes.append(scale * float(factor1))
-    if factor1 is not None and factor2 is not None:
-        sizes.append(float(factor2))
-    return min(sizes)
-
-
-def strongest_noise(params: Dict[str, Any]) -> Optional[Tuple[float, str, bool]]:
-    """(std at LR resolution in 0..255 units, kind, gray) of the stronger noise step, or None.
-
-    Stage-1 noise is added at `scale * factor1` pixels per LR pixel; the later downscale averages
-    it, dividing its std by that ratio (when above 1). Poisson scales use POISSON_TO_SIGMA.
-    """
-    scale = float(params.get("scale") or 4)
-    factor1 = float(((params.get("stage1") or {}).get("resize") or {}).get("factor") or 1.0)
-    reduction = {"stage1": max(1.0, scale * factor1), "stage2": 1.0}
-    best = None
-    for stage in ("stage1", "stage2"):
-        noise = (params.get(stage) or {}).get("noise")
-        if not isinstance(noise, dict):
-            continue
-        kind = noise.get("kind")
-        if kind == "gaussian" and noise.get("sigma") is not None:
-            std = float(noise["sigma"])
-        elif kind == "poisson" and noise.get("scale") is not None:
-            std = float(noise["scale"]) * POISSON_TO_SIGMA
-        else:
-            continue
-        std /= reduction[stage]
-        if best is None or std > best[0]:
-            best = (std, kind, bool(noise.get("gray", False)))
-    return best
-
-
-def lowest_jpeg_quality(params: Dict[str, Any]) -> Optional[float]:
-    qualities = [(params.get(key) or {}).get("jpeg_quality") for key in ("stage1", "final")]
-    qualities = [float(q) for q in qualities if q is not None]
-    return min(qualities) if qualities else None
-
-
-def has_ringing(params: Dict[str, Any]) -> bool:
-    kernels = [(params.get(s) or {}).get("blur") for s in ("stage1", "stage2")]
-    kernels.append((params.get("final") or {}).get("sinc"))
-    return any(isinstance(k, dict) and k.get("family") == "sinc"
-               and float(k.get("omega_c", math.pi)) < SINC_RINGING_OMEGA for k in kernels)
-
-
-def template_lr_caption(params: Optional[Dict[str, Any]], version: str = "v1") -> str:
-    """Negative quality caption of an LR image from its degradation params (pipeline.degrade).
-
-    Deterministic; missing keys are skipped; no params at all gives a generic negative caption.
-    """
-    words = TEMPLATES[version]
-    if not params:
-        return words["unknown"]
-    adjectives, defects, severity = ["low-resolution"], [], 0
-
-    blur = _level(effective_blur(params), BLUR_LEVELS)
-    if blur:
-        adjectives.append(words["blur"][blur - 1])
-        severity += blur
-    resolution = _level(resolution_fraction(params), RESOLUTION_LEVELS, ascending=False)
-    if resolution:
-        adjectives.append(words["resolution"][resolution - 1])
-        severity += resolution
-    noise = strongest_noise(params)
-    if noise is not None and _level(noise[0], NOISE_LEVELS):
-        level = _level(noise[0], NOISE_LEVELS)
-        defects.append(f"{words['noise'][level - 1]} {noise[1]} {'gray' if noise[2] else 'color'} noise")
-        severity += level
-    quality = lowest_jpeg_quality(params)
-    if quality is not None and _level(quality, JPEG_LEVELS, ascending=False):
-        level = _level(quality, JPEG_LEVELS, ascending=False)
-        defects.append(words["jpeg"][level - 1])
-        severity += level
-    if has_ringing(params):
-        defects.append(words["ringing"])
-        severity += 1
-
-    overall = next(name for bound, name in OVERALL_LEVELS if severity >= bound)
-    caption = f"image quality is {overall}, {_join(adjectives)}"
-    return caption + (f", with {_join(defects)}." if defects else ".")
-
-
-def _join(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def parse_degradation(value) -> Optional[Dict[str, Any]]:
-    """The `degradation` column (JSON string, bytes or None) as a dict, or None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode()
-    if isinstance(value, str):
-        if not value.strip():
-            return None
-        value = json.loads(value)
-    return value if isinstance(value, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,146 +367,3 @@ def add_caption_stage(ds, cfg: CaptionConfig, *, whole_blocks: bool = False):
                               batch_size=cfg.batch_size, batch_format="numpy",
                               num_gpus=cfg.num_gpus, compute=actor_pool(cfg))
     raise ValueError(f"unknown caption backend: {cfg.backend!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Caption tables: CAPTION_SCHEMA rows keyed by sample_id
-# ---------------------------------------------------------------------------------------------
-
-PART_PREFIX = "part-"
-TMP_PREFIX = ".tmp-"  # pyarrow and Ray skip dot-files, so an unfinished part is never read
-
-
-def caption_part_paths(uri: str) -> List[str]:
-    """Finished part files of a caption table (sorted); [] when the directory does not exist."""
-    from pyarrow import fs as pafs
-
-    from pipeline.storage import resolve_fs
-
-    filesystem, root = resolve_fs(uri)
-    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    return sorted(i.path for i in infos if i.is_file and i.base_name.startswith(PART_PREFIX)
-                  and i.base_name.endswith(".parquet"))
-
-
-def read_caption_table(uri: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    """All finished parts of a caption table as one CAPTION_SCHEMA table (empty when none)."""
-    from pipeline.storage import resolve_fs
-
-    filesystem, _ = resolve_fs(uri)
-    schema = CAPTION_SCHEMA if columns is None else pa.schema([CAPTION_SCHEMA.field(c) for c in columns])
-    tables = [pq.read_table(p, filesystem=filesystem, columns=schema.names, schema=schema)
-              for p in caption_part_paths(uri)]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def write_caption_part(table: pa.Table, uri: str, name: str) -> str:
-    """Commit `table` (CAPTION_SCHEMA) as part `name` atomically: temp dot-file, then rename."""
-    from pipeline.output import write_parquet_atomic
-    from pipeline.storage import resolve_fs
-
-    filesystem, root = resolve_fs(uri)
-    final = f"{root}/{PART_PREFIX}{name}.parquet"
-    write_parquet_atomic(filesystem, final, table.select(CAPTION_SCHEMA.names).cast(CAPTION_SCHEMA),
-                         row_group_size=1 << 14)
-    return final
-
-
-def caption_part_name(shard_path: str, shard_size: int) -> str:
-    """The caption part of one pair shard: named by the shard's path and size, so a rerun finds
-    which shards are done by listing the parts (no per-row state)."""
-    import hashlib
-
-    return hashlib.sha1(f"{shard_path}|{shard_size}".encode()).hexdigest()[:24]
-
-
-PART_INFO_SCHEMA = pa.schema([("part", pa.string()), ("rows", pa.int64())])
-
-
-class ShardCaptioner:
-    """Caption whole pair shards: batch of {shard, part} -> {part, rows}, each part committed.
-
-    A shard is read `batch_size` rows at a time (only the backend's columns), captioned by a
-    `Captioner` built once, and its CAPTION_SCHEMA rows committed as one part file. A killed
-    run leaves whole parts only; memory is bounded by one batch of images plus one shard's text.
-    """
-
-    def __init__(self, cfg: Dict[str, Any] | CaptionConfig, output: str, shards_uri: str, backend=None):
-        self.captioner = Captioner(cfg, backend=backend)
-        self.output, self.shards_uri = output, shards_uri
-
-    def caption_shard(self, shard_path: str, part: str) -> int:
-        from pipeline.storage import resolve_fs
-
-        cfg = self.captioner.cfg
-        filesystem, _ = resolve_fs(self.shards_uri)
-        columns = list(dict.fromkeys(("sample_id",) + required_columns(cfg)))
-        pieces = []
-        with filesystem.open_input_file(shard_path) as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=cfg.batch_size, columns=columns):
-                batch = {name: record_batch.column(name).to_numpy(zero_copy_only=False)
-                         for name in record_batch.schema.names}
-                captioned = self.captioner(batch)
-                pieces.append(pa.table({name: pa.array(list(captioned[name]), CAPTION_SCHEMA.field(name).type)
-                                        for name in CAPTION_SCHEMA.names}, schema=CAPTION_SCHEMA))
-        table = pa.concat_tables(pieces) if pieces else CAPTION_SCHEMA.empty_table()
-        write_caption_part(table, self.output, part)
-        return table.num_rows
-
-    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        rows = [self.caption_shard(shard, part) for shard, part in zip(batch["shard"], batch["part"])]
-        return {"part": np.array(list(batch["part"]), dtype=object), "rows": np.array(rows, np.int64)}
-
-
-def caption_shards_task(batch: Dict[str, np.ndarray], cfg: Dict[str, Any], output: str,
-                        shards_uri: str) -> Dict[str, np.ndarray]:
-    """Stateless form of `ShardCaptioner` (template backend) for a plain Ray task map."""
-    return ShardCaptioner(cfg, output, shards_uri)(batch)
-
-
-def caption_shards(ds, cfg: CaptionConfig, output: str, shards_uri: str):
-    """Ray Data adapter: rows {shard, part} -> {part, rows}, one committed part per shard.
-    qwen2vl runs on an actor pool (model loaded once per actor)."""
-    if cfg.backend == "template":
-        return ds.map_batches(caption_shards_task, batch_size=1, batch_format="numpy",
-                              fn_kwargs={"cfg": asdict(cfg), "output": output, "shards_uri": shards_uri})
-    if cfg.backend == "qwen2vl":
-        return ds.map_batches(ShardCaptioner, batch_size=1, batch_format="numpy",
-                              fn_constructor_kwargs={"cfg": asdict(cfg), "output": output,
-                                                     "shards_uri": shards_uri},
-                              num_gpus=cfg.num_gpus, compute=actor_pool(cfg))
-    raise ValueError(f"backend {cfg.backend!r} has no captioner")
-
-
-def replace_captions(pairs: pa.Table, captions: pa.Table) -> pa.Table:
-    """`pairs` with its caption columns taken from `captions` by sample_id (row order kept).
-
-    Rows whose sample_id is not in `captions` get null captions.
-    """
-    index = pc.index_in(pairs["sample_id"], value_set=captions["sample_id"])
-    out = pairs.drop_columns([c for c in CAPTION_COLUMNS if c in pairs.column_names])
-    for name in CAPTION_COLUMNS:
-        out = out.append_column(CAPTION_SCHEMA.field(name), captions[name].take(index))
-    return out
-
-
-def _replace_captions_batch(batch: pa.Table, captions_ref) -> pa.Table:
-    import ray
-
-    return replace_captions(batch, ray.get(captions_ref))
-
-
-def join_captions(pairs, caption_table_uri: str, num_cpus: Optional[float] = None):
-    """Replace the caption columns of `pairs` (pyarrow Table or Ray Dataset) by a caption table's.
-
-    The caption table is small (text only), so it is broadcast to every batch rather than
-    shuffled; rows missing from it get null captions. Returns the same kind as `pairs`.
-    `num_cpus`: logical CPUs of each Ray task (default: Ray Data's).
-    """
-    captions = read_caption_table(caption_table_uri)
-    if isinstance(pairs, pa.Table):
-        return replace_captions(pairs, captions)
-    import ray
-
-    return pairs.map_batches(_replace_captions_batch, fn_kwargs={"captions_ref": ray.put(captions)},
-                             batch_format="pyarrow", batch_size=None, num_cpus=num_cpus)

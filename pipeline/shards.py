@@ -7,7 +7,7 @@ they are made.
 - `add_shard_writer`: a Ray Data stage of 0-CPU writer actors, for pairs that come out of
   another pool first (the qwen2vl captioner's GPU actors).
 
-Apart from `jobs.prepare_data` so that a writer process imports pyarrow, the schema and the
+Apart from `pipeline.pairs_dataset` so that a writer process imports pyarrow, the schema and the
 output layer only (not OpenCV, SciPy and the degradation): a writer actor starts in about half
 the time, which a small job on a few cores feels.
 """

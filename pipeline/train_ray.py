@@ -190,7 +190,7 @@ def load_datasets(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = Non
             return read_parquet(uri, list(TRAIN_COLUMNS), shuffle)
         if not cfg.data.caption_table:
             raise ValueError("data.caption_source=table needs data.caption_table (a caption table URI)")
-        from pipeline.caption import join_captions
+        from pipeline.caption_tables import join_captions
 
         images = [c for c in TRAIN_COLUMNS if not c.endswith("_caption")]
         joined = join_captions(read_parquet(uri, images, shuffle), cfg.data.caption_table, num_cpus=read_cpus)

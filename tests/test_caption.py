@@ -10,6 +10,8 @@ import pytest
 
 from jobs import caption as caption_job
 from pipeline import caption as C
+from pipeline import caption_tables as tables
+from pipeline import caption_templates as T
 from pipeline.qwen_offline import SPECIAL_TOKENS, build_qwen2vl, tiktoken_path
 from pipeline.schema import CAPTION_SCHEMA, encode_png, image_bytes
 from pipeline.shards import conform_pairs
@@ -161,19 +163,19 @@ SEVERE = {"scale": 4, "stage1": {"blur": {"family": "aniso", "sigma_x": 3.0, "si
 
 
 def test_template_captions_reflect_params_and_are_deterministic():
-    severe = C.template_lr_caption(SEVERE)
+    severe = T.template_lr_caption(SEVERE)
     assert severe.startswith("image quality is very poor")
     for phrase in ("heavily blurred", "missing most fine detail", "strong poisson gray noise",
                    "heavy JPEG compression artifacts", "ringing"):
         assert phrase in severe
     noisy = {**MILD, "stage2": {**MILD["stage2"], "noise": {"kind": "gaussian", "sigma": 20.0}}}
-    assert "strong gaussian color noise" in C.template_lr_caption(noisy)
+    assert "strong gaussian color noise" in T.template_lr_caption(noisy)
     jpeg = {**MILD, "final": {"jpeg_quality": 50.0}}
-    assert "visible JPEG compression artifacts" in C.template_lr_caption(jpeg)
-    assert C.template_lr_caption(json.loads(json.dumps(SEVERE))) == severe
+    assert "visible JPEG compression artifacts" in T.template_lr_caption(jpeg)
+    assert T.template_lr_caption(json.loads(json.dumps(SEVERE))) == severe
 
     out = C.Captioner({"backend": "template"})(as_batch(make_rows(3)))
-    assert set(out["hr_caption"]) == {C.TEMPLATES["v1"]["hr"]}
+    assert set(out["hr_caption"]) == {T.TEMPLATES["v1"]["hr"]}
     assert set(out["caption_model"]) == {"template"} and set(out["caption_prompt_version"]) == {"v1"}
     assert len(set(out["lr_caption"])) == 3  # the rows' params differ
 
@@ -185,7 +187,7 @@ def test_template_caption_derived_from_the_parameters():
     cut-off below pi/2 (ringing); the overall word from the summed levels (>= 8 very poor, >= 6
     poor, else mediocre)."""
     # MILD: blur 0.3 / 4 = 0.075 (0), sizes 1, 4 x 1.0 (0), noise 1.0 / 4 and 1.0 (0), JPEG 90 (0)
-    assert C.template_lr_caption(MILD) == "image quality is mediocre, low-resolution."
+    assert T.template_lr_caption(MILD) == "image quality is mediocre, low-resolution."
     params = {"scale": 4,
               "stage1": {"blur": {"family": "iso", "sigma_x": 2.4, "sigma_y": 2.4},  # 2.4 / 4 = 0.6: level 2
                          "resize": {"factor": 0.1},  # passes through 4 x 0.1 = 0.4 of LR: level 2
@@ -195,16 +197,16 @@ def test_template_caption_derived_from_the_parameters():
                          "noise": {"kind": "gaussian", "sigma": 20.0, "gray": False}},  # >= 18: level 3
               "final": {"sinc": {"family": "sinc", "size": 11, "omega_c": 1.0}, "jpeg_quality": 95.0}}  # ringing: 1
     # 2 + 2 + 3 + 2 + 1 = 10 >= 8
-    assert C.template_lr_caption(params) == (
+    assert T.template_lr_caption(params) == (
         "image quality is very poor, low-resolution, blurry and missing most fine detail, with strong gaussian "
         "color noise, visible JPEG compression artifacts and ringing around edges.")
     # lower the noise to 10 (level 2) and drop the sinc: 2 + 2 + 2 + 2 = 8, still very poor; JPEG 70
     # (level 1) makes 7: poor
     calmer = {**params, "stage2": {**params["stage2"], "noise": {"kind": "gaussian", "sigma": 10.0}},
               "final": {"jpeg_quality": 95.0}}
-    assert C.template_lr_caption(calmer).startswith("image quality is very poor,")
+    assert T.template_lr_caption(calmer).startswith("image quality is very poor,")
     calmer["stage1"] = {**calmer["stage1"], "jpeg_quality": 70.0}
-    assert C.template_lr_caption(calmer) == (
+    assert T.template_lr_caption(calmer) == (
         "image quality is poor, low-resolution, blurry and missing most fine detail, with visible gaussian "
         "color noise and mild JPEG artifacts.")
 
@@ -212,7 +214,7 @@ def test_template_caption_derived_from_the_parameters():
 @pytest.mark.parametrize("params", [None, "", "{}", {"stage1": None}, {"stage1": {"noise": {}}},
                                     {"stage1": {"blur": {"family": "sinc", "size": 9}}}])
 def test_template_tolerates_missing_keys(params):
-    caption = C.template_lr_caption(C.parse_degradation(params))
+    caption = T.template_lr_caption(T.parse_degradation(params))
     assert caption.startswith("image quality is") and caption.endswith(".")
 
 
@@ -220,7 +222,7 @@ def test_template_on_drawn_realesrgan_params_fits_clip():
     from pipeline import degrade
 
     count = C.clip_token_counter()
-    captions = [C.template_lr_caption({**degrade.draw_params(degrade.sample_rng(0, f"s{i}")), "scale": 4})
+    captions = [T.template_lr_caption({**degrade.draw_params(degrade.sample_rng(0, f"s{i}")), "scale": 4})
                 for i in range(40)]
     assert all(c.startswith("image quality is") for c in captions)
     assert len(set(captions)) > 10
@@ -259,10 +261,10 @@ def test_regenerate_template_resumes_after_kill(ray_local, tmp_path):
     after = file_hashes(out_dir)
     assert {k: after[k] for k in first} == first  # finished parts are not rewritten
 
-    table = C.read_caption_table(str(out_dir))
+    table = tables.read_caption_table(str(out_dir))
     assert table.schema.equals(CAPTION_SCHEMA)
     assert sorted(table["sample_id"].to_pylist()) == [r["sample_id"] for r in rows]  # each once
-    expected = {r["sample_id"]: C.template_lr_caption(json.loads(r["degradation"])) for r in rows}
+    expected = {r["sample_id"]: T.template_lr_caption(json.loads(r["degradation"])) for r in rows}
     assert dict(zip(table["sample_id"].to_pylist(), table["lr_caption"].to_pylist())) == expected
     assert set(table["caption_model"].to_pylist()) == {"template"}
 
@@ -270,7 +272,7 @@ def test_regenerate_template_resumes_after_kill(ray_local, tmp_path):
     assert file_hashes(tmp_path / "shards", "shard-*") == before  # images untouched
 
     pairs = pq.read_table(shards)
-    joined = C.join_captions(pairs, str(out_dir))
+    joined = tables.join_captions(pairs, str(out_dir))
     assert joined["hr"].equals(pairs["hr"]) and joined["lr"].equals(pairs["lr"])
     assert joined["sample_id"].equals(pairs["sample_id"])
     assert dict(zip(joined["sample_id"].to_pylist(), joined["lr_caption"].to_pylist())) == expected
@@ -285,6 +287,8 @@ KILL_AFTER_TWO_PARTS = """
 import os, signal, sys
 from jobs import caption as J
 from pipeline import caption as C
+from pipeline import caption_tables as tables
+from pipeline import caption_templates as T
 
 calls = []
 
@@ -327,9 +331,9 @@ def test_caption_job_sigkilled_mid_run_then_rerun_captions_every_sample_once(ray
     assert summary["already_captioned"] == before and summary["captioned"] == 12 - before
     after = file_hashes(out_dir)
     assert {k: after[k] for k in first} == first  # committed parts are not rewritten
-    table = C.read_caption_table(str(out_dir))
+    table = tables.read_caption_table(str(out_dir))
     assert sorted(table["sample_id"].to_pylist()) == sorted(r["sample_id"] for r in rows)  # each exactly once
-    expected = {r["sample_id"]: C.template_lr_caption(json.loads(r["degradation"])) for r in rows}
+    expected = {r["sample_id"]: T.template_lr_caption(json.loads(r["degradation"])) for r in rows}
     assert dict(zip(table["sample_id"].to_pylist(), table["lr_caption"].to_pylist())) == expected
 
 
@@ -344,7 +348,7 @@ def test_regenerate_qwen2vl_cli_on_actor_pool(ray_local, tmp_path, tiny_qwen, qw
                                 "--max-new-tokens", str(N_NEW), "--part-rows", "2"])
     assert summary["captioned"] == 5 and summary["caption_model"] == tiny_qwen
 
-    table = C.read_caption_table(out_dir)
+    table = tables.read_caption_table(out_dir)
     got = {sid: (hr, lr) for sid, hr, lr in zip(table["sample_id"].to_pylist(),
                                                 table["hr_caption"].to_pylist(),
                                                 table["lr_caption"].to_pylist())}
@@ -357,7 +361,7 @@ def test_regenerate_qwen2vl_cli_on_actor_pool(ray_local, tmp_path, tiny_qwen, qw
         caption_job.main(["--shards", shards, "--output", out_dir, "--backend", "template"])
     assert exit_info.value.code == 2
 
-    joined = C.join_captions(ray.data.read_parquet(shards), out_dir).to_pandas()
+    joined = tables.join_captions(ray.data.read_parquet(shards), out_dir).to_pandas()
     assert sorted(joined["sample_id"]) == [r["sample_id"] for r in rows]
     assert got == {sid: (hr, lr) for sid, hr, lr in zip(joined["sample_id"], joined["hr_caption"],
                                                         joined["lr_caption"])}
@@ -420,7 +424,7 @@ def test_caption_job_resumes_after_sigkill(ray_local, tmp_path, run_until_killed
     assert summary["already_captioned"] == 2 * len(first) and summary["captioned"] == 12 - 2 * len(first)
     after = file_hashes(out_dir)
     assert len(after) == 6 and {k: after[k] for k in first} == first  # done parts not rewritten
-    table = C.read_caption_table(str(out_dir))
+    table = tables.read_caption_table(str(out_dir))
     assert sorted(table["sample_id"].to_pylist()) == sorted(r["sample_id"] for r in rows)  # each once
     assert not [p for p in os.listdir(out_dir) if p.startswith(".")] and not (out_dir / out.LEASE_FILE).exists()
 
@@ -444,4 +448,4 @@ def test_caption_rerun_with_other_settings_is_refused(tmp_path, capsys):
                           "--model", str(tmp_path / "no-model")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "caption_model: 'template' ->" in err and "--overwrite" in err
-    assert len(err.strip().splitlines()) == 1 and C.caption_part_paths(str(out_dir)) == []
+    assert len(err.strip().splitlines()) == 1 and tables.caption_part_paths(str(out_dir)) == []

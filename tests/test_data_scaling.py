@@ -15,6 +15,7 @@ from PIL import Image
 from jobs import prepare_data as P
 from pipeline import output as out
 from pipeline.caption import CaptionConfig
+from pipeline.pairs_dataset import build_dataset
 
 
 def write_files(folder, count):
@@ -29,7 +30,7 @@ def run_plan(tmp_path, name, **kw):
                           crops_per_image=1, **kw)
     with out.open_output(cfg.output, cfg.record()) as output:
         listing = P.write_work_listing(cfg, output)
-        ds = P.build_dataset(listing, cfg)
+        ds = build_dataset(listing, cfg, P.READER)
         written = list(ds.iter_rows())
     return cfg, written, ds.stats()
 

@@ -318,8 +318,9 @@ def test_pair_shards_read_as_images_by_hf_datasets_and_as_image_structs_by_panda
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from jobs.prepare_data import PrepareConfig, make_pair, pairs_table, write_manifest, write_shard
     from pipeline.degrade import PARAMS_VERSION
+    from pipeline.pairs import PrepareConfig, make_pair, pairs_table
+    from pipeline.pairs_dataset import write_manifest, write_shard
     from pipeline.schema import SCHEMA_VERSION, decode_png, hf_features, shard_metadata
 
     rng = np.random.default_rng(0)

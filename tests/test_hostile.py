@@ -94,7 +94,8 @@ def test_upscale_and_prepare_data_carry_names_that_are_not_utf8(ray_local, pixel
     processed. Now every image is processed under its own bytes, the tables hold the name as a
     percent-encoded file:// URI, a rerun recognises the outputs, and an output on an object
     store (UTF-8 keys only) gets an error row naming the escaped name."""
-    from jobs.prepare_data import PrepareConfig, prepare, read_errors
+    from jobs.prepare_data import PrepareConfig, prepare
+    from pipeline.pairs_dataset import read_errors
     from jobs.upscale import UpscaleJobConfig, upscale_corpus
 
     src = os.fsencode(tmp_path / "in")

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from jobs import prepare_data as P
+from pipeline import pairs
 from pipeline import upscale_io as io
 from pipeline.images import ImageTooLarge, load_image
 
@@ -42,7 +43,7 @@ def test_limit_rows_quote_max_pixels_not_pillows_bomb_limit(tmp_path, width, hei
     assert f"{width}x{height}" in str(raised.value)
 
     cfg = P.PrepareConfig(input=str(tmp_path), output=str(tmp_path / "out"), patch_size=32, max_pixels=40_000_000)
-    rows, error = P.process_source(str(tmp_path / "big.png"), data, cfg)
+    rows, error = pairs.process_source(str(tmp_path / "big.png"), data, cfg)
     assert rows == [] and error["stage"] == "limit"
     assert "--max-pixels" in error["error"] and "40000000" in error["error"]
     assert str(PILLOW_BOMB_LIMIT) not in error["error"] and "decompression" not in error["error"].lower()
@@ -257,7 +258,8 @@ def test_pair_shards_load_as_images_with_datasets_and_no_other_argument(tmp_path
     import datasets
 
     from flowsr.data import decode_rgb
-    from jobs.prepare_data import make_pair, pairs_table, write_shard
+    from pipeline.pairs import make_pair, pairs_table
+    from pipeline.pairs_dataset import write_shard
     from pipeline.schema import decode_png
 
     rng = np.random.default_rng(0)

@@ -24,6 +24,9 @@ from skimage import data
 
 from jobs import prepare_data as P
 from pipeline import output as out
+from pipeline import pairs
+from pipeline import pairs_dataset as dataset
+from pipeline.degrade import PARAMS_VERSION
 from pipeline.images import ImageDecodeError, apply_orientation, load_image, to_rgb8
 from pipeline.schema import ERROR_SCHEMA, PAIR_SCHEMA, decode_png
 
@@ -160,24 +163,24 @@ def test_config_rejects_bad_arguments():
 
 
 def test_plan_crops():
-    random = P.plan_crops(100, 130, "a.png", patch_size=PATCH, count=5, mode="random", seed=1)
-    assert random == P.plan_crops(100, 130, "a.png", patch_size=PATCH, count=5, mode="random", seed=1)
-    assert random != P.plan_crops(100, 130, "b.png", patch_size=PATCH, count=5, mode="random", seed=1)
+    random = pairs.plan_crops(100, 130, "a.png", patch_size=PATCH, count=5, mode="random", seed=1)
+    assert random == pairs.plan_crops(100, 130, "a.png", patch_size=PATCH, count=5, mode="random", seed=1)
+    assert random != pairs.plan_crops(100, 130, "b.png", patch_size=PATCH, count=5, mode="random", seed=1)
     assert len(random) == 5 and all(0 <= y <= 36 and 0 <= x <= 66 for y, x in random)
     # the first crops do not change when more are asked for
-    assert P.plan_crops(100, 130, "a.png", patch_size=PATCH, count=2, mode="random", seed=1) == random[:2]
-    assert P.plan_crops(64, 64, "a.png", patch_size=PATCH, count=3, mode="random", seed=1) == [(0, 0)]
-    assert P.plan_crops(130, 200, "a.png", patch_size=PATCH, count=9, mode="grid", seed=1) == [
+    assert pairs.plan_crops(100, 130, "a.png", patch_size=PATCH, count=2, mode="random", seed=1) == random[:2]
+    assert pairs.plan_crops(64, 64, "a.png", patch_size=PATCH, count=3, mode="random", seed=1) == [(0, 0)]
+    assert pairs.plan_crops(130, 200, "a.png", patch_size=PATCH, count=9, mode="grid", seed=1) == [
         (0, 0), (0, 64), (0, 128), (64, 0), (64, 64), (64, 128)]
-    assert P.plan_crops(63, 200, "a.png", patch_size=PATCH, count=1, mode="grid", seed=1) == []
+    assert pairs.plan_crops(63, 200, "a.png", patch_size=PATCH, count=1, mode="grid", seed=1) == []
     with pytest.raises(ValueError, match="unknown crop mode"):
-        P.plan_crops(100, 100, "a.png", patch_size=PATCH, count=1, mode="center", seed=1)
+        pairs.plan_crops(100, 100, "a.png", patch_size=PATCH, count=1, mode="center", seed=1)
 
 
 def test_process_source_rows(tmp_path):
     cfg = make_cfg(tmp_path, tmp_path, "unused", crops_per_image=3)
     rgb = rgb_image("chelsea")
-    rows, error = P.process_source("mem://chelsea.png", png_bytes(rgb, format="PNG"), cfg)
+    rows, error = pairs.process_source("mem://chelsea.png", png_bytes(rgb, format="PNG"), cfg)
     assert error is None and len(rows) == 3
     for row in rows:
         hr, lr = decode_png(row["hr"]), decode_png(row["lr"])
@@ -187,12 +190,12 @@ def test_process_source_rows(tmp_path):
         assert json.loads(row["degradation"])["scale"] == 4 and row["seed"] == cfg.seed
     from pipeline.shards import conform_pairs
 
-    table = conform_pairs(P.pairs_table(rows))
+    table = conform_pairs(pairs.pairs_table(rows))
     assert table.schema.equals(PAIR_SCHEMA) and table.column("caption_model").to_pylist() == [""] * 3
-    skipped, _ = P.process_source("mem://chelsea.png", png_bytes(rgb, format="PNG"), cfg,
+    skipped, _ = pairs.process_source("mem://chelsea.png", png_bytes(rgb, format="PNG"), cfg,
                                   skip_ids=[rows[0]["sample_id"]])
     assert [r["sample_id"] for r in skipped] == [r["sample_id"] for r in rows[1:]]
-    assert P.process_source("x.png", b"junk", cfg) == ([], P.error_row(
+    assert pairs.process_source("x.png", b"junk", cfg) == ([], pairs.error_row(
         "x.png", "decode", "x.png: not a recognised image format"))
 
 
@@ -204,27 +207,27 @@ def test_write_shards_cuts_a_tasks_pairs_into_shards_of_shard_rows(tmp_path):
     from pipeline.shards import SHARD_SCHEMA, write_shards
 
     cfg = make_cfg(tmp_path, tmp_path, "unused", crops_per_image=13, patch_size=16)
-    rows, _ = P.process_source("mem://chelsea.png", png_bytes(rgb_image("chelsea"), format="PNG"), cfg)
+    rows, _ = pairs.process_source("mem://chelsea.png", png_bytes(rgb_image("chelsea"), format="PNG"), cfg)
     ids = [r["sample_id"] for r in rows]
     assert len(set(ids)) == 13
     sizes, start, tables = (3, 0, 9, 1), 0, []
     for size in sizes:
-        tables.append(caption_table(P.pairs_table(rows[start:start + size]), CaptionConfig(backend="template")))
+        tables.append(caption_table(pairs.pairs_table(rows[start:start + size]), CaptionConfig(backend="template")))
         start += size
     output = str(tmp_path / "out")
-    written = [t.to_pylist() for t in write_shards(iter(tables), output, P.PARAMS_VERSION, shard_rows=4)]
+    written = [t.to_pylist() for t in write_shards(iter(tables), output, PARAMS_VERSION, shard_rows=4)]
     assert all(len(w) == 1 for w in written) and [w[0]["rows"] for w in written] == [4, 4, 4, 1]
     shards = [pq.read_table(str(Path(output) / w[0]["shard"])) for w in written]
     assert [s for t in shards for s in t.column("sample_id").to_pylist()] == ids
     assert all(t.schema.equals(PAIR_SCHEMA) for t in shards)
     template = CaptionConfig(backend="template")
     assert {m for t in shards for m in t.column("caption_model").to_pylist()} == {template.caption_model}
-    again = [t.to_pylist()[0]["shard"] for t in write_shards(iter(tables), output, P.PARAMS_VERSION, 4)]
+    again = [t.to_pylist()[0]["shard"] for t in write_shards(iter(tables), output, PARAMS_VERSION, 4)]
     assert again == [w[0]["shard"] for w in written]
     assert len(list((Path(output) / P.SHARDS_DIR).iterdir())) == 4
-    assert list(write_shards(iter([tables[1]]), output, P.PARAMS_VERSION, 4)) == []  # nothing, no shard
+    assert list(write_shards(iter([tables[1]]), output, PARAMS_VERSION, 4)) == []  # nothing, no shard
     with pytest.raises(ValueError, match="shard_rows"):
-        list(write_shards(iter(tables), output, P.PARAMS_VERSION, 0))
+        list(write_shards(iter(tables), output, PARAMS_VERSION, 0))
     assert SHARD_SCHEMA.names == ["shard", "rows"]
 
 
@@ -289,11 +292,11 @@ def test_determinism_across_workers_and_batch_sizes(tmp_path, ray_local):
     pairs_one, pairs_two = read_pairs(one.output), read_pairs(two.output)
     assert pairs_one.schema.equals(PAIR_SCHEMA)
     assert by_sample_id(pairs_one) == by_sample_id(pairs_two)
-    manifest = json.loads((Path(one.output) / P.MANIFEST_FILE).read_text())
+    manifest = json.loads((Path(one.output) / dataset.MANIFEST_FILE).read_text())
     assert manifest["total_rows"] == 8 and all(s["rows"] <= 2 for s in manifest["shards"])
     # the per-batch stage, called without Ray, gives the same bytes
     items = pa.Table.from_pylist([{"source_uri": s, "reject": None} for s in P.list_sources(str(input_dir))])
-    bare = P.degrade_batch(items, asdict(one))
+    bare = dataset.degrade_batch(items, asdict(one), P.READER)
     assert by_sample_id(bare) == by_sample_id(pairs_one)
 
 
@@ -310,7 +313,7 @@ def test_bad_input_folder(tmp_path, ray_local):
                                  "--crops-per-image", "2", "--shard-rows", "3", "--captioner", "template"])
     summary = P.prepare(parsed)
     pairs = read_pairs(cfg.output)
-    errors = pq.read_table(os.path.join(cfg.output, P.ERRORS_FILE))
+    errors = pq.read_table(os.path.join(cfg.output, dataset.ERRORS_FILE))
     assert errors.schema.equals(ERROR_SCHEMA)
     error_stage = {Path(r["source_uri"]).name: r for r in errors.to_pylist()}
     converted = {}
@@ -361,10 +364,10 @@ def test_resume_after_kill(tmp_path, ray_local, run_until_killed):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (Path(cfg.output) / out.LEASE_FILE).exists()  # left by the killed run: stale
     finished = sorted(shards_dir.glob("part-*.parquet"))
-    assert not (Path(cfg.output) / P.MANIFEST_FILE).exists()
+    assert not (Path(cfg.output) / dataset.MANIFEST_FILE).exists()
     assert 1 <= len(finished) < 8, "the run was not interrupted part-way"
     # what a writer killed mid-file leaves: readers and the rerun must ignore it
-    (shards_dir / f"{P.TMP_PREFIX}0123-part-partial.parquet").write_bytes(b"PAR1 truncated")
+    (shards_dir / f"{out.TMP_PREFIX}0123-part-partial.parquet").write_bytes(b"PAR1 truncated")
     before = read_pairs(cfg.output).column("sample_id").to_pylist()
     moved = tmp_path / "moved"
     moved.symlink_to(input_dir, target_is_directory=True)
@@ -373,8 +376,8 @@ def test_resume_after_kill(tmp_path, ray_local, run_until_killed):
     ids = read_pairs(cfg.output).column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == 16 and set(before) <= set(ids)
     assert summary["pairs_written"] == 16 - len(before) and summary["total_pairs"] == 16
-    assert not list(shards_dir.glob(P.TMP_PREFIX + "*"))
-    manifest = json.loads((Path(cfg.output) / P.MANIFEST_FILE).read_text())
+    assert not list(shards_dir.glob(out.TMP_PREFIX + "*"))
+    manifest = json.loads((Path(cfg.output) / dataset.MANIFEST_FILE).read_text())
     assert manifest["total_rows"] == 16 and sorted(s["path"] for s in manifest["shards"]) == sorted(
         f"{P.SHARDS_DIR}/{p.name}" for p in shards_dir.glob("part-*.parquet"))
     again = P.prepare(cfg)  # nothing left to do
@@ -426,32 +429,32 @@ def test_special_and_oversized_files_are_error_rows(tmp_path):
     cfg = make_cfg(tmp_path, folder, "out", max_bytes=len(png_bytes(rgb, format="PNG")) - 1)
     signal.alarm(20)  # a FIFO must never block the read
     try:
-        results = {name: P.process_uri(str(folder / name), cfg) for name in os.listdir(folder)}
+        results = {name: pairs.process_uri(str(folder / name), cfg, P.READER) for name in os.listdir(folder)}
     finally:
         signal.alarm(0)
-    assert results["fifo.png"] == ([], P.error_row(str(folder / "fifo.png"), "read", "not a regular file (FIFO)"))
+    assert results["fifo.png"] == ([], pairs.error_row(str(folder / "fifo.png"), "read", "not a regular file (FIFO)"))
     assert results["zero.png"][1]["error"] == "not a regular file (character device)"
     assert results["ok.png"][1]["error"].startswith("file too large")
-    assert results["bomb.png"][1] == P.error_row(str(folder / "bomb.png"), "limit",
+    assert results["bomb.png"][1] == pairs.error_row(str(folder / "bomb.png"), "limit",
                                                  "too many pixels: the header declares 9000x9000 = 81000000 pixels, "
                                                  "over the cap of 40000000 (--max-pixels)")
-    small = dataclasses.replace(cfg, max_bytes=P.DEFAULT_MAX_BYTES, max_pixels=rgb.shape[0] * rgb.shape[1] - 1)
-    assert P.process_uri(str(folder / "ok.png"), small)[1]["stage"] == "limit"
-    rows, error = P.process_uri(str(folder / "ok.png"), dataclasses.replace(small, max_pixels=10**8))
+    small = dataclasses.replace(cfg, max_bytes=pairs.DEFAULT_MAX_BYTES, max_pixels=rgb.shape[0] * rgb.shape[1] - 1)
+    assert pairs.process_uri(str(folder / "ok.png"), small, P.READER)[1]["stage"] == "limit"
+    rows, error = pairs.process_uri(str(folder / "ok.png"), dataclasses.replace(small, max_pixels=10**8), P.READER)
     assert error is None and len(rows) == 2
 
 
 def test_sample_id_comes_from_content_not_path(tmp_path):
     cfg = make_cfg(tmp_path, tmp_path, "unused")
     data = png_bytes(rgb_image("astronaut"), format="PNG")
-    a, _ = P.process_source("/data/a.png", data, cfg)
-    b, _ = P.process_source("s3://bucket/renamed/b.png", data, cfg)
+    a, _ = pairs.process_source("/data/a.png", data, cfg)
+    b, _ = pairs.process_source("s3://bucket/renamed/b.png", data, cfg)
     digest = hashlib.sha256(data).hexdigest()
     assert [r["sample_id"] for r in a] == [hashlib.sha1(f"{digest}|{i}".encode()).hexdigest()[:16]
                                            for i in range(2)]
     assert [(r["sample_id"], r["hr"], r["lr"], r["crop"]) for r in a] == [
         (r["sample_id"], r["hr"], r["lr"], r["crop"]) for r in b]
-    other, _ = P.process_source("/data/a.png", png_bytes(rgb_image("chelsea"), format="PNG"), cfg)
+    other, _ = pairs.process_source("/data/a.png", png_bytes(rgb_image("chelsea"), format="PNG"), cfg)
     assert not {r["sample_id"] for r in other} & {r["sample_id"] for r in a}
 
 

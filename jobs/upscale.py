@@ -108,7 +108,7 @@ class UpscaleJobConfig:
     overwrite: bool = False  # replace the output's earlier results instead of resuming them
 
     def __post_init__(self):
-        from flowsr.sample import COLOR_FIXES
+        from flowsr.color import COLOR_FIXES
         from pipeline.upscale_io import OUTPUT_FORMATS
 
         if self.scale is not None and not (math.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):

@@ -46,7 +46,7 @@ import pyarrow.fs as pafs
 from pipeline import names
 from pipeline.storage import join_uri
 
-from flowsr.sample import output_size
+from flowsr.tiling import output_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga")  # what pipeline.images.load_image decodes

@@ -60,7 +60,10 @@ from pipeline import names
 from pipeline import output as out
 from pipeline import shards as pair_shards
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
+from pipeline.done_index import EMPTY_INDEX, INDEX_DIR, DoneIndex, build_done_index
+from pipeline.fingerprint import bytes_digest
 from pipeline.images import ALPHA_MODES, ImageDecodeError, ImageTooLarge, load_image, to_rgb8
+from pipeline.listing import ListingUnits, rows_of_runs, write_listing_chunks
 from pipeline.schema import (CAPTION_COLUMNS, ERROR_SCHEMA, IMAGE_COLUMNS, PAIR_SCHEMA, content_sample_id, dataset_card,
                              encode_png)
 
@@ -378,7 +381,7 @@ def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: I
     Crops whose sample_id is in `skip_ids` are not produced (they are already written).
     The pixel count is checked from the header before anything is decoded.
     """
-    digest = digest or out.bytes_digest(data)
+    digest = digest or bytes_digest(data)
     try:
         rgb, conversion = to_rgb8(load_image(data, source_uri, cfg.max_pixels), alpha=cfg.alpha)
     except ImageTooLarge as exc:
@@ -403,7 +406,7 @@ def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: I
     return rows, None
 
 
-def process_uri(source_uri: str, cfg: PrepareConfig, done: out.DoneIndex = out.EMPTY_INDEX
+def process_uri(source_uri: str, cfg: PrepareConfig, done: DoneIndex = EMPTY_INDEX
                 ) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
     """`process_source` on a file read from its URI, skipping the crops `done` holds.
 
@@ -416,7 +419,7 @@ def process_uri(source_uri: str, cfg: PrepareConfig, done: out.DoneIndex = out.E
         return [], error_row(source_uri, "read", str(exc))
     except (OSError, MemoryError) as exc:
         return [], error_row(source_uri, "read", f"{type(exc).__name__}: {exc}")
-    digest = out.bytes_digest(data)
+    digest = bytes_digest(data)
     ids = candidate_ids(digest, cfg)
     finished = done.done(ids)
     if finished.all():
@@ -464,8 +467,8 @@ def write_errors(rows: List[Dict[str, str]], output: str) -> None:
 # Ray Data adapters (thin: the work is in the functions above)
 # ---------------------------------------------------------------------------------------------
 
-def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> pa.Table:
+def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], shards_done: DoneIndex = EMPTY_INDEX,
+                  errors_done: DoneIndex = EMPTY_INDEX) -> pa.Table:
     """Batch of listed files {source_uri, reject} -> pair rows; its bad files go to output/errors.
 
     Files with an error row already (`errors_done`) and crops already in a shard
@@ -497,9 +500,9 @@ def add_captions(ds, captioner: str):
     return add_caption_stage(ds, CaptionConfig(backend=captioner))
 
 
-def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Dict[str, Any],
-                  shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> Iterator[pa.Table]:
+def degrade_units(batch: pa.Table, listing: ListingUnits, runs: int, cfg: Dict[str, Any],
+                  shards_done: DoneIndex = EMPTY_INDEX,
+                  errors_done: DoneIndex = EMPTY_INDEX) -> Iterator[pa.Table]:
     """Batch of run numbers {id} -> the pairs of each unit of those runs (`degrade_batch` on the
     unit's files), unit by unit.
 
@@ -509,7 +512,7 @@ def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Di
     """
     config = PrepareConfig(**cfg)
     tables = (degrade_batch(files, cfg, shards_done, errors_done)
-              for files in out.rows_of_runs(batch, listing, runs))
+              for files in rows_of_runs(batch, listing, runs))
     if config.captioner == "qwen2vl":
         yield from tables
         return
@@ -521,7 +524,7 @@ def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Di
     yield from pair_shards.write_shards(tables, config.output, PARAMS_VERSION, config.shard_rows)
 
 
-def degrade_runs(listing: out.ListingUnits, cfg: PrepareConfig, cluster_cpus: float) -> int:
+def degrade_runs(listing: ListingUnits, cfg: PrepareConfig, cluster_cpus: float) -> int:
     """Degrade tasks (runs of units): `listing.runs`, but when the job writes its shards in the
     degrade tasks no more than it takes to fill shards of `shard_rows` pairs (a task's last shard
     is short), while keeping one task per CPU (or per `num_workers`)."""
@@ -533,8 +536,8 @@ def degrade_runs(listing: out.ListingUnits, cfg: PrepareConfig, cluster_cpus: fl
     return min(runs, max(slots, -(-pairs // cfg.shard_rows)))
 
 
-def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX):
+def build_dataset(listing: ListingUnits, cfg: PrepareConfig, shards_done: DoneIndex = EMPTY_INDEX,
+                  errors_done: DoneIndex = EMPTY_INDEX):
     """The listing, `files_per_task` files a unit -> a Ray Dataset of written shards ({shard, rows}).
 
     Without a GPU captioner it is a single operator: a run of units per task (no batch size, so
@@ -565,16 +568,16 @@ def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, shards_done: ou
 # Output state
 # ---------------------------------------------------------------------------------------------
 
-def write_work_listing(cfg: PrepareConfig, output: out.Output) -> out.ListingUnits:
+def write_work_listing(cfg: PrepareConfig, output: out.Output) -> ListingUnits:
     """Stream the input listing into `_work/listing-NNNNN.parquet` chunks (WORK_SCHEMA), cut into
     units of `files_per_task` files; the listing is never held whole."""
     directory = output.path(WORK_DIR)
     output.fs.delete_dir_contents(directory, missing_dir_ok=True)
-    exclude = [output.root if out.is_local(cfg.output) else output.uri]  # when it lies inside the input
+    exclude = [output.root if is_local(cfg.output) else output.uri]  # when it lies inside the input
     rows = ({"source_uri": names.to_text(uri), "reject": reject}  # a name that is not UTF-8: a file:// URI
             for uri, reject in iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude))
-    chunks, counts = out.write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)
-    return out.ListingUnits(output.fs, chunks, counts, cfg.files_per_task)
+    chunks, counts = write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)
+    return ListingUnits(output.fs, chunks, counts, cfg.files_per_task)
 
 
 def count_rows(fs: pafs.FileSystem, root: str, directory: str) -> Tuple[List[str], int]:
@@ -645,8 +648,8 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
             if listing.count:
                 started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
                 try:
-                    shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
-                    errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
+                    shards_done = build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
+                    errors_done = build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
                     for row in build_dataset(listing, cfg, shards_done, errors_done).iter_rows():
                         pairs, shards = pairs + row["rows"], shards + 1
                         if on_shard is not None:
@@ -658,7 +661,7 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
                         ray.shutdown()
             manifest = write_manifest(fs, root, cfg)
             out.remove_dir(fs, output.path(WORK_DIR))
-            out.remove_dir(fs, output.path(out.INDEX_DIR))
+            out.remove_dir(fs, output.path(INDEX_DIR))
     finally:
         if connected:
             import ray

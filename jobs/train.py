@@ -38,6 +38,7 @@ from flowsr.config import FlowSRConfig, apply_overrides, resolve
 from flowsr.memory import estimate_training_memory, memory_report
 from jobs.common import add_ray_args, config_or_exit, init_ray, resolve_fs
 from pipeline import output as out
+from pipeline.fingerprint import checkpoint_digest
 
 STAGES = {"1": (1,), "2": (2,), "all": (1, 2)}
 INGEST_MIN_SPARE_CPUS = 1  # CPUs beside the workers' for Ray Data's read tasks to get their own
@@ -401,7 +402,7 @@ def train_record(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None
     params = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in EXECUTION_FIELDS}
     params["data"] = data_identity(data_uri)  # validation data changes no weight: recorded, not compared
     return out.run_record("train", {"data": data_uri, "val_data": val_uri}, params,
-                          out.checkpoint_digest(init_from))
+                          checkpoint_digest(init_from))
 
 
 def check_resume(run: str, cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None,

@@ -164,7 +164,7 @@ def epoch_batches(shard, cfg: FlowSRConfig, epoch: int, rank: int, world_size: i
     `data.shuffle_buffer_rows` rows seeded by (seed, epoch, rank), on top of the file order
     shuffled per epoch by `load_datasets` (shards hold consecutive crops of the same photos: a
     buffer of a few batches would still train on one photo at a time)."""
-    from flowsr.draws import stream_seed
+    from flowsr.seeds import stream_seed
 
     return shard.iter_batches(batch_size=cfg.optim.batch_size // world_size, batch_format="numpy",
                               drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows,
@@ -219,7 +219,7 @@ def load_datasets(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = Non
     from ray.data import FileShuffleConfig
 
     from flowsr.data import TRAIN_COLUMNS
-    from flowsr.draws import stream_seed
+    from flowsr.seeds import stream_seed
 
     files = FileShuffleConfig(seed=stream_seed(cfg.train.seed, "files", first_epoch) % 2 ** 31,
                               reseed_after_execution=True)

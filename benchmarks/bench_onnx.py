@@ -78,7 +78,8 @@ def network_ms(ckpt: str, path: str, batch: int, size: int, threads: int, repeat
     upscaler's backbone, LoRA merged) against the onnxruntime session, both on `threads` threads."""
     from flowsr.checkpoint import load_for_inference
     from flowsr.export import session
-    from flowsr.sample import merge_adapters, super_resolve
+    from flowsr.sample import super_resolve
+    from flowsr.upscaler import merge_adapters
 
     torch.set_num_threads(threads)
     backbone, _ = load_for_inference(ckpt)

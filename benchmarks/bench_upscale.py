@@ -21,7 +21,8 @@ import torch
 from flowsr.backbones import build_backbone
 from flowsr.checkpoint import load_for_inference
 from flowsr.config import apply_overrides, preset
-from flowsr.sample import Upscaler, array_to_tensor, resize_to, super_resolve, tensor_to_array
+from flowsr.sample import resize_to, super_resolve
+from flowsr.upscaler import Upscaler, array_to_tensor, tensor_to_array
 from flowsr.tiny import build_random_sd21, tiny_config
 
 LR_SIZE, SCALE = 128, 4  # 512^2 out

@@ -425,7 +425,7 @@ def compute_limit(ctx: Context) -> Dict[str, Any]:
 
 
 def section_infer(ctx: Context, rec: Record) -> None:
-    from flowsr.sample import Upscaler
+    from flowsr.upscaler import Upscaler
 
     ckpt = os.path.join(sd_root(ctx), "ckpt")
     lr_size = ctx.pick(128, 16)
@@ -549,7 +549,7 @@ class RssSampler:
 def section_upscale_4096(ctx: Context, rec: Record) -> None:
     import torch
 
-    from flowsr.sample import Upscaler
+    from flowsr.upscaler import Upscaler
 
     ckpt = os.path.join(sd_root(ctx), "ckpt")
     tile, overlap, small, big = ctx.pick(512, 64), ctx.pick(64, 16), ctx.pick(256, 16), ctx.pick(1024, 48)
@@ -865,7 +865,8 @@ def section_pixel_quality(ctx: Context, rec: Record) -> None:
     from flowsr.config import resolve
     from flowsr.data import collate
     from flowsr.metrics import psnr_y, ssim_y
-    from flowsr.sample import array_to_tensor, resize_to, super_resolve, tensor_to_array
+    from flowsr.sample import resize_to, super_resolve
+    from flowsr.upscaler import array_to_tensor, tensor_to_array
     from flowsr.train_step import stage1_step
     from pipeline.degrade import degrade
 

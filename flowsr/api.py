@@ -4,7 +4,7 @@
     upscaler = FlowSRUpscaler.from_pretrained("runs/flowsr-paper/stage2/checkpoint_0020000")
     upscaler(Image.open("in.png")).save("out.png")
 
-A thin layer over `flowsr.sample.Upscaler` (the class the upscale job's actors run), so a
+A thin layer over `flowsr.upscaler.Upscaler` (the class the upscale job's actors run), so a
 result here equals the job's for the same options. Checkpoints at a URI: copy them first with
 `pipeline.storage.cached_copy(uri)`.
 """
@@ -14,7 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from .sample import Upscaler, output_size
+from .tiling import output_size
+from .upscaler import Upscaler
 
 _DIRECT_MODES = {"RGB": 3, "L": 1}
 
@@ -28,7 +29,7 @@ class FlowSRUpscaler:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str, **options) -> "FlowSRUpscaler":
-        """`options` are `flowsr.sample.Upscaler`'s: scale, steps, tile, color_fix, device, dtype,
+        """`options` are `flowsr.upscaler.Upscaler`'s: scale, steps, tile, color_fix, device, dtype,
         pretrained (the SD base model location, overriding the checkpoint's), weights, ..."""
         return cls(Upscaler(checkpoint, **options))
 

@@ -15,7 +15,6 @@ size, worker count or reading order.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -23,12 +22,12 @@ import torch
 
 from .config import DataConfig
 from .sample import resize_to
+from .seeds import seeded_generator
 
 
 def sample_generator(seed: int, sample_id: str, epoch: int = 0) -> torch.Generator:
     """A CPU generator seeded from the first 63 bits of sha1(seed|sample_id|epoch)."""
-    digest = hashlib.sha1(f"{seed}|{sample_id}|{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return seeded_generator(seed, sample_id, epoch)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -16,17 +16,12 @@ sees both terms at f = 1/2) and over steps (a global batch of one alternates).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-
-def stream_seed(*parts) -> int:
-    """A 63-bit seed from sha1 of the parts joined with '|'."""
-    digest = hashlib.sha1("|".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from .seeds import seeded_generator
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -70,7 +65,7 @@ class StepDraws:
     def _generator(self, name: str, device: torch.device) -> Optional[torch.Generator]:
         if device.type == "meta":
             return None  # meta tensors hold no values
-        return torch.Generator(device=device).manual_seed(stream_seed(self.seed, self.stage, self.step, name))
+        return seeded_generator(self.seed, self.stage, self.step, name, device=device)
 
     def _cut(self, full: torch.Tensor) -> torch.Tensor:
         return full[self.rows.start:self.rows.stop]

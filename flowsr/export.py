@@ -10,7 +10,7 @@ Input contract (also written into the file's metadata, `metadata_props`):
              (PyTorch / OpenCV bicubic, A = -0.75, half-pixel centres) to the output size,
              H and W multiples of the backbone's size multiple (replicate-pad, then crop).
     "sr"     float32 (B, 3, H, W), RGB, values in [-1, 1]; no colour correction (the upscale
-             job applies it; `flowsr.sample.wavelet_color_fix` against lr_up is the default).
+             job applies it; `flowsr.color.wavelet_color_fix` against lr_up is the default).
 An fp16 file keeps float32 input and output and runs in float16 inside.
 
 The export checks itself: the written graph runs in onnxruntime on a few inputs and its outputs
@@ -87,7 +87,7 @@ class OneStepSR(nn.Module):
 def one_step_module(backbone) -> OneStepSR:
     """The exportable module of `backbone`: LoRA merged, fp32, eval; only the SR flow (t = 1 starts
     at the LR) is a deterministic one-step graph."""
-    from .sample import merge_adapters
+    from .upscaler import merge_adapters
 
     if backbone.cfg.flow_source != "sr_flow":
         raise ExportError(f"only flow_source 'sr_flow' exports (one deterministic step); this model starts from "

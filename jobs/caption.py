@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional
 from flowsr.metrics_log import progress_text
 from jobs.common import add_ray_args, connect_first, init_ray, run_job
 from pipeline import output as out
+from pipeline.fingerprint import checkpoint_digest
+from pipeline.listing import task_count
 from pipeline.caption import BACKENDS, DEFAULT_MODEL, CaptionConfig
 from pipeline.caption_tables import caption_shards, plan_parts
 
@@ -62,7 +64,7 @@ class RegenerateConfig:
         if self.caption.backend == "template":  # the template reads only the degradation params
             params = {k: params[k] for k in ("caption_model", "backend", "prompt_version", "max_words")}
         model = self.caption.model
-        checkpoint = (out.checkpoint_digest(model)
+        checkpoint = (checkpoint_digest(model)
                       if self.caption.backend == "qwen2vl" and os.path.exists(model) else None)
         return out.run_record("caption", self.shards, params, checkpoint)
 
@@ -102,8 +104,8 @@ def _caption_missing(cfg: RegenerateConfig, todo: List[Dict], on_part) -> Dict:
     started = init_ray(cfg.address)
     try:
         # template captions take ~0.1 s a shard, less than a task's start: a task works through a
-        # run of shards (out.task_count); a VLM's actors take the shards one at a time
-        blocks = (out.task_count(len(todo), ray.cluster_resources().get("CPU", 1), MAX_BLOCKS)
+        # run of shards (task_count); a VLM's actors take the shards one at a time
+        blocks = (task_count(len(todo), ray.cluster_resources().get("CPU", 1), MAX_BLOCKS)
                   if cfg.caption.backend == "template" else min(len(todo), MAX_BLOCKS))
         items = ray.data.from_items(todo, override_num_blocks=blocks)
         ds = caption_shards(items, cfg.caption, cfg.output, cfg.shards)

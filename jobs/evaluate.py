@@ -66,10 +66,10 @@ import pyarrow.parquet as pq
 from flowsr.metrics import LEARNED_METRICS, LOWER_BETTER, PAPER_METRICS, SET_METRICS, MetricSuite, mean_metrics
 from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, init_ray, is_local,
                          resolve_fs)
-from pipeline.output import (EMPTY_INDEX, INDEX_DIR, DoneIndex, Output, OutputError, atomic_write,
-                             build_done_index, checkpoint_digest, content_part_name, list_parts, open_output,
-                             part_rows, path_inside, run_record, write_bytes_atomic, write_json_atomic,
-                             write_parquet_atomic)
+from pipeline.done_index import EMPTY_INDEX, INDEX_DIR, DoneIndex, build_done_index
+from pipeline.fingerprint import checkpoint_digest
+from pipeline.output import (Output, OutputError, atomic_write, content_part_name, list_parts, open_output, part_rows,
+                             path_inside, run_record, write_bytes_atomic, write_json_atomic, write_parquet_atomic)
 from pipeline.schema import decode_png, encode_png
 
 REPORT_DISPLAY = 256  # crops are shown enlarged by an integer factor to about this many pixels

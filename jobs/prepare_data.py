@@ -36,6 +36,8 @@ from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_fi
                          resolve_fs, run_job)
 from pipeline import names
 from pipeline import output as out
+from pipeline.done_index import INDEX_DIR, build_done_index
+from pipeline.listing import ListingUnits
 from pipeline import pairs_dataset as dataset
 from pipeline.degrade import DEGRADATION_KINDS
 from pipeline.images import ALPHA_MODES
@@ -225,9 +227,9 @@ def _file_kind(mode: int) -> str:
 READER = SourceReader(read_bytes, InputTooLarge)  # how the degrade tasks read a listed file
 
 
-def write_work_listing(cfg: PrepareConfig, output: out.Output) -> out.ListingUnits:
+def write_work_listing(cfg: PrepareConfig, output: out.Output) -> ListingUnits:
     """The input's files, listed into the output's `_work/` units (`pipeline.pairs_dataset`)."""
-    exclude = [output.root if out.is_local(cfg.output) else output.uri]  # when it lies inside the input
+    exclude = [output.root if is_local(cfg.output) else output.uri]  # when it lies inside the input
     files = iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude)
     return dataset.write_work_units(output, files, cfg.files_per_task)
 
@@ -257,8 +259,8 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
             if listing.count:
                 started = init_ray(cfg.address, num_cpus=cfg.num_cpus)
                 try:
-                    shards_done = out.build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
-                    errors_done = out.build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
+                    shards_done = build_done_index(output, shard_parts, "sample_id", SHARDS_DIR)
+                    errors_done = build_done_index(output, error_parts, "source_uri", ERRORS_DIR)
                     for row in dataset.build_dataset(listing, cfg, READER, shards_done, errors_done).iter_rows():
                         pairs, shards = pairs + row["rows"], shards + 1
                         if on_shard is not None:
@@ -270,7 +272,7 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
                         ray.shutdown()
             manifest = dataset.write_manifest(fs, root, cfg)
             out.remove_dir(fs, output.path(WORK_DIR))
-            out.remove_dir(fs, output.path(out.INDEX_DIR))
+            out.remove_dir(fs, output.path(INDEX_DIR))
     finally:
         if connected:
             import ray

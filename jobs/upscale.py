@@ -108,7 +108,7 @@ class UpscaleJobConfig:
     overwrite: bool = False  # replace the output's earlier results instead of resuming them
 
     def __post_init__(self):
-        from flowsr.sample import COLOR_FIXES
+        from flowsr.color import COLOR_FIXES
         from pipeline.upscale_io import OUTPUT_FORMATS
 
         if self.scale is not None and not (math.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
@@ -138,10 +138,11 @@ class UpscaleJobConfig:
         """The run record (`pipeline.output`): what decides the output pixels, and the checkpoint's
         digest. A rerun into the same OUT with other values is refused (`--overwrite` to replace)."""
         from pipeline import output as out
+        from pipeline.fingerprint import checkpoint_digest
 
         params = {name: getattr(self, name) for name in RESULT_FIELDS}
         try:
-            checkpoint = out.checkpoint_digest(self.checkpoint)
+            checkpoint = checkpoint_digest(self.checkpoint)
         except out.OutputError:  # a model name, not a path: recorded as given
             checkpoint = self.checkpoint
         return out.run_record("upscale", self.input, params, checkpoint)
@@ -289,12 +290,12 @@ def _probe(cfg: UpscaleJobConfig, chunks: list, chunk_rows: list, planned: bool,
     their rows fall in more than one output-size bucket."""
     import ray
 
-    from pipeline import output as out
     from pipeline import upscale_io as io
+    from pipeline.listing import ListingUnits
 
     fs, _ = io.split_uri(cfg.output)
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    ds = out.ListingUnits(fs, chunks, chunk_rows, PROBE_BLOCK).rows_dataset(cluster_cpus)
+    ds = ListingUnits(fs, chunks, chunk_rows, PROBE_BLOCK).rows_dataset(cluster_cpus)
     if not planned:  # a Parquet list: names compete within a folder, so plan folder by folder
         ds = ds.groupby("key", num_partitions=_partitions(sum(chunk_rows))).map_groups(_arrow(io.plan_batch, output_root=cfg.output, fmt=cfg.format,
                                                  suffix=cfg.name_suffix), batch_format="pyarrow")
@@ -359,8 +360,8 @@ def _run_pipeline(cfg: UpscaleJobConfig, parts: str, pending: list, sort: bool =
     finished batch to the last (startup excluded)."""
     import ray
 
-    from pipeline import output as out
     from pipeline import upscale_io as io
+    from pipeline.listing import ListingUnits
 
     num_gpus = cfg.num_gpus
     if num_gpus is None:
@@ -369,7 +370,7 @@ def _run_pipeline(cfg: UpscaleJobConfig, parts: str, pending: list, sort: bool =
     fs, _ = io.split_uri(_pending_dir(cfg))
     paths, rows = [p for p, _ in pending], [n for _, n in pending]
     todo = sum(rows)
-    ds = out.ListingUnits(fs, paths, rows, PROBE_BLOCK).rows_dataset(ray.cluster_resources().get("CPU", 1))
+    ds = ListingUnits(fs, paths, rows, PROBE_BLOCK).rows_dataset(ray.cluster_resources().get("CPU", 1))
     if sort and todo > cfg.batch_size:  # one batch needs no order
         ds.context.default_hash_shuffle_parallelism = _partitions(todo)  # this dataset's own context
         ds = ds.sort(["bucket_h", "bucket_w", "input"])

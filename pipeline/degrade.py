@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import hashlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ import cv2
 import numpy as np
 from PIL import Image
 from scipy import special
+
+from flowsr.seeds import seeded_rng
 
 PARAMS_VERSION = 1
 DEGRADATION_KINDS = ("realesrgan", "bicubic")
@@ -158,8 +159,7 @@ def sample_rng(seed: int, sample_id: str) -> np.random.Generator:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if not isinstance(sample_id, str) or not sample_id:
         raise ValueError(f"sample_id must be a non-empty str, got {sample_id!r}")
-    key = int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
-    return np.random.default_rng([int(seed), key])
+    return seeded_rng(seed, sample_id)
 
 
 def _uniform(rng: np.random.Generator, bounds) -> float:
@@ -404,7 +404,7 @@ def poisson_noise(img: np.ndarray, scale: float, gray: bool, rng: np.random.Gene
 
 def add_noise(img: np.ndarray, noise: Dict[str, Any]) -> np.ndarray:
     """Add the noise described by `noise` (from `draw_noise`) and clip to [0, 1]."""
-    rng = np.random.default_rng(noise["noise_seed"])
+    rng = seeded_rng(noise["noise_seed"])
     if noise["kind"] == "gaussian":
         delta = gaussian_noise(img.shape, noise["sigma"], noise["gray"], rng)
     elif noise["kind"] == "poisson":

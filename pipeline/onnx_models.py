@@ -1,8 +1,8 @@
 """The onnxruntime backend of the upscale job: a FlowSR one-step export (`flowsr export`) run
-tile by tile, with the tiling, blending, colour fix and batch contract of `flowsr.sample.Upscaler`.
+tile by tile, with the tiling, blending, colour fix and batch contract of `flowsr.upscaler.Upscaler`.
 
 Only the network runs in onnxruntime; the bicubic resize of each tile, the Gaussian blend and
-the colour fix stay the project's torch code (`flowsr.sample.stream_tiles`), so a result differs
+the colour fix stay the project's torch code (`flowsr.tiling.stream_tiles`), so a result differs
 from the torch backend's only by the network's float error (within one 8-bit level).
 """
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from flowsr.color import COLOR_FIXES
 from flowsr.export import INPUT_NAME, OUTPUT_NAME, ExportError, read_contract, session
-from flowsr.sample import COLOR_FIXES, TileUpscaler, stream_tiles
+from flowsr.tiling import stream_tiles
+from flowsr.upscaler import TileUpscaler
 
 CPU_PROVIDER, CUDA_PROVIDER = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -38,7 +40,7 @@ class OnnxUpscaler(TileUpscaler):
     """An exported one-step model (`flowsr.export`) behind the `TileUpscaler` batch contract.
 
     `tile` and `tile_overlap` are in output pixels (tiles are cut to the file's size multiple),
-    `bucket` rounds output sizes into padded batches, as `flowsr.sample.Upscaler`. The session
+    `bucket` rounds output sizes into padded batches, as `flowsr.upscaler.Upscaler`. The session
     uses `threads` intra-op threads (default: torch's thread count, which Ray sets to the
     actor's CPUs, so both backends get the same CPU budget)."""
 

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import output as out
+from pipeline.done_index import DoneIndex, EMPTY_INDEX
+from pipeline.fingerprint import bytes_digest
 from pipeline.caption import BACKENDS
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, ImageTooLarge, load_image, to_rgb8
@@ -166,7 +168,7 @@ def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: I
     Crops whose sample_id is in `skip_ids` are not produced (they are already written).
     The pixel count is checked from the header before anything is decoded.
     """
-    digest = digest or out.bytes_digest(data)
+    digest = digest or bytes_digest(data)
     try:
         rgb, conversion = to_rgb8(load_image(data, source_uri, cfg.max_pixels), alpha=cfg.alpha)
     except ImageTooLarge as exc:
@@ -192,7 +194,7 @@ def process_source(source_uri: str, data: bytes, cfg: PrepareConfig, skip_ids: I
 
 
 def process_uri(source_uri: str, cfg: PrepareConfig, reader: SourceReader,
-                done: out.DoneIndex = out.EMPTY_INDEX) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
+                done: DoneIndex = EMPTY_INDEX) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, str]]]:
     """`process_source` on a file read from its URI by `reader`, skipping the crops `done` holds.
 
     Unreadable, special or oversized files give an error row; a file whose crops are all done
@@ -204,7 +206,7 @@ def process_uri(source_uri: str, cfg: PrepareConfig, reader: SourceReader,
         return [], error_row(source_uri, "read", str(exc))
     except (OSError, MemoryError) as exc:
         return [], error_row(source_uri, "read", f"{type(exc).__name__}: {exc}")
-    digest = out.bytes_digest(data)
+    digest = bytes_digest(data)
     ids = candidate_ids(digest, cfg)
     finished = done.done(ids)
     if finished.all():

@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 
 from pipeline import names
 from pipeline import output as out
+from pipeline.done_index import DoneIndex, EMPTY_INDEX
+from pipeline.listing import ListingUnits, rows_of_runs, write_listing_chunks
 from pipeline import shards as pair_shards
 from pipeline.caption import CaptionConfig, add_caption_stage, caption_table
 from pipeline.degrade import PARAMS_VERSION
@@ -69,8 +71,8 @@ def write_errors(rows: List[Dict[str, str]], output: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def degrade_batch(batch: pa.Table, cfg: Dict[str, Any], reader: SourceReader,
-                  shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> pa.Table:
+                  shards_done: DoneIndex = EMPTY_INDEX,
+                  errors_done: DoneIndex = EMPTY_INDEX) -> pa.Table:
     """Batch of listed files {source_uri, reject} -> pair rows; its bad files go to output/errors.
 
     `cfg`: `asdict` of a PrepareConfig; `reader` reads the files. Files with an error row
@@ -100,9 +102,9 @@ def add_captions(ds, captioner: str):
     return add_caption_stage(ds, CaptionConfig(backend=captioner))
 
 
-def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Dict[str, Any],
-                  reader: SourceReader, shards_done: out.DoneIndex = out.EMPTY_INDEX,
-                  errors_done: out.DoneIndex = out.EMPTY_INDEX) -> Iterator[pa.Table]:
+def degrade_units(batch: pa.Table, listing: ListingUnits, runs: int, cfg: Dict[str, Any],
+                  reader: SourceReader, shards_done: DoneIndex = EMPTY_INDEX,
+                  errors_done: DoneIndex = EMPTY_INDEX) -> Iterator[pa.Table]:
     """Batch of run numbers {id} -> the pairs of each unit of those runs (`degrade_batch` on the
     unit's files), unit by unit.
 
@@ -112,7 +114,7 @@ def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Di
     """
     config = PrepareConfig(**cfg)
     tables = (degrade_batch(files, cfg, reader, shards_done, errors_done)
-              for files in out.rows_of_runs(batch, listing, runs))
+              for files in rows_of_runs(batch, listing, runs))
     if config.captioner == "qwen2vl":
         yield from tables
         return
@@ -122,7 +124,7 @@ def degrade_units(batch: pa.Table, listing: out.ListingUnits, runs: int, cfg: Di
     yield from pair_shards.write_shards(tables, config.output, PARAMS_VERSION, config.shard_rows)
 
 
-def degrade_runs(listing: out.ListingUnits, cfg: PrepareConfig, cluster_cpus: float) -> int:
+def degrade_runs(listing: ListingUnits, cfg: PrepareConfig, cluster_cpus: float) -> int:
     """Degrade tasks (runs of units): `listing.runs`, but when the job writes its shards in the
     degrade tasks no more than it takes to fill shards of `shard_rows` pairs (a task's last shard
     is short), while keeping one task per CPU (or per `num_workers`)."""
@@ -134,8 +136,8 @@ def degrade_runs(listing: out.ListingUnits, cfg: PrepareConfig, cluster_cpus: fl
     return min(runs, max(slots, -(-pairs // cfg.shard_rows)))
 
 
-def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, reader: SourceReader,
-                  shards_done: out.DoneIndex = out.EMPTY_INDEX, errors_done: out.DoneIndex = out.EMPTY_INDEX):
+def build_dataset(listing: ListingUnits, cfg: PrepareConfig, reader: SourceReader,
+                  shards_done: DoneIndex = EMPTY_INDEX, errors_done: DoneIndex = EMPTY_INDEX):
     """The listing, `files_per_task` files a unit -> a Ray Dataset of written shards ({shard, rows}).
     `reader` reads the files in the tasks.
 
@@ -168,15 +170,15 @@ def build_dataset(listing: out.ListingUnits, cfg: PrepareConfig, reader: SourceR
 # ---------------------------------------------------------------------------------------------
 
 def write_work_units(output: out.Output, files: Iterable[Tuple[str, Optional[str]]],
-                     files_per_task: int) -> out.ListingUnits:
+                     files_per_task: int) -> ListingUnits:
     """Stream the listed (uri, reject reason or None) into `_work/listing-NNNNN.parquet` chunks
     (WORK_SCHEMA), cut into units of `files_per_task` files; the listing is never held whole."""
     directory = output.path(WORK_DIR)
     output.fs.delete_dir_contents(directory, missing_dir_ok=True)
     rows = ({"source_uri": names.to_text(uri), "reject": reject}  # a name that is not UTF-8: a file:// URI
             for uri, reject in files)
-    chunks, counts = out.write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)
-    return out.ListingUnits(output.fs, chunks, counts, files_per_task)
+    chunks, counts = write_listing_chunks(output.fs, directory, rows, WORK_SCHEMA, WORK_CHUNK_ROWS)
+    return ListingUnits(output.fs, chunks, counts, files_per_task)
 
 
 def count_rows(fs: pafs.FileSystem, root: str, directory: str) -> Tuple[List[str], int]:

@@ -30,8 +30,8 @@ import torch
 
 from pipeline.storage import is_local, resolve_fs
 
-from flowsr.sample import (LUMA_WEIGHTS, TileBlender, Upscaler, default_device, output_size, tile_shape,
-                           tile_starts)
+from flowsr.tiling import TileBlender, output_size, tile_shape, tile_starts
+from flowsr.upscaler import LUMA_WEIGHTS, Upscaler, default_device
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 ONNX_SUFFIX = ".onnx"

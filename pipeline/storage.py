@@ -9,7 +9,7 @@ writes: a PutObject with `If-None-Match: *` creates an object only when none is 
 `If-Match: <etag>` replaces it only when it is still the version read (`create_if_absent`,
 `replace_if_version`, `delete_if_version`). pyarrow's S3FileSystem does not expose them, so these
 go through boto3. Other stores (gs://, ...) get None from `versioned_store` and their callers
-fall back to what they did without (see `pipeline.output.Lease`).
+fall back to what they did without (see `pipeline.lease.Lease`).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 
 from flowsr.config import FlowSRConfig
 from pipeline import output as out
+from pipeline.fingerprint import checkpoint_digest
 from pipeline.logs import setup_logging
 from pipeline.storage import copy_tree, exists, is_local, join_uri, resolve_fs, write_text
 
@@ -113,7 +114,7 @@ def epoch_batches(shard, cfg: FlowSRConfig, epoch: int, rank: int, world_size: i
     `data.shuffle_buffer_rows` rows seeded by (seed, epoch, rank), on top of the file order
     shuffled per epoch by `load_datasets` (shards hold consecutive crops of the same photos: a
     buffer of a few batches would still train on one photo at a time)."""
-    from flowsr.draws import stream_seed
+    from flowsr.seeds import stream_seed
 
     return shard.iter_batches(batch_size=cfg.optim.batch_size // world_size, batch_format="numpy",
                               drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows,
@@ -168,7 +169,7 @@ def load_datasets(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = Non
     from ray.data import FileShuffleConfig
 
     from flowsr.data import TRAIN_COLUMNS
-    from flowsr.draws import stream_seed
+    from flowsr.seeds import stream_seed
 
     files = FileShuffleConfig(seed=stream_seed(cfg.train.seed, "files", first_epoch) % 2 ** 31,
                               reseed_after_execution=True)
@@ -301,7 +302,7 @@ def train_record(cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None
     params = {k: v for k, v in _flatten(cfg.to_dict()).items() if k not in EXECUTION_FIELDS}
     params["data"] = data_identity(data_uri)  # validation data changes no weight: recorded, not compared
     return out.run_record("train", {"data": data_uri, "val_data": val_uri}, params,
-                          out.checkpoint_digest(init_from))
+                          checkpoint_digest(init_from))
 
 
 def check_resume(run: str, cfg: FlowSRConfig, data_uri: str, val_uri: Optional[str] = None,

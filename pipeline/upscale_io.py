@@ -46,7 +46,7 @@ import pyarrow.fs as pafs
 from pipeline import names
 from pipeline.storage import join_uri
 
-from flowsr.sample import output_size
+from flowsr.tiling import output_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".tif", ".tiff", ".bmp", ".gif",
                     ".ppm", ".pgm", ".pbm", ".pnm", ".tga")  # what pipeline.images.load_image decodes
@@ -627,7 +627,7 @@ def is_valid_output(uri: str, size: Tuple[int, int]) -> bool:
 
 
 def file_digest(uri: str) -> str:
-    """sha256 (hex) of the bytes of `uri`, read in pieces (`pipeline.output.bytes_digest` of the
+    """sha256 (hex) of the bytes of `uri`, read in pieces (`pipeline.fingerprint.bytes_digest` of the
     whole file)."""
     import hashlib
 
@@ -695,7 +695,7 @@ def decode_batch(batch: Dict[str, Sequence], *, max_pixels: int = MAX_PIXELS) ->
     `channels`, `icc` (the input's ICC profile, or empty), and `input_sha256`: the digest of the
     bytes decoded. Failures -> error rows."""
     from pipeline.images import load_image
-    from pipeline.output import bytes_digest
+    from pipeline.fingerprint import bytes_digest
 
     out = {k: list(v) for k, v in batch.items()}
     out.setdefault("input_sha256", [""] * len(out["input"]))

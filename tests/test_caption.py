@@ -10,6 +10,7 @@ import pytest
 
 from jobs import caption as caption_job
 from pipeline import caption as C
+from pipeline.storage import resolve_fs
 from pipeline import caption_tables as tables
 from pipeline import caption_templates as T
 from pipeline.qwen_offline import SPECIAL_TOKENS, build_qwen2vl, tiktoken_path
@@ -437,7 +438,7 @@ def test_caption_rerun_with_other_settings_is_refused(tmp_path, capsys):
     out_dir = tmp_path / "captions"
     first = caption_job.RegenerateConfig(shards=shards, output=str(out_dir),
                                          caption=C.CaptionConfig(backend="template"))
-    fs, root = out.resolve_fs(str(out_dir))
+    fs, root = resolve_fs(str(out_dir))
     fs.create_dir(root)
     assert not out.check_run_record(fs, root, first.record(), label=str(out_dir))
     same = caption_job.RegenerateConfig(shards=shards, output=str(out_dir),  # batch size: same captions

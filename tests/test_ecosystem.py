@@ -139,7 +139,7 @@ def test_python_api_pil_in_pil_out(trained):
     from PIL import Image
 
     from flowsr.api import FlowSRUpscaler
-    from flowsr.sample import Upscaler
+    from flowsr.upscaler import Upscaler
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)

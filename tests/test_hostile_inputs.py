@@ -225,7 +225,7 @@ def test_evaluate_gives_error_rows_for_bad_pairs_and_lists_unmatched_names(ray_l
 
 # ---- thin images: no seams the whole-image forward does not have -------------------------------------
 def test_tile_shape_spends_the_tile_budget_along_a_thin_image():
-    from flowsr.sample import tile_shape
+    from flowsr.tiling import tile_shape
 
     assert tile_shape(512, 512, 64) == (64, 64)  # square tiles where both sides allow them
     assert tile_shape(40, 40, 64) == (40, 40)

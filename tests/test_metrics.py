@@ -404,7 +404,7 @@ def test_evaluate_overwrite_recomputes_every_pair(one_shot, tiny_checkpoint, tmp
 
 def test_evaluate_refuses_an_output_held_by_a_live_run(one_shot, tiny_checkpoint, tmp_path, capsys):
     from jobs.evaluate import main
-    from pipeline.output import Lease
+    from pipeline.lease import Lease
     from pipeline.storage import resolve_fs
 
     out = tmp_path / "busy"

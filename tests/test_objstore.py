@@ -241,6 +241,7 @@ def test_lease_on_s3_stale_takeover_heartbeat_and_loss(s3, prefix):
     a live one is never touched; the heartbeat refreshes only the version it wrote, and a holder
     whose lease was taken over stops and says so (`lost`) instead of overwriting it."""
     from pipeline import output as out
+    from pipeline.lease import Lease
     from pipeline.storage import resolve_fs
 
     fs, root = resolve_fs(prefix)
@@ -248,7 +249,7 @@ def test_lease_on_s3_stale_takeover_heartbeat_and_loss(s3, prefix):
     killed = {"token": "killed", "host": socket.gethostname(), "pid": _dead_pid(), "heartbeat": time.time(),
               "ttl_s": 600}
     put(s3, lease_uri, json.dumps(killed).encode())
-    takers = [out.Lease(fs, root, "OUT") for _ in range(2)]
+    takers = [Lease(fs, root, "OUT") for _ in range(2)]
     results, barrier = [], threading.Barrier(2)
 
     def take(lease):
@@ -271,11 +272,11 @@ def test_lease_on_s3_stale_takeover_heartbeat_and_loss(s3, prefix):
     live = {"token": "live", "host": "another-host", "pid": 1, "heartbeat": time.time(), "ttl_s": 600}
     put(s3, lease_uri, json.dumps(live).encode())
     with pytest.raises(out.OutputBusy, match="in use by another run"):
-        out.Lease(fs, root, "OUT").acquire()
+        Lease(fs, root, "OUT").acquire()
     assert json.loads(get(s3, lease_uri)) == live
     s3.delete_object(Bucket=BUCKET, Key=lease_uri.split(f"{BUCKET}/", 1)[1])
 
-    lease = out.Lease(fs, root, "OUT", ttl_s=0.4).acquire()
+    lease = Lease(fs, root, "OUT", ttl_s=0.4).acquire()
     try:
         first = json.loads(get(s3, lease_uri))["heartbeat"]
         time.sleep(0.35)
@@ -294,6 +295,7 @@ def test_lease_on_s3_holds_when_a_conditional_write_answer_is_lost(s3, prefix):
     fails against its own success: the lease is still this run's (same token), so it is
     acquired, refreshed and released as usual, never reported as busy or lost."""
     from pipeline import output as out
+    from pipeline.lease import Lease
     from pipeline.storage import resolve_fs
 
     class AnswerLost:
@@ -313,7 +315,7 @@ def test_lease_on_s3_holds_when_a_conditional_write_answer_is_lost(s3, prefix):
 
     fs, root = resolve_fs(prefix)
     lease_uri = f"{prefix}/{out.LEASE_FILE}"
-    lease = out.Lease(fs, root, "OUT", ttl_s=0.4)
+    lease = Lease(fs, root, "OUT", ttl_s=0.4)
     lease._store = AnswerLost(lease._store)
     lease.acquire()
     try:
@@ -445,7 +447,7 @@ def test_prepare_data_on_s3_resumes_after_sigkill_with_each_pair_once(s3, prepar
 
 def test_prepare_data_on_s3_refuses_a_concurrent_run_and_other_settings(s3, prepared, capsys):
     from jobs import prepare_data as P
-    from pipeline import output as out
+    from pipeline.lease import Lease
     from pipeline.storage import resolve_fs
 
     cfg = prepared[0]
@@ -453,7 +455,7 @@ def test_prepare_data_on_s3_refuses_a_concurrent_run_and_other_settings(s3, prep
     argv = ["--input", cfg.input, "--output", cfg.output, "--patch-size", "32", "--crops-per-image", "2",
             "--shard-rows", "2", "--files-per-task", "1", "--address", cfg.address]
     fs, root = resolve_fs(cfg.output)
-    with out.Lease(fs, root, cfg.output):  # another run, live, holds the output
+    with Lease(fs, root, cfg.output):  # another run, live, holds the output
         _one_line_refusal(capsys, lambda: P.main(argv), "in use by another run")
     _one_line_refusal(capsys, lambda: P.main([*argv, "--seed", "1"]), "seed: 0 -> 1")
     assert keys(s3, cfg.output) == before  # a refused run writes nothing
@@ -475,7 +477,7 @@ def test_caption_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     part is committed, rerun: every pair captioned exactly once; a second run while one holds
     the output, and a rerun with another backend, are refused in one line."""
     from jobs import caption as C
-    from pipeline import output as out
+    from pipeline.lease import Lease
     from pipeline.caption import CaptionConfig
     from pipeline.storage import resolve_fs
 
@@ -501,7 +503,7 @@ def test_caption_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     argv = ["--shards", shards, "--output", output, "--backend", "template", "--address", address]
     before = keys(s3, output)
     fs, root = resolve_fs(output)
-    with out.Lease(fs, root, output):
+    with Lease(fs, root, output):
         _one_line_refusal(capsys, lambda: C.main(argv), "in use by another run")
     _one_line_refusal(capsys, lambda: C.main([*argv[:-4], "--backend", "qwen2vl", *argv[-2:]]),
                       "backend: 'template' -> 'qwen2vl'")
@@ -534,7 +536,7 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     each input once. A second run while one holds
     the output, and a rerun with another colour fix, are refused in one line."""
     from jobs import upscale as U
-    from pipeline import output as out
+    from pipeline.lease import Lease
     from pipeline import upscale_io as uio
     from pipeline.storage import resolve_fs
 
@@ -577,7 +579,7 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
 
     before = keys(s3, output)
     fs, root = resolve_fs(output)
-    with out.Lease(fs, root, output):
+    with Lease(fs, root, output):
         _one_line_refusal(capsys, lambda: U.main(argv), "in use by another run")
     _one_line_refusal(capsys, lambda: U.main([*argv, "--color-fix", "adain"]), "color_fix: 'wavelet' -> 'adain'")
     assert keys(s3, output) == before

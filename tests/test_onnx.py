@@ -19,7 +19,7 @@ from flowsr import export as E  # noqa: E402
 from flowsr.api import FlowSRUpscaler  # noqa: E402
 from flowsr.backbones import PixelBackbone, build_backbone  # noqa: E402
 from flowsr.config import apply_overrides, preset  # noqa: E402
-from flowsr.sample import Upscaler  # noqa: E402
+from flowsr.upscaler import Upscaler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = 1  # max difference in 8-bit levels between the backends

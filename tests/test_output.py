@@ -1,4 +1,6 @@
-"""pipeline/output.py: atomic parts, run record, lease, the Ray-built resume index."""
+"""The output layer: atomic parts, run record (pipeline/output.py), lease (pipeline/lease.py),
+checkpoint digest (pipeline/fingerprint.py), the Ray-built resume index (pipeline/done_index.py)
+and work listings (pipeline/listing.py)."""
 import json
 import os
 import socket
@@ -13,6 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import output as out
+from pipeline.done_index import EMPTY_INDEX, build_done_index
+from pipeline.fingerprint import checkpoint_digest
+from pipeline.lease import Lease
+from pipeline.listing import MAX_UNITS_PER_TASK, TASKS_PER_CPU, ListingUnits, write_listing_chunks
 from pipeline.storage import resolve_fs
 
 
@@ -104,7 +110,7 @@ def test_lease_one_writer_and_stale_takeover(tmp_path):
 
 def test_lease_heartbeat_refreshes(tmp_path):
     fs, root = local(tmp_path)
-    with out.Lease(fs, root, "OUT", ttl_s=0.4):
+    with Lease(fs, root, "OUT", ttl_s=0.4):
         first = json.loads((tmp_path / out.LEASE_FILE).read_text())["heartbeat"]
         time.sleep(0.5)
         assert json.loads((tmp_path / out.LEASE_FILE).read_text())["heartbeat"] > first
@@ -115,12 +121,12 @@ def test_checkpoint_digest_follows_content(tmp_path):
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"\x00" * 1000)
     (ckpt / "config.json").write_text("{}")
-    digest = out.checkpoint_digest(str(ckpt))
-    assert digest == out.checkpoint_digest(str(ckpt)) and len(digest) == 64
+    digest = checkpoint_digest(str(ckpt))
+    assert digest == checkpoint_digest(str(ckpt)) and len(digest) == 64
     (ckpt / "model.safetensors").write_bytes(b"\x00" * 999 + b"\x01")
-    assert out.checkpoint_digest(str(ckpt)) != digest
+    assert checkpoint_digest(str(ckpt)) != digest
     with pytest.raises(out.OutputError, match="not found"):
-        out.checkpoint_digest(str(tmp_path / "missing"))
+        checkpoint_digest(str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize("rows_per_bucket", [10_000, 7])
@@ -134,7 +140,7 @@ def test_done_index_from_committed_parts(tmp_path, ray_local, rows_per_bucket):
             ids = done[k:k + 16] + [done[0]]
             out.write_parquet_atomic(o.fs, o.path("shards", f"part-{k}.parquet"), pa.table({"sample_id": ids}))
         parts = out.list_parts(o.fs, o.path("shards"))
-        index = out.build_done_index(o, parts, "sample_id", "shards", rows_per_bucket=rows_per_bucket)
+        index = build_done_index(o, parts, "sample_id", "shards", rows_per_bucket=rows_per_bucket)
         assert index.buckets == (1 if rows_per_bucket > 100 else 43 // 7 + 1)
         queries = done[::3] + [f"{i:016x}" for i in rng.integers(0, 2**62, 30)]
         expected = np.array([q in set(done) for q in queries])
@@ -145,7 +151,7 @@ def test_done_index_from_committed_parts(tmp_path, ray_local, rows_per_bucket):
             bucket = int(path.split("-")[1].split(".")[0])
             ids = pq.read_table(os.path.join(index.directory, path)).column("id").to_pylist()
             assert all(zlib.crc32(i.encode()) % index.buckets == bucket for i in ids)
-    assert not out.EMPTY_INDEX.done(["x"]).any()
+    assert not EMPTY_INDEX.done(["x"]).any()
 
 
 @pytest.mark.parametrize("per_unit,chunk_rows,row_group", [(4, 10, 3), (3, 9, 9), (7, 5, 2)])
@@ -157,12 +163,12 @@ def test_listing_units_cover_the_listing_once_in_order(tmp_path, per_unit, chunk
     fs, root = resolve_fs(str(tmp_path / "work"))
     names = [f"img{i:03d}.png" for i in range(23)]
     schema = pa.schema([("source_uri", pa.string())])
-    chunks, counts = out.write_listing_chunks(fs, root, ({"source_uri": n} for n in names), schema,
+    chunks, counts = write_listing_chunks(fs, root, ({"source_uri": n} for n in names), schema,
                                               chunk_rows, row_group)
     assert counts == [chunk_rows] * (23 // chunk_rows) + ([23 % chunk_rows] if 23 % chunk_rows else [])
     assert all(pq.ParquetFile(c).metadata.num_row_groups == math.ceil(n / row_group)
                for c, n in zip(chunks, counts))
-    units = out.ListingUnits(fs, chunks, counts, per_unit)
+    units = ListingUnits(fs, chunks, counts, per_unit)
     # independent reference: cut each chunk's names into runs of per_unit
     expected = [names[start + k:start + min(k + per_unit, n)]
                 for start, n in zip(np.cumsum([0] + counts[:-1]), counts) for k in range(0, n, per_unit)]
@@ -175,21 +181,21 @@ def test_listing_units_cover_the_listing_once_in_order(tmp_path, per_unit, chunk
         units.rows_of(units.count)
     # runs: ~4 per CPU, at most one per unit, more when runs would pass MAX_UNITS_PER_TASK; each
     # unit in exactly one run, in order
-    assert units.runs(1) == min(units.count, out.TASKS_PER_CPU)
+    assert units.runs(1) == min(units.count, TASKS_PER_CPU)
     assert units.runs(64) == units.count
     for runs in (1, units.runs(1), units.count):
         assert [u for r in range(runs) for u in units.units_of_run(r, runs)] == list(range(units.count))
-    many = out.ListingUnits(fs, chunks * 1000, counts * 1000, per_unit)
-    assert many.runs(2) == math.ceil(many.count / out.MAX_UNITS_PER_TASK) > 2 * out.TASKS_PER_CPU
-    assert max(len(many.units_of_run(r, many.runs(2))) for r in range(many.runs(2))) <= out.MAX_UNITS_PER_TASK
+    many = ListingUnits(fs, chunks * 1000, counts * 1000, per_unit)
+    assert many.runs(2) == math.ceil(many.count / MAX_UNITS_PER_TASK) > 2 * TASKS_PER_CPU
+    assert max(len(many.units_of_run(r, many.runs(2))) for r in range(many.runs(2))) <= MAX_UNITS_PER_TASK
 
 def test_listing_units_dataset_yields_every_unit_once(tmp_path, ray_local):
     fs, root = resolve_fs(str(tmp_path / "work"))
-    chunks, counts = out.write_listing_chunks(fs, root, ({"source_uri": str(i)} for i in range(50)),
+    chunks, counts = write_listing_chunks(fs, root, ({"source_uri": str(i)} for i in range(50)),
                                               pa.schema([("source_uri", pa.string())]), 20, 8)
-    units = out.ListingUnits(fs, chunks, counts, 3)
+    units = ListingUnits(fs, chunks, counts, 3)
     runs = units.runs(cluster_cpus=2)
     ds = units.dataset(runs).materialize()
-    assert runs == 2 * out.TASKS_PER_CPU < units.count == 7 + 7 + 4
+    assert runs == 2 * TASKS_PER_CPU < units.count == 7 + 7 + 4
     assert sorted(r["id"] for r in ds.iter_rows()) == list(range(runs))
     assert ds.num_blocks() == runs  # one read task per run

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flowsr import sample as S
+from flowsr import tiling as T
+
+from flowsr import upscaler as U
 from pipeline import sr_models as M
 from pipeline import upscale_io as uio
 
@@ -153,7 +155,7 @@ def test_tiles_and_overlap_are_in_input_pixels(compact):
     x = _unit(image)
     out = tiled.upscale_tensor(x)
     shapes = tiled.model.shapes
-    n_tiles = len(S.tile_starts(40, 16, 10)) * len(S.tile_starts(36, 16, 10))
+    n_tiles = len(T.tile_starts(40, 16, 10)) * len(T.tile_starts(36, 16, 10))
     assert sum(s[0] for s in shapes) == n_tiles and {s[1:] for s in shapes} == {(3, 16, 16)}
     reference = untiled.upscale_tensor(x)
     assert out.shape == reference.shape == (1, 3, 160, 144)
@@ -190,7 +192,7 @@ def test_dtypes_channels_and_batches(esrgan):
         assert np.array_equal(batched, single)
     # gray: the RGB model sees the gray image repeated; the output is its ITU-R 601 luma, 16 bits
     rgb_of_gray = up.upscale_tensor(_unit(gray16).expand(-1, 3, -1, -1))[0]
-    luma = (rgb_of_gray * torch.tensor(S.LUMA_WEIGHTS)[:, None, None]).sum(0).numpy() * 65535
+    luma = (rgb_of_gray * torch.tensor(U.LUMA_WEIGHTS)[:, None, None]).sum(0).numpy() * 65535
     assert np.abs(outs[2][..., 0] - luma).max() <= 0.51
 
 
@@ -222,12 +224,12 @@ def _old_whole_image(path, image, scale, tile, overlap, pre_pad=0):
     x = x[:, :, rows][:, :, :, cols]
     s = model.scale
     with torch.no_grad():
-        y = S.tiled_apply(lambda t, boxes: model(t), x, tile, overlap, unit_out=s)[..., :h * s, :w * s]
-    size = S.output_size(h, w, scale or s)
+        y = T.tiled_apply(lambda t, boxes: model(t), x, tile, overlap, unit_out=s)[..., :h * s, :w * s]
+    size = T.output_size(h, w, scale or s)
     if size != (h * s, w * s):
         y = F.interpolate(y, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     if c == 1:
-        y = (y * torch.tensor(S.LUMA_WEIGHTS)[:, None, None]).sum(1, keepdim=True)
+        y = (y * torch.tensor(U.LUMA_WEIGHTS)[:, None, None]).sum(1, keepdim=True)
     return y[0].permute(1, 2, 0).numpy() * peak
 
 
@@ -311,7 +313,7 @@ def test_no_tensor_is_image_sized(compact, scale, dtype, channels):
     with LargestTensor() as seen:
         (out,), _ = up.upscale_images([image])
     H, W = out.shape[:2]
-    assert (H, W) == S.output_size(96, 96, scale or 4)
+    assert (H, W) == T.output_size(96, 96, scale or 4)
     native = 96 * 4
     band = 3 * 2 * 16 * 4 * max(W, native)  # RGB x 2 tile heights of rows x the wider of the widths
     assert seen.largest <= band < 3 * native * native / 2
@@ -335,7 +337,7 @@ def test_flowsr_checkpoints_take_tiles_in_input_pixels(flowsr_ckpt):
     ckpt = flowsr_ckpt
     assert M.describe(str(ckpt)).kind == M.FLOWSR and M.describe(str(ckpt)).scale() == 4.0
     up = M.load_upscaler(str(ckpt), scale=2, tile=32, tile_overlap=10, device="cpu")
-    assert isinstance(up, S.Upscaler)
+    assert isinstance(up, U.Upscaler)
     assert (up.options["tile"], up.options["tile_overlap"], up.options["scale"]) == (64, 20, 2)
     with pytest.raises(M.ModelError, match="pre_pad"):
         M.load_upscaler(str(ckpt), pre_pad=4)

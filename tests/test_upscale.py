@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from flowsr import color
+
 from flowsr import sample as S
+
+from flowsr import tiling as T
 from flowsr.backbones import PixelBackbone, build_backbone
 from flowsr.config import apply_overrides, preset
 from pipeline import upscale_io as uio
@@ -57,7 +61,7 @@ def _rgb(h, w, seed=0):
 # ---- tiling ---------------------------------------------------------------------------------------
 def test_tile_starts_cover_with_overlap():
     for length, tile, overlap in [(100, 32, 8), (64, 64, 8), (65, 64, 8), (7, 32, 4), (1000, 96, 16)]:
-        starts = S.tile_starts(length, tile, overlap)
+        starts = T.tile_starts(length, tile, overlap)
         size = min(tile, length)
         assert starts[0] == 0 and starts[-1] + size == length
         assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))
@@ -146,16 +150,16 @@ def test_color_fixes():
     g = torch.Generator().manual_seed(0)
     content = torch.rand(2, 3, 40, 40, generator=g) * 2 - 1
     style = torch.rand(2, 3, 40, 40, generator=g) * 0.5
-    high, low = S.wavelet_decomposition(content)
+    high, low = color.wavelet_decomposition(content)
     assert torch.allclose(high + low, content, atol=1e-5)
-    fixed = S.adain_color_fix(content, style)
+    fixed = color.adain_color_fix(content, style)
     assert torch.allclose(fixed.mean((-2, -1)), style.mean((-2, -1)), atol=1e-4)
     assert torch.allclose(fixed.std((-2, -1)), style.std((-2, -1)), atol=1e-3)
-    wave = S.wavelet_color_fix(content, style)
-    assert torch.allclose(S.wavelet_decomposition(wave)[1], S.wavelet_decomposition(style)[1], atol=0.05)
-    assert torch.allclose(S.wavelet_color_fix(style, style), style, atol=1e-5)
+    wave = color.wavelet_color_fix(content, style)
+    assert torch.allclose(color.wavelet_decomposition(wave)[1], color.wavelet_decomposition(style)[1], atol=0.05)
+    assert torch.allclose(color.wavelet_color_fix(style, style), style, atol=1e-5)
     with pytest.raises(ValueError):
-        S.color_correct(content, style, "histogram")
+        color.color_correct(content, style, "histogram")
 
 
 # ---- listing and names ----------------------------------------------------------------------------

@@ -17,7 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+from flowsr import color
+
 from flowsr import sample as S
+
+from flowsr import tiling as T
+
+from flowsr import upscaler as U
 from pipeline import upscale_io as uio
 
 
@@ -289,17 +295,17 @@ def test_evaluate_escapes_the_report_and_sanitises_file_names(tmp_path):
 # ---- bounded memory -------------------------------------------------------------------------------
 def _gauss(n):
     x = np.arange(n, dtype=np.float64)
-    return np.exp(-0.5 * ((x - (n - 1) / 2) / (S.GAUSSIAN_TILE_SIGMA * n)) ** 2)
+    return np.exp(-0.5 * ((x - (n - 1) / 2) / (T.GAUSSIAN_TILE_SIGMA * n)) ** 2)
 
 
 def test_one_tile_equals_a_direct_whole_image_forward(backbone):
     lr = torch.rand(2, 3, 11, 13, generator=torch.Generator().manual_seed(0)) * 2 - 1
     H, W = 33, 39
     lr_up = S.resize_to(lr, (H, W))
-    whole = S.super_resolve(backbone, S.pad_to(lr_up, (34, 40)))[..., :H, :W]  # padded to the size multiple 2
+    whole = S.super_resolve(backbone, T.pad_to(lr_up, (34, 40)))[..., :H, :W]  # padded to the size multiple 2
     for fix in ("none", "wavelet", "adain"):
         got = S.upscale(backbone, lr, 3, tile=64, tile_overlap=8, vae_tile=64, color_fix=fix)
-        want = S.color_correct(whole, lr_up, fix)
+        want = color.color_correct(whole, lr_up, fix)
         assert (got - want).abs().max() < (2e-3 if fix == "adain" else 1e-5), fix  # adain keeps rows in fp16
 
 
@@ -309,7 +315,7 @@ def test_many_tiles_equal_a_float64_blend_of_tile_forwards(backbone):
     lr_up = S.resize_to(lr, (H, W))
     num, den = torch.zeros(1, 3, H, W, dtype=torch.float64), torch.zeros(1, 1, H, W, dtype=torch.float64)
     weight = torch.from_numpy(np.outer(_gauss(tile), _gauss(tile)))
-    ys, xs = S.tile_starts(H, tile, overlap), S.tile_starts(W, tile, overlap)
+    ys, xs = T.tile_starts(H, tile, overlap), T.tile_starts(W, tile, overlap)
     assert len(ys) > 3 and len(xs) > 2
     for y in ys:
         for x in xs:
@@ -320,7 +326,7 @@ def test_many_tiles_equal_a_float64_blend_of_tile_forwards(backbone):
     for fix in ("none", "wavelet", "adain"):
         got = S.upscale(backbone, lr, 3, tile=tile, tile_overlap=overlap, vae_tile=tile, color_fix=fix,
                         tile_batch=5)
-        want = S.color_correct(blend, lr_up, fix)
+        want = color.color_correct(blend, lr_up, fix)
         assert (got - want).abs().max() < (2e-3 if fix == "adain" else 1e-4), fix
 
 
@@ -329,12 +335,12 @@ def test_upscaling_streams_bands_of_rows_and_scale_is_checked(backbone):
 
     lr = (np.random.default_rng(0).random((50, 20, 3)) * 255).astype(np.uint8)
     bands = []
-    src, peak = S.image_source(lr)
+    src, peak = U.image_source(lr)
     S.upscale_stream(backbone, [src], [(200, 80)], lambda k, top, rows: bands.append((top, rows.shape[1])),
                      tile=32, tile_overlap=8, vae_tile=32, color_fix="wavelet", peaks=[peak])
     assert [top for top, _ in bands] == list(np.cumsum([0] + [n for _, n in bands])[:-1])
     assert sum(n for _, n in bands) == 200
-    assert len(bands) >= 4 and max(n for _, n in bands) <= 32 + 2 * S.WAVELET_MARGIN
+    assert len(bands) >= 4 and max(n for _, n in bands) <= 32 + 2 * color.WAVELET_MARGIN
     for bad in (0, -1, 1e6, math.inf, math.nan, 16.5):
         with pytest.raises(ValueError, match="scale"):
             UpscaleJobConfig(input="i", output="o", checkpoint="c", scale=bad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pipeline.evaluation import step_key
 from pipeline.report import format_metric, markdown_table
 
 # (steps, label, run, paper values) in the paper's row order; paper values from Tables 2-4
@@ -34,7 +35,7 @@ TABLE_METRICS = ("psnr", "ssim", "lpips")
 
 
 def _value(results: Dict, run: str, steps: int, metric: str) -> Optional[float]:
-    return results.get(run, {}).get("mean", {}).get(f"{steps}-step", {}).get(metric)
+    return results.get(run, {}).get("mean", {}).get(step_key(steps), {}).get(metric)
 
 
 def table_rows(spec, results: Dict, paper_keys: Sequence[str]) -> Tuple[List[str], List[List], List[List[str]]]:

@@ -127,7 +127,8 @@ def upscale_rates(work: Path, args) -> None:
     of the whole job (for upscale: listing, probe, decode, upscale, encode, write)."""
 
     from benchmarks.bench_upscale import make_checkpoint, make_inputs
-    from jobs.evaluate import EvalConfig, evaluate
+    from jobs.evaluate import evaluate
+    from pipeline.evaluation import EvalConfig
     from jobs.upscale import UpscaleJobConfig, upscale_corpus
 
     ckpt = make_checkpoint(str(work / "upscale-model"), sd21=False)

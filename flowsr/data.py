@@ -23,6 +23,7 @@ import torch
 from .config import DataConfig
 from .sample import resize_to
 from .seeds import seeded_generator
+from .upscaler import array_to_tensor
 
 
 def sample_generator(seed: int, sample_id: str, epoch: int = 0) -> torch.Generator:
@@ -34,7 +35,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected uint8 HxWx3, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return array_to_tensor(image)[0]
 
 
 def crop_origin(lr_hw: Tuple[int, int], lr_patch: int, generator: Optional[torch.Generator]) -> Tuple[int, int]:

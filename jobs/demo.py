@@ -14,17 +14,17 @@ or the other depending on the held-out draws.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
-import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
 from flowsr.config import apply_overrides, preset
+from pipeline.evaluation import EvalConfig
+from pipeline.report import write_demo_report
 
 # scikit-image's bundled samples: held-out images are never seen in training
 TRAIN_IMAGES = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel",
@@ -75,58 +75,6 @@ DEGRADATION_TEXT = {"bicubic": "bicubic x4 downsampling",
                     "realesrgan": "Real-ESRGAN second-order degradations (x4)"}
 
 
-def write_report(out: str, *, evaluation: Dict, eval_dir: str, curves: Dict[str, Optional[str]],
-                 upscaled: Dict, timings: Dict[str, float], degradation: str = "bicubic") -> str:
-    """report.html: metric table with the gain over bicubic, loss curves, LR / bicubic / 1-step /
-    4-step / HR crops (the evaluation's crop files), and what the upscaling job wrote."""
-    mean = evaluation["mean"]
-    methods = [m for m in ("bicubic", "1-step", "4-step") if m in mean]
-    rows = "".join(f"<tr><td>{m}</td><td>{mean[m]['psnr']:.2f}</td><td>{mean[m]['ssim']:.4f}</td></tr>"
-                   for m in methods)
-    gain = mean["1-step"]["psnr"] - mean["bicubic"]["psnr"]
-    verdict = (f"The 1-step model {'beats' if gain > 0 else 'does NOT beat'} bicubic by {gain:+.2f} dB PSNR "
-               f"on {evaluation['n_images']} held-out crops.")
-    curve_html = ""
-    for stage, path in curves.items():
-        if path and os.path.exists(path):
-            name = f"{stage}_loss.png"
-            shutil.copy(path, os.path.join(out, name))
-            curve_html += f'<figure><img src="{name}" width="480"><figcaption>{stage} losses</figcaption></figure>'
-    crops = ""
-    report_dir = os.path.join(eval_dir, "report")
-    rel = os.path.relpath(report_dir, out)
-    ids = sorted({f.rsplit("_", 1)[0] for f in os.listdir(report_dir)}) if os.path.isdir(report_dir) else []
-    for sid in ids:
-        cells = "".join(
-            f'<figure><img src="{rel}/{sid}_{key}.png" width="160" height="160"><figcaption>{title}</figcaption></figure>'
-            for key, title in (("lr", "LR"), ("bicubic", "bicubic"), ("1-step", "FlowSR 1 step"),
-                               ("4-step", "FlowSR 4 steps"), ("hr", "HR"))
-            if os.path.exists(os.path.join(report_dir, f"{sid}_{key}.png")))
-        crops += f"<h3>{html.escape(sid)}</h3><div class='row'>{cells}</div>"
-    phases = "".join(f"<li>{html.escape(k)}: {v:.0f} s</li>" for k, v in timings.items())
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>FlowSR demo report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #bbb;padding:4px 10px;text-align:right}} .row{{display:flex;gap:8px;flex-wrap:wrap}}
-figure{{margin:0;text-align:center}} img{{image-rendering:pixelated}}</style></head><body>
-<h1>FlowSR demo</h1>
-<p>A small pixel-space FlowSR model trained on a local Ray from scikit-image's sample images with
-{DEGRADATION_TEXT[degradation]}, evaluated on held-out images ({", ".join(HELDOUT_IMAGES)}).</p>
-<p><b>{html.escape(verdict)}</b></p>
-<h2>Held-out metrics (PSNR / SSIM on Y, border 4)</h2>
-<table><tr><th>method</th><th>PSNR (dB)</th><th>SSIM</th></tr>{rows}</table>
-<h2>Loss curves</h2><div class="row">{curve_html}</div>
-<h2>Crops: LR / bicubic / 1 step / 4 steps / HR</h2>{crops}
-<h2>Bulk upscaling job</h2><p>{upscaled.get('ok', 0)} images upscaled x4 with 1 step into
-<code>{html.escape(upscaled.get('output', ''))}</code> ({upscaled.get('error', 0)} failed, {upscaled.get('skipped', 0)} already done).</p>
-<h2>Time per phase</h2><ul>{phases}</ul>
-</body></html>"""
-    path = os.path.join(out, "report.html")
-    with open(path, "w") as f:
-        f.write(page)
-    return path
-
-
 STAGE1_STEPS, STAGE2_STEPS = 400, 100  # about 6 minutes of training on 2 cores
 CROPS_PER_IMAGE = 64  # random 64-px training crops per image, each with its own degradation
 SUMMARY_FILE = "summary.json"  # in the demo's output folder: what `demo()` returns
@@ -154,7 +102,7 @@ def demo(out: str, **options) -> Dict:
 def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAGE2_STEPS, patch_size: int = 64,
           crops_per_image: int = CROPS_PER_IMAGE, heldout_tiles: int = HELDOUT_TILES, num_workers: int = 1,
           seed: int = 0, degradation: str = "bicubic") -> Dict:
-    from jobs.evaluate import EvalConfig, evaluate
+    from jobs.evaluate import evaluate
     from jobs.prepare_data import SHARDS_DIR, PrepareConfig, prepare
     from jobs.train import train
     from jobs.upscale import UpscaleJobConfig, upscale_corpus
@@ -210,10 +158,11 @@ def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STA
     timings["upscale"] = time.perf_counter() - t0
 
     t0 = phase("5/5 report")
-    report = write_report(out, evaluation=summary, eval_dir=eval_dir,
-                          curves={"stage 1": result.get("stage1_loss_curve"), "stage 2": result.get("stage2_loss_curve")},
-                          upscaled={**up, "output": os.path.join(out, "upscaled")}, timings=timings,
-                          degradation=degradation)
+    data_text = (f"A small pixel-space FlowSR model trained on a local Ray from scikit-image's sample images with\n"
+                 f"{DEGRADATION_TEXT[degradation]}, evaluated on held-out images ({', '.join(HELDOUT_IMAGES)}).")
+    report = write_demo_report(out, evaluation=summary, eval_dir=eval_dir, curves={
+        "stage 1": result.get("stage1_loss_curve"), "stage 2": result.get("stage2_loss_curve")},
+        upscaled={**up, "output": os.path.join(out, "upscaled")}, timings=timings, data_text=data_text)
     mean = summary["mean"]
     gain = mean["1-step"]["psnr"] - mean["bicubic"]["psnr"]
     print(f"held-out PSNR: bicubic {mean['bicubic']['psnr']:.2f} dB, 1 step {mean['1-step']['psnr']:.2f} dB "

@@ -173,7 +173,8 @@ def test_evaluate_gives_error_rows_for_bad_pairs_and_lists_unmatched_names(ray_l
     import csv
     import json
 
-    from jobs.evaluate import EvalConfig, evaluate
+    from jobs.evaluate import evaluate
+    from pipeline.evaluation import EvalConfig
 
     for d in ("hr", "lr", "sr"):
         (tmp_path / d).mkdir()

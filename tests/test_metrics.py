@@ -164,7 +164,7 @@ def _pairs(n=3, size=64):
 
 def test_evaluate_pairs_psnr_ssim_per_image_and_mean(tiny_checkpoint):
     from flowsr.checkpoint import load_for_inference
-    from jobs.evaluate import evaluate_pairs
+    from pipeline.evaluation import evaluate_pairs
 
     backbone, _ = load_for_inference(tiny_checkpoint)
     pairs = _pairs()
@@ -193,7 +193,8 @@ def test_evaluate_pairs_psnr_ssim_per_image_and_mean(tiny_checkpoint):
 def test_folder_inputs_pair_by_stem(tmp_path, tiny_checkpoint):
     from PIL import Image
 
-    from jobs.evaluate import EvalConfig, PairEvaluator, folder_items
+    from jobs.evaluate import folder_items
+    from pipeline.evaluation import EvalConfig, PairEvaluator
 
     for d in ("hr", "lr", "sr"):
         (tmp_path / d).mkdir()
@@ -220,7 +221,8 @@ def test_evaluate_job_on_ray_writes_tables_and_report(tmp_path, tiny_checkpoint,
     import pyarrow.parquet as pq
 
     from flowsr.checkpoint import load_for_inference
-    from jobs.evaluate import evaluate_pairs, main
+    from jobs.evaluate import main
+    from pipeline.evaluation import evaluate_pairs
     from pipeline.schema import encode_png
 
     pairs = _pairs()
@@ -302,6 +304,7 @@ def test_evaluate_rerun_evaluates_only_missing_pairs_and_gives_the_one_shot_tabl
     import shutil
 
     import jobs.evaluate as E
+    import pipeline.eval_results as R
 
     one = one_shot / "one"
     parts = sorted((one / "results").glob("part-*.parquet"))
@@ -316,7 +319,7 @@ def test_evaluate_rerun_evaluates_only_missing_pairs_and_gives_the_one_shot_tabl
     for name in ("table1.csv", "table1.md", "per_image.csv", "summary.json", "report.html"):
         (out / name).unlink()
     committed = []
-    monkeypatch.setattr(E, "DRIVER_SORT_ROWS", 0)  # the tables through Ray Data's sort (the large-output path)
+    monkeypatch.setattr(R, "DRIVER_SORT_ROWS", 0)  # the tables through Ray Data's sort (the large-output path)
     cfg = E.config_from_args(E.build_parser().parse_args(_eval_args(one_shot / "shards", tiny_checkpoint, out)))
     summary = E.evaluate(cfg, on_part=committed.append)
     assert summary["evaluated"] == 2 and summary["resumed"] and summary["n_images"] == 4
@@ -333,7 +336,7 @@ def test_evaluate_rerun_evaluates_only_missing_pairs_and_gives_the_one_shot_tabl
         ["coffee0", "coffee1", "coffee2", "coffee3"]
     assert not list(out.rglob(".tmp-*")) and not (out / "_lease.json").exists() and not (out / "_resume").exists()
     # a rerun of a finished output evaluates nothing and writes the same tables
-    monkeypatch.setattr(E, "DRIVER_SORT_ROWS", 100_000)
+    monkeypatch.setattr(R, "DRIVER_SORT_ROWS", 100_000)
     again = E.evaluate(cfg)
     assert again["evaluated"] == 0 and (out / "table1.csv").read_text() == (one / "table1.csv").read_text()
 
@@ -373,7 +376,8 @@ def test_evaluate_rerun_with_other_settings_is_refused_in_one_line(one_shot, tin
     moved = tmp_path / "moved"  # the same data elsewhere is the same input
     shutil.copytree(one_shot / "shards", moved)
     (moved / "_lease.json").write_text("{}")  # underscore files are not data
-    from jobs.evaluate import EvalConfig, input_fingerprint
+    from pipeline.eval_results import input_fingerprint
+    from pipeline.evaluation import EvalConfig
 
     assert input_fingerprint(EvalConfig(data=str(moved), out="x", checkpoint="c")) == \
         input_fingerprint(EvalConfig(data=str(one_shot / "shards"), out="x", checkpoint="c"))
@@ -424,7 +428,7 @@ def test_evaluate_images_are_written_atomically_and_only_inside_out(tmp_path):
     import dataclasses
     import os
 
-    from jobs.evaluate import EvalConfig, PairEvaluator, safe_name
+    from pipeline.evaluation import EvalConfig, PairEvaluator, safe_name
     from pipeline.output import OutputError, path_inside
     from pipeline.storage import resolve_fs
 

@@ -501,7 +501,7 @@ def test_evaluate_with_baselines_on_paired_folders(ray_local, esrgan, swinir, ne
 
 def test_pair_evaluator_runs_baselines_on_shard_rows(esrgan, tmp_path):
     """The Parquet-shard path (encoded `hr` / `lr` columns), one actor's work without Ray."""
-    from jobs.evaluate import EvalConfig, PairEvaluator
+    from pipeline.evaluation import EvalConfig, PairEvaluator
     from pipeline.schema import encode_png
 
     hr = _rgb(32, 32, seed=20)

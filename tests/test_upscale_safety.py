@@ -262,7 +262,8 @@ def test_colliding_names_get_distinct_outputs_by_a_fixed_rule(stage, tmp_path):
 
 
 def test_evaluate_escapes_the_report_and_sanitises_file_names(tmp_path):
-    from jobs.evaluate import EvalConfig, image_path, safe_name, write_report
+    from pipeline.evaluation import EvalConfig, image_path, safe_name
+    from pipeline.report import write_report
     from pipeline.schema import encode_png
 
     evil = '../../x"><script>alert(1)</script>'

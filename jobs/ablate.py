@@ -6,8 +6,7 @@
 
 Data: the natural images shipped with scikit-image. Training crops come from 13 of them,
 the test crops from three others (chelsea, coffee, rocket), all degraded x4 with the Real-ESRGAN
-second-order pipeline of `pipeline.degrade` (seeded by (seed, sample_id)); without that module
-a documented fallback is used: bicubic x4 down + Gaussian noise (sigma 5/255) + JPEG 75.
+second-order pipeline of `pipeline.degrade` (seeded by (seed, sample_id)).
 
 Runs (the `pixel-small` preset plus the size's overrides plus `--set`):
   stage 1  sr_flow (ours), noise (X_1 = N(0, I)), noised_lr (X_1 = LR + sigma N(0, I));
@@ -31,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -44,8 +42,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from flowsr.config import FlowSRConfig, apply_overrides, preset
+from flowsr.seeds import seeded_generator
 from jobs.common import add_ray_args, config_or_exit, using_ray
 from pipeline.ablation_report import TABLES, claims, table_rows, tables_markdown
+from pipeline.degrade import degrade
 from pipeline.report import write_csv
 
 TRAIN_IMAGES = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
@@ -53,8 +53,7 @@ TRAIN_IMAGES = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retin
 TEST_IMAGES = ("chelsea", "coffee", "rocket")
 SCALE = 4
 EVAL_STEPS = (1, 4)
-FALLBACK_NOISE_SIGMA = 5.0  # /255, the fallback degradation's Gaussian noise
-FALLBACK_JPEG_QUALITY = 75
+DEGRADATION = "realesrgan_x4 (pipeline.degrade)"
 TEST_SEED_OFFSET = 1_000_003  # test crops are degraded with seed + this, never seen in training
 PROGRESS_REPORTS = 5  # progress lines per run
 RUNNERS = ("auto", "ray", "local")
@@ -139,29 +138,6 @@ def load_image(name: str) -> List[np.ndarray]:
             for im in images]
 
 
-def fallback_degrade(hr: np.ndarray, *, seed: int, sample_id: str, scale: int = SCALE):
-    """Bicubic x`scale` down + Gaussian noise + JPEG, seeded by (seed, sample_id): the stand-in
-    when `pipeline.degrade` is missing."""
-    import cv2
-
-    digest = hashlib.sha1(f"{seed}|{sample_id}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    h, w = hr.shape[0] // scale, hr.shape[1] // scale
-    lr = cv2.resize(hr.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-    lr = np.clip(lr + rng.normal(0, FALLBACK_NOISE_SIGMA, lr.shape) + 0.5, 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".jpg", lr[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, FALLBACK_JPEG_QUALITY])
-    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]), {"fallback": True}
-
-
-def degrader():
-    """(degrade function, name): Real-ESRGAN x4 from `pipeline.degrade`, else the fallback."""
-    try:
-        from pipeline.degrade import degrade
-        return degrade, "realesrgan_x4 (pipeline.degrade)"
-    except ImportError:
-        return fallback_degrade, "fallback: bicubic x4 + Gaussian noise 5/255 + JPEG 75"
-
-
 def _crops(image: np.ndarray, size: int, n: int, rng: Optional[np.random.Generator]) -> List[Tuple[int, int]]:
     """`n` crop origins (multiples of SCALE): random with `rng`, else an even grid."""
     h, w = (image.shape[0] - size) // SCALE, (image.shape[1] - size) // SCALE
@@ -175,7 +151,6 @@ def _crops(image: np.ndarray, size: int, n: int, rng: Optional[np.random.Generat
 
 def make_pairs(names: Sequence[str], hr_size: int, n: int, seed: int, *, random: bool) -> List[Dict]:
     """{"sample_id", "hr", "lr"} pairs (uint8 arrays): `n` crops spread over the images."""
-    degrade, _ = degrader()
     images = [(f"{name}/{k}", im) for name in names for k, im in enumerate(load_image(name))]
     rng = np.random.default_rng(seed) if random else None
     per_image = [n // len(images) + (i < n % len(images)) for i in range(len(images))]
@@ -203,14 +178,6 @@ def build_data(size: AblationSize, seed: int) -> Dict:
 
 
 # ---- one run --------------------------------------------------------------------------------------
-def _generator(*parts):
-    """A CPU torch.Generator seeded from sha1 of the parts."""
-    import torch
-
-    digest = hashlib.sha1("|".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 def row_batches(train: Dict, batch_size: int, seed: int):
     """The trainer's `batches(epoch)` over the in-memory training pairs: each epoch one
     permutation drawn from (seed, epoch) alone, so every run sees the same batches."""
@@ -218,7 +185,7 @@ def row_batches(train: Dict, batch_size: int, seed: int):
 
     def batches(epoch: int):
         n = len(train["sample_id"])
-        order = np.resize(torch.randperm(n, generator=_generator(seed, "rows", epoch)).numpy(), max(n, batch_size))
+        order = np.resize(torch.randperm(n, generator=seeded_generator(seed, "rows", epoch)).numpy(), max(n, batch_size))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             rows = order[start:start + batch_size]
             yield {k: v[rows] for k, v in train.items()}
@@ -370,7 +337,7 @@ def ablate(size: str = "small", out: str = "runs/ablate", *, seed: int = 0, over
     metrics = list(suite.available)
     data = build_data(SIZES[size], seed)
     log(f"[ablate] size {size}: {len(data['train']['sample_id'])} training pairs, {len(data['test'])} test pairs, "
-        f"degradation {degrader()[1]}; LPIPS {suite.status()['lpips']}")
+        f"degradation {DEGRADATION}; LPIPS {suite.status()['lpips']}")
     with using_ray(address) if not local else contextlib.nullcontext():
         results, files = run_all(base, data, seed, local=local, cpus_per_run=cpus_per_run,
                                  gpus_per_run=gpus_per_run, metrics=metrics, log=log)
@@ -383,7 +350,7 @@ def ablate(size: str = "small", out: str = "runs/ablate", *, seed: int = 0, over
               f"Pixel backbone `{base.model.pixel_channels}`, patch {base.data.patch_size}, batch "
               f"{base.optim.batch_size}, stage 1 {base.optim.stage1_steps} steps, stage 2 {base.optim.stage2_steps} "
               f"steps; {len(data['test'])} test crops of {SIZES[size].test_hr}px from skimage "
-              f"{', '.join(TEST_IMAGES)}, degraded with {degrader()[1]}; PSNR / SSIM on Y, border {SCALE}. "
+              f"{', '.join(TEST_IMAGES)}, degraded with {DEGRADATION}; PSNR / SSIM on Y, border {SCALE}. "
               f"LPIPS: {suite.status()['lpips']}. Bicubic: PSNR {bicubic['psnr']:.2f}, SSIM {bicubic['ssim']:.4f}. "
               f"Runner {'local (this process)' if local else 'Ray tasks'}; wall time {seconds / 60:.1f} min "
               f"(this process's CPU time {cpu_seconds / 60:.1f} min), "
@@ -396,7 +363,7 @@ def ablate(size: str = "small", out: str = "runs/ablate", *, seed: int = 0, over
         headers, raw, _ = table_rows(spec, results, paper_keys)
         write_csv(os.path.join(out, f"{key}.csv"), headers, raw)
     summary = {"size": size, "seed": seed, "config": base.to_dict(), "size_spec": dataclasses.asdict(SIZES[size]),
-               "degradation": degrader()[1], "metrics_status": suite.status(), "results": results,
+               "degradation": DEGRADATION, "metrics_status": suite.status(), "results": results,
                "claims": claim_rows, "seconds": seconds, "cpu_seconds": cpu_seconds,
                "runner": "local" if local else "ray",
                "load_average": {"start": load_start, "end": os.getloadavg()}, "cpus": os.cpu_count(),

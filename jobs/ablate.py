@@ -43,7 +43,7 @@ import numpy as np
 
 from flowsr.config import FlowSRConfig, apply_overrides, preset
 from flowsr.seeds import seeded_generator
-from jobs.common import add_ray_args, config_or_exit, using_ray
+from jobs.common import add_ray_args, job_main, using_ray
 from pipeline.ablation_report import TABLES, claims, table_rows, tables_markdown
 from pipeline.degrade import degrade
 from pipeline.report import write_csv
@@ -376,9 +376,7 @@ def ablate(size: str = "small", out: str = "runs/ablate", *, seed: int = 0, over
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.ablate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="small", choices=sorted(SIZES),
                    help="ablation scale: how many steps and images each run gets")
     p.add_argument("--out", default="runs/ablate",
@@ -395,20 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-run", type=float, default=0, help="GPUs per Ray task (fractions pack runs)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their configs, run nothing")
     add_ray_args(p)
-    return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    config_or_exit(lambda: base_config(args.size, args.overrides))  # a bad --set: one line, exit 2
+def run(args) -> int:
+    base = base_config(args.size, args.overrides)  # a bad --set: one line, exit 2 (run_job)
     if args.dry_run:
-        base = base_config(args.size, args.overrides)
         plan = {name: {"stage": stage, "config": cfg.to_dict()} for name, (stage, cfg) in run_configs(base).items()}
         print(json.dumps({"size": dataclasses.asdict(SIZES[args.size]), "runs": plan}, indent=2))
         return 0
     ablate(args.size, args.out, seed=args.seed, overrides=args.overrides, runner=args.runner,
            cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, address=args.address)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return job_main("ablate", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, connect_first, init_ray, run_job
+from jobs.common import add_ray_args, connect_first, init_ray, job_main
 from pipeline import output as out
 from pipeline.fingerprint import checkpoint_digest
 from pipeline.listing import task_count
@@ -126,9 +126,7 @@ def _caption_missing(cfg: RegenerateConfig, todo: List[Dict], on_part) -> Dict:
             ray.shutdown()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.caption", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, help="directory / URI of the pair shards")
     p.add_argument("--output", required=True, help="caption table directory / URI")
     p.add_argument("--backend", default="template", choices=[b for b in BACKENDS if b != "off"],
@@ -150,7 +148,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="delete the output's earlier captions instead of resuming them")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     add_ray_args(p)
-    return p.parse_args(argv)
 
 
 def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
@@ -164,22 +161,18 @@ def config_from_args(args: argparse.Namespace) -> RegenerateConfig:
                             part_rows=args.part_rows, overwrite=args.overwrite, address=args.address)
 
 
-def main(argv=None) -> Dict:
-    """The CLI: a user mistake (busy or mismatched output, no shards) is one line on stderr and
-    exit status 2."""
-    args = parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        if args.dry_run:
-            print(json.dumps(asdict(cfg), indent=2))
-            return {}
-        summary = regenerate(cfg)
-    except (out.OutputError, FileNotFoundError, ValueError) as exc:
-        print(f"caption: error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
-    print(json.dumps(summary, indent=2))
-    return summary
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.dry_run:
+        print(json.dumps(asdict(cfg), indent=2))
+        return 0
+    print(json.dumps(regenerate(cfg), indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    return job_main("caption", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("caption", main))
+    sys.exit(main())

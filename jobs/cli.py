@@ -21,71 +21,44 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Dict
+from typing import Dict, Tuple
 
-DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
+from jobs.common import run_job
 
-# jobs whose own parser is used as is: `flowsr NAME ARGS` runs `jobs.MODULE.main(ARGS)`
-DELEGATED: Dict[str, tuple] = {
+# NAME -> (module under jobs/, help); each module has `add_options(parser)` and `run(args) -> int`
+JOBS: Dict[str, Tuple[str, str]] = {
     "prepare-data": ("prepare_data", "LR/HR pairs from a folder or URI of images (Real-ESRGAN degradations, "
                                      "captions) into Parquet shards"),
     "caption": ("caption", "(re)generate the captions of existing pair shards (template or Qwen2-VL) into a "
                            "caption table joined on sample_id"),
+    "train": ("train", "two-stage FlowSR training on Ray Train (a local Ray, or --address)"),
+    "upscale": ("upscale", "upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)"),
+    "export": ("export", "export a checkpoint's one-step model to ONNX (checked against torch in onnxruntime "
+                         "before it is written)"),
     "evaluate": ("evaluate", "PSNR / SSIM / learned metrics of a checkpoint or SR folders in the paper's "
                              "Table-1 layout"),
     "ablate": ("ablate", "the paper's Table 2-4 ablations at small scale"),
+    "demo": ("demo", "the embedded end-to-end demo on a local Ray (bundled images -> pairs -> stage 1 + 2 -> "
+                     "upscale -> HTML report)"),
 }
-
-
-# jobs whose options `flowsr` adds itself: NAME -> (module, its add-options function, help)
-REGISTERED: Dict[str, tuple] = {
-    "upscale": ("upscale", "add_upscale_options",
-                "upscale a folder, glob, file or Parquet list of images (a local Ray, or --address)"),
-    "train": ("train", "add_train_options", "two-stage FlowSR training on Ray Train (a local Ray, or --address)"),
-    "export": ("export", "add_export_options", "export a checkpoint's one-step model to ONNX (checked against torch "
-                                               "in onnxruntime before it is written)"),
-    "demo": ("demo", "add_demo_options", "the embedded end-to-end demo on a local Ray (bundled images -> pairs -> "
-                                         "stage 1 + 2 -> upscale -> HTML report)"),
-}
-
-
-def _add_registered(subparsers, name: str) -> None:
-    """`flowsr NAME`: the job module's options; `func` is its `run_from_args`."""
-    module_name, add_options, text = REGISTERED[name]
-    module = importlib.import_module(f"jobs.{module_name}")
-    p = subparsers.add_parser(name, formatter_class=DEFAULTS, help=text)
-    getattr(module, add_options)(p)
-    p.set_defaults(func=module.run_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowsr", description=__doc__.split("\n\n")[0],
                                      epilog="`flowsr JOB --help` shows the options of JOB.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="JOB")
-    for name, (_, text) in DELEGATED.items():
-        sub.add_parser(name, help=text, add_help=False)
-    for name in REGISTERED:
-        _add_registered(sub, name)
+    for name, (module_name, text) in JOBS.items():
+        module = importlib.import_module(f"jobs.{module_name}")
+        p = sub.add_parser(name, help=text, description=(module.__doc__ or "").split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_options(p)
+        p.set_defaults(run=module.run)
     return parser
 
 
-def _run(command: str, call: Callable[[], object]) -> int:
-    """`jobs.common.run_job`: the exit-status rule, one line for a user mistake, clean stops."""
-    from jobs.common import run_job
-
-    return run_job(command, call)
-
-
 def main(argv=None) -> int:
-    from jobs.common import setup_logging
-
-    setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(f"jobs.{DELEGATED[argv[0]][0]}")
-        return _run(argv[0], lambda: module.main(argv[1:]))
     args = build_parser().parse_args(argv)
-    return _run(args.command, lambda: args.func(args))
+    return run_job(args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Glue shared by every job: connecting to Ray, resolving storage URIs, logging and a quiet console."""
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import errno
@@ -24,18 +25,6 @@ SUBMISSION_SCHEMES = ("http://", "https://")  # the dashboard / Jobs API, used b
 
 
 T = TypeVar("T")
-
-
-def config_or_exit(build: Callable[[], T]) -> T:
-    """`build()`, with a config mistake (`flowsr.config.ConfigError`: a bad `--set` value, an
-    unknown key, an unreadable config file) turned into one line on stderr and exit status 2."""
-    from flowsr.config import ConfigError
-
-    try:
-        return build()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def fit_actor_cpus(per_actor: float, actors: int, cluster_cpus: float, job: str) -> float:
@@ -185,6 +174,7 @@ def run_job(name: str, call: Callable[[], object]) -> int:
     Set FLOWSR_TRACEBACK=1 for the tracebacks."""
     from flowsr.weights import MissingWeightsError
 
+    setup_logging()
     previous = stop_on_signals()
     try:
         result = call()
@@ -210,6 +200,24 @@ def run_job(name: str, call: Callable[[], object]) -> int:
             signal.signal(sig, handler)
         _restore_ray_cancel()
     return result if isinstance(result, int) else EXIT_OK
+
+
+# ---- one command-line shape ------------------------------------------------------------------------
+# Every job module has `add_options(parser)` (its flags, defaults from its config dataclass) and
+# `run(args) -> int`; `python -m jobs.X` and `flowsr NAME` both go through `job_main` / `run_job`.
+def job_parser(name: str, module) -> argparse.ArgumentParser:
+    """The parser of job `name`: its module's options, each with its default in the help."""
+    parser = argparse.ArgumentParser(prog=f"flowsr {name}", description=(module.__doc__ or "").split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_options(parser)
+    return parser
+
+
+def job_main(name: str, module, argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m jobs.X ARGS` (= `flowsr NAME ARGS`): parse, then `module.run(args)` under
+    `run_job` (its exit status)."""
+    args = job_parser(name, module).parse_args(argv)
+    return run_job(name, lambda: module.run(args))
 
 
 # ---- connecting to Ray ------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STA
     return result
 
 
-def add_demo_options(p: argparse.ArgumentParser) -> None:
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/demo", help="output folder (report, pairs, runs, upscaled)")
     p.add_argument("--stage1-steps", type=int, default=STAGE1_STEPS, help="stage-1 (flow) training steps")
     p.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS, help="stage-2 (consistency) training steps")
@@ -201,14 +201,10 @@ def check_options(args) -> None:
         raise ValueError(f"--out {args.out} is a file, not a folder")
 
 
-def run_from_args(args) -> int:
+def run(args) -> int:
     from jobs.common import filter_native_stderr, quiet_console, setup_logging
 
-    try:
-        check_options(args)
-    except ValueError as err:
-        print(f"flowsr demo: error: {err}", file=sys.stderr)
-        return 2
+    check_options(args)
     setup_logging()
     filter_native_stderr()  # Ray's C++ lines ("core_worker.cc ... E") bypass Python's sys.stderr
     with quiet_console():  # Ray's known noise off the console; every log stays in the Ray session's folder
@@ -219,10 +215,9 @@ def run_from_args(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="jobs.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_demo_options(p)
-    return run_from_args(p.parse_args(argv))
+    from jobs.common import job_main
+
+    return job_main("demo", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pyarrow.fs as pafs
 
 from flowsr.metrics import LEARNED_METRICS, SET_METRICS, MetricSuite
-from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, init_ray, is_local,
+from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, init_ray, is_local, job_main,
                          resolve_fs)
 from pipeline.eval_results import RESULTS_DIR, commit_results, drop_done, eval_record, summarize
 from pipeline.evaluation import EvalConfig, PairEvaluator
@@ -188,9 +188,7 @@ def _check_baselines(cfg: EvalConfig) -> None:
         describe(model)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="Parquet pair shards, or a folder of HR images")
     p.add_argument("--lr-dir", default=None, help="LR images named like the HR files (with an HR folder)")
     p.add_argument("--out", required=True, help="local output folder")
@@ -225,7 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, run nothing")
     add_allow_errors_arg(p)
     add_ray_args(p)
-    return p
 
 
 def config_from_args(args) -> EvalConfig:
@@ -240,29 +237,20 @@ def config_from_args(args) -> EvalConfig:
                       overwrite=args.overwrite)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        _check_baselines(cfg)
-    except ValueError as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    cfg = config_from_args(args)
+    _check_baselines(cfg)
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
-    try:
-        summary = evaluate(cfg)
-    except (OutputError, FileNotFoundError, ValueError) as err:
-        from ray.exceptions import RayError
-
-        if isinstance(err, RayError):  # a failure inside a task: its traceback is the information
-            raise
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
+    summary = evaluate(cfg)
     print(table1_markdown(summary))
     print(json.dumps(summary["files"], indent=2))
     return exit_status(summary.get("errors", 0), args.allow_errors)  # pairs that could not be scored
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return job_main("evaluate", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

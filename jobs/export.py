@@ -18,7 +18,7 @@ DTYPES = ("fp32", "fp16")  # = flowsr.export.DTYPES (not imported here: it loads
 DEFAULT_OPSET = 20  # = flowsr.export.DEFAULT_OPSET
 
 
-def add_export_options(p: argparse.ArgumentParser) -> None:
+def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a FlowSR checkpoint folder (or URI)")
     p.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write (weights over 2 GiB go to OUT.onnx.data)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32",
@@ -31,8 +31,8 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=("student", "target"), default="student", help="weights to export")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Export; a missing checkpoint or a refused export raises (one stderr line, exit 2, in `jobs.cli`)."""
+def run(args: argparse.Namespace) -> int:
+    """Export; a missing checkpoint or a refused export raises (one stderr line, exit 2, `run_job`)."""
     from flowsr.export import export_checkpoint
     from pipeline.storage import cached_copy
 
@@ -47,7 +47,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # a local job (no Ray): through the CLI, for its one-line errors
-    from jobs.cli import main as cli_main
+def main(argv=None) -> int:
+    from jobs.common import job_main
 
-    sys.exit(cli_main(["export", *sys.argv[1:]]))
+    return job_main("export", sys.modules[__name__], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

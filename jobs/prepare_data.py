@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import pyarrow.fs as pafs
 
 from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status, init_ray, is_local,
-                         resolve_fs, run_job)
+                         resolve_fs, job_main)
 from pipeline import names
 from pipeline import output as out
 from pipeline.done_index import INDEX_DIR, build_done_index
@@ -293,10 +293,8 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
     return summary
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, bool, bool]:
+def add_options(p: argparse.ArgumentParser) -> None:
     defaults = PrepareConfig(input="-", output="-")
-    p = argparse.ArgumentParser(prog="python -m jobs.prepare_data", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", required=True, help="local dir or file, or a pyarrow URI (s3://...)")
     p.add_argument("--output", required=True, help="output dir or URI (s3://, gs://, ...)")
     p.add_argument("--glob", action="store_true",
@@ -334,30 +332,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[PrepareConfig, boo
     p.add_argument("--dry-run", action="store_true", help="print the config and inputs, write nothing")
     add_allow_errors_arg(p)
     add_ray_args(p)
-    args = vars(p.parse_args(argv))
-    dry_run, allow_errors = args.pop("dry_run"), args.pop("allow_errors")
-    try:
-        return PrepareConfig(**args), dry_run, allow_errors
-    except ValueError as exc:
-        p.error(str(exc))
+
+
+def config_from_args(args: argparse.Namespace) -> PrepareConfig:
+    fields = {k: v for k, v in vars(args).items() if k not in ("dry_run", "allow_errors")}
+    return PrepareConfig(**fields)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The exit status (`jobs.common.exit_status`): 1 when the output holds error rows of files
+    that failed (`--allow-errors`: 0)."""
+    cfg = config_from_args(args)
+    if args.dry_run:
+        sources = list_sources(cfg.input, cfg.extensions, cfg.glob)
+        print(json.dumps({**asdict(cfg), "sources": len(sources)}, indent=2))
+        return EXIT_OK
+    summary = prepare(cfg)
+    return exit_status(summary["failed"], args.allow_errors)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The CLI; returns the exit status (`jobs.common.exit_status`): 1 when the output holds
-    error rows of files that failed (`--allow-errors`: 0). A user mistake (busy or mismatched
-    output, missing input) is one line on stderr and exit status 2."""
-    cfg, dry_run, allow_errors = parse_args(argv)
-    try:
-        if dry_run:
-            sources = list_sources(cfg.input, cfg.extensions, cfg.glob)
-            print(json.dumps({**asdict(cfg), "sources": len(sources)}, indent=2))
-            return EXIT_OK
-        summary = prepare(cfg)
-    except (out.OutputError, FileNotFoundError) as exc:
-        print(f"prepare_data: error: {exc}", file=sys.stderr)
-        raise SystemExit(2)
-    return exit_status(summary["failed"], allow_errors)
+    return job_main("prepare-data", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("prepare-data", main))
+    sys.exit(main())

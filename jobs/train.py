@@ -33,8 +33,7 @@ from typing import Dict, Optional, Sequence
 
 from flowsr.config import FlowSRConfig, apply_overrides, resolve
 from flowsr.memory import estimate_training_memory, memory_report
-from jobs.common import add_ray_args, config_or_exit, init_ray
-from pipeline.output import OutputError
+from jobs.common import add_ray_args, init_ray, job_main
 from pipeline.storage import exists, is_local, join_uri, local_copy
 from pipeline.train_ray import (check_resources, check_resume, completed_checkpoint, fit_stage, ingest_cpus,
                                 load_datasets, resume_epoch, run_uri)
@@ -82,7 +81,7 @@ def train(cfg: FlowSRConfig, data_uri: str, *, storage_path: str, name: str, sta
 
 
 # ---- CLI -------------------------------------------------------------------------------------
-def add_train_options(p: argparse.ArgumentParser) -> None:
+def add_options(p: argparse.ArgumentParser) -> None:
     """The flags of `python -m jobs.train` and `flowsr train`."""
     p.add_argument("--config", default="tiny", help="preset (paper | tiny | pixel-small) or a config JSON")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -105,23 +104,16 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     add_ray_args(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobs.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_options(p)
-    return p
-
-
 def config_from_args(args) -> FlowSRConfig:
     overrides = list(args.overrides)
     if args.num_workers is not None:
         overrides.append(f"train.num_workers={args.num_workers}")
     if args.use_gpu is not None:
         overrides.append(f"train.use_gpu={json.dumps(args.use_gpu)}")
-    return config_or_exit(lambda: apply_overrides(resolve(args.config), overrides))
+    return apply_overrides(resolve(args.config), overrides)
 
 
-def run_from_args(args) -> int:
+def run(args) -> int:
     cfg = config_from_args(args)
     name = args.name or cfg.name
     if args.dry_run:
@@ -135,23 +127,19 @@ def run_from_args(args) -> int:
                           "config": cfg.to_dict()}, indent=2))
         return 0
     if not args.data:
-        raise SystemExit("--data is required (unless --dry-run)")
+        raise ValueError("--data is required (unless --dry-run)")
     from jobs.common import quiet_console, setup_logging
 
     setup_logging()
-    try:
-        with quiet_console():  # Ray's known noise and repeated worker lines off the console
-            result = train(cfg, args.data, storage_path=args.storage_path, name=name, stage=args.stage,
-                           val_uri=args.val_data, address=args.address, init_from=args.init_from)
-    except (OutputError, FileNotFoundError) as exc:
-        print(f"train: error: {exc}", file=sys.stderr)
-        return 2
+    with quiet_console():  # Ray's known noise and repeated worker lines off the console
+        result = train(cfg, args.data, storage_path=args.storage_path, name=name, stage=args.stage,
+                       val_uri=args.val_data, address=args.address, init_from=args.init_from)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return run_from_args(build_parser().parse_args(argv))
+    return job_main("train", sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_each_job_help_comes_from_the_job(job, option, capsys):
 def test_a_user_mistake_is_one_line_and_exit_2(capsys):
     from ray.exceptions import RayTaskError
 
-    from jobs.cli import _run
+    from jobs.common import run_job as _run
 
     cause = MissingWeightsError("cannot load SD from hub id 'a/b'. On a machine ...")
     wrapped = RayTaskError("UpscaleStage.__init__", "Traceback (most recent call last):\n  ...\n", cause)
@@ -581,14 +581,13 @@ def test_help_shows_defaults(job, capsys):
 def test_train_and_demo_options_all_have_help():
     import argparse
 
-    from jobs.demo import add_demo_options
-    from jobs.train import add_train_options
+    from jobs import demo, train
 
-    for add in (add_train_options, add_demo_options):
+    for add in (train.add_options, demo.add_options):
         p = argparse.ArgumentParser()
         add(p)
         bare = [a.option_strings for a in p._actions if a.option_strings and not a.help]
-        assert bare == [], f"{add.__name__}: options without help: {bare}"
+        assert bare == [], f"{add.__module__}: options without help: {bare}"
 
 
 def test_native_stderr_is_filtered_too():

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from skimage import data
 
 from jobs import prepare_data as P
+from jobs.common import job_parser
 from pipeline import output as out
 from pipeline import pairs
 from pipeline import pairs_dataset as dataset
@@ -158,8 +159,8 @@ def test_config_rejects_bad_arguments():
                        (dict(num_workers=0), "num_workers")):
         with pytest.raises(ValueError, match=match):
             P.PrepareConfig(**base, **bad)
-    with pytest.raises(SystemExit):
-        P.parse_args(["--input", "x", "--output", "y", "--crop-mode", "center"])
+    with pytest.raises(SystemExit):  # argparse refuses a choice it does not list
+        job_parser("prepare-data", P).parse_args(["--input", "x", "--output", "y", "--crop-mode", "center"])
 
 
 def test_plan_crops():
@@ -262,10 +263,9 @@ def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
         out.check_run_record(fs, root, make_cfg(tmp_path, tmp_path, "out", seed=1).record(), label="o")
     base = ["--input", str(tmp_path), "--output", cfg.output, "--patch-size", str(PATCH),
             "--crops-per-image", "2", "--shard-rows", "3"]
-    with pytest.raises(SystemExit) as info:
-        P.main(base + ["--captioner", "template"])
+    code = P.main(base + ["--captioner", "template"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "captioner: 'off' -> 'template'" in err and "--overwrite" in err
+    assert code == 2 and "captioner: 'off' -> 'template'" in err and "--overwrite" in err
     assert len(err.strip().splitlines()) == 1 and not (Path(cfg.output) / P.SHARDS_DIR).exists()
 
 
@@ -309,8 +309,9 @@ def test_bad_input_folder(tmp_path, ray_local):
         (input_dir / name).write_bytes(payload)
     (input_dir / "notes.txt").write_text("not an image extension")
     cfg = make_cfg(tmp_path, input_dir, "out", captioner="template")
-    parsed, _, _ = P.parse_args(["--input", cfg.input, "--output", cfg.output, "--patch-size", str(PATCH),
-                                 "--crops-per-image", "2", "--shard-rows", "3", "--captioner", "template"])
+    parsed = P.config_from_args(job_parser("prepare-data", P).parse_args(
+        ["--input", cfg.input, "--output", cfg.output, "--patch-size", str(PATCH), "--crops-per-image", "2",
+         "--shard-rows", "3", "--captioner", "template"]))
     summary = P.prepare(parsed)
     pairs = read_pairs(cfg.output)
     errors = pq.read_table(os.path.join(cfg.output, dataset.ERRORS_FILE))

@@ -21,7 +21,7 @@ from typing import List, NamedTuple, Optional, Tuple
 from pipeline import output as out
 from pipeline.inputs import ERROR, OK, PENDING, SKIPPED, UNSUPPORTED, Listing, split_uri
 from pipeline.naming import MANIFEST_NAME, PARTS_DIR, plan_batch, tmp_root, write_listing
-from pipeline.storage import join_uri, resolve_fs
+from pipeline.storage import join_uri
 from pipeline.upscale_config import UpscaleJobConfig
 from pipeline.upscale_manifest import consolidate_manifest
 from pipeline.upscale_stages import (MIXED_BUCKETS, ArrowUpscaleStage, arrow, decode_batch, probe_and_commit,
@@ -62,22 +62,17 @@ def pending_dir(cfg: UpscaleJobConfig) -> str:
     return join_uri(tmp_root(cfg.output), "pending")
 
 
-def _clear_dir(uri: str) -> None:
-    fs, path = resolve_fs(uri)
-    fs.delete_dir_contents(path, missing_dir_ok=True)
-
-
-def _remove_tmp(cfg: UpscaleJobConfig) -> None:
-    """Remove the job's temporary folder under OUT (TMP_DIR) and what an earlier run left in it."""
-    out.remove_dir(*split_uri(tmp_root(cfg.output)))
+def _remove_dir(uri: str) -> None:
+    """Remove the folder at `uri` and what it holds, if it exists (the job's own folders under OUT)."""
+    out.remove_dir(*split_uri(uri))
 
 
 def start_run(cfg: UpscaleJobConfig, listing: Listing) -> Listed:
     """Clear what an earlier run left (its temporary folder, a killed run's manifest parts: this
     run probes their outputs again, and a finished run's manifest: only a finished run leaves
     one), then stream `listing` into listing chunks (`pipeline.naming.write_listing`)."""
-    _remove_tmp(cfg)
-    _clear_dir(parts_dir(cfg))
+    _remove_dir(tmp_root(cfg.output))
+    _remove_dir(parts_dir(cfg))
     out.remove_file(manifest_uri(cfg))
     return Listed(*write_listing(listing, join_uri(tmp_root(cfg.output), "listing"), cfg.output, cfg.format,
                                  cfg.name_suffix, LISTING_CHUNK_ROWS))
@@ -87,8 +82,8 @@ def finish_run(cfg: UpscaleJobConfig) -> dict:
     """Consolidate the manifest parts into the manifest, remove the parts and the temporary
     folder; returns the counts by status (ok, skipped, error, unsupported)."""
     counts = consolidate_manifest(parts_dir(cfg), manifest_uri(cfg))
-    out.remove_dir(*split_uri(parts_dir(cfg)))
-    _remove_tmp(cfg)
+    _remove_dir(parts_dir(cfg))
+    _remove_dir(tmp_root(cfg.output))
     return {s: counts.get(s, 0) for s in (OK, SKIPPED, ERROR, UNSUPPORTED)}
 
 

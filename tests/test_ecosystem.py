@@ -369,7 +369,8 @@ def test_icc_profile_is_carried_through_the_upscale_stages(kind, fmt, tmp_path):
     src = tmp_path / "in" / ("a.jpg" if kind == "jpeg" else "a.png")
     src.parent.mkdir()
     if kind == "png16":
-        src.write_bytes(image_codecs._with_iccp(image_codecs._png16(rng.integers(0, 65536, (6, 5, 3), dtype=np.uint16)), icc))
+        png16 = image_codecs._png16(rng.integers(0, 65536, (6, 5, 3), dtype=np.uint16))
+        src.write_bytes(image_codecs._with_iccp(png16, icc))
     else:
         Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(src, icc_profile=icc)
     assert Image.open(src).info["icc_profile"] == icc
@@ -388,8 +389,9 @@ def test_icc_profile_is_carried_through_the_upscale_stages(kind, fmt, tmp_path):
         import cv2
 
         assert cv2.imread(written["output"][0], cv2.IMREAD_UNCHANGED).dtype == np.uint16
-    assert image_codecs.encode_image(pixels, None, ".png")[:8] == b"\x89PNG\r\n\x1a\n"  # without a profile: none embedded
-    assert "icc_profile" not in Image.open(__import__("io").BytesIO(image_codecs.encode_image(pixels, None, ".png"))).info
+    plain = image_codecs.encode_image(pixels, None, ".png")
+    assert plain[:8] == b"\x89PNG\r\n\x1a\n"  # without a profile: none embedded
+    assert "icc_profile" not in Image.open(__import__("io").BytesIO(plain)).info
 
 
 # ---- dependencies declared exactly as imported ---------------------------------------------------

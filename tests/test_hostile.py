@@ -136,7 +136,8 @@ def test_upscale_and_prepare_data_carry_names_that_are_not_utf8(ray_local, pixel
     errors = read_errors(str(data)).to_pylist()
     assert [os.fsencode(names.from_text(e["source_uri"])) for e in errors] == [src + b"/bad\xe9.png"]
 
-    listing = pipeline_inputs.Listing(iter([[pipeline_inputs.Input(os.fsdecode(src + b"/caf\xe9.png"), os.fsdecode(b"caf\xe9.png"))]]), True)
+    one = pipeline_inputs.Input(os.fsdecode(src + b"/caf\xe9.png"), os.fsdecode(b"caf\xe9.png"))
+    listing = pipeline_inputs.Listing(iter([[one]]), True)
     chunks, _, _ = naming.write_listing(listing, str(tmp_path / "listing"), "s3://bucket/out", "same")
     row = pq.read_table(chunks[0]).to_pylist()[0]
     assert row["status"] == "error" and "caf\\xe9.png" in row["error"] and "s3://" in row["error"]

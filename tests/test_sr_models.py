@@ -387,7 +387,8 @@ def test_realesrgan_spellings_mean_what_they_mean_there(tmp_path):
     assert (cfg.input, cfg.output, cfg.checkpoint, cfg.scale) == ("in", "out", "m.pth", 3.5)
     assert (cfg.tile, cfg.tile_overlap, cfg.pre_pad, cfg.format, cfg.dtype) == (200, 10, 4, "same", "fp32")
     assert cfg.name_suffix == "_out"
-    rows = naming.plan_outputs([("in/img.png", "img.png"), ("in/a/b.jpg", "a/b.jpg")], "out", cfg.format, cfg.name_suffix)
+    rows = naming.plan_outputs([("in/img.png", "img.png"), ("in/a/b.jpg", "a/b.jpg")], "out", cfg.format,
+                               cfg.name_suffix)
     assert [r["output"] for r in rows] == [os.path.join("out", "img_out.png"), os.path.join("out", "a/b_out.jpg")]
     opts = cfg.upscaler_options()
     assert (opts["tile"], opts["tile_overlap"], opts["pre_pad"]) == (200, 10, 4)  # input pixels, to the seam

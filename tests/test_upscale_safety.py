@@ -84,11 +84,13 @@ def test_pipes_and_devices_are_error_rows_and_never_hang(stage, tmp_path):
     _png(root / "good.png", _rgb(8, 8))
     os.mkfifo(root / "pipe.png")
     os.symlink("/dev/zero", root / "zero.png")
-    rows = _within(30, lambda: naming.plan_outputs(pipeline_inputs.scan_inputs(str(root)), str(tmp_path / "out"), "same"))
+    rows = _within(30, lambda: naming.plan_outputs(pipeline_inputs.scan_inputs(str(root)), str(tmp_path / "out"),
+                                                   "same"))
     out = _within(60, lambda: _run(stage, rows, str(tmp_path / "out")))
     # a Parquet list naming them explicitly is probed, and refused there
     pq.write_table(pa.table({"path": [str(root / "pipe.png"), str(root / "zero.png")]}), tmp_path / "l.parquet")
-    listed = naming.plan_outputs(pipeline_inputs.scan_inputs(str(tmp_path / "l.parquet")), str(tmp_path / "out2"), "same")
+    listed = naming.plan_outputs(pipeline_inputs.scan_inputs(str(tmp_path / "l.parquet")), str(tmp_path / "out2"),
+                                 "same")
     probed = _within(30, lambda: stages.probe_batch({k: [r[k] for r in listed] for k in listed[0]}, scale=2))
     status = dict(zip(out["input"], zip(out["status"], out["error"])))
     assert status[str(root / "good.png")] == ("ok", "")
@@ -122,7 +124,8 @@ def test_a_literal_path_that_exists_is_never_globbed(tmp_path):
     for name in ("q[12].png", "q1.png", "q2.png"):
         _png(tmp_path / "qs" / name, _rgb(4, 4))
     assert [rel for _, rel in pipeline_inputs.list_inputs(str(tmp_path / "qs" / "q[12].png"))] == ["q[12].png"]
-    assert [rel for _, rel in pipeline_inputs.list_inputs(str(tmp_path / "qs" / "q[12].png"), glob=True)] == ["q1.png", "q2.png"]
+    globbed = pipeline_inputs.list_inputs(str(tmp_path / "qs" / "q[12].png"), glob=True)
+    assert [rel for _, rel in globbed] == ["q1.png", "q2.png"]
     with pytest.raises(FileNotFoundError):
         pipeline_inputs.list_inputs(str(tmp_path / "missing"))
 
@@ -189,7 +192,8 @@ def test_probe_unit_commits_one_pending_part_and_names_its_bucket(tmp_path):
     assert sorted(part.column("input").to_pylist()) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert part.column("bucket_h").to_pylist() == [3, 3] and part.column("bucket_w").to_pylist() == [3, 3]
     assert probe(["a.png", "c.png"], "m")["pending_bucket"] == [stages.MIXED_BUCKETS]  # 20 vs 60 rows
-    made_from_a = image_codecs.encode_image(_rgb(20, 24), None, ".png", None, image_codecs.file_digest(str(tmp_path / "a.png")))
+    made_from_a = image_codecs.encode_image(_rgb(20, 24), None, ".png", None,
+                                            image_codecs.file_digest(str(tmp_path / "a.png")))
     (tmp_path / "sa.png").write_bytes(made_from_a)  # a valid output of a.png already there: nothing pending
     done = probe(["a.png"], "s")
     assert (done["pending_part"], done["pending_rows"], done["pending_bucket"], done["skipped"]) == ([""], [0], [""], [1])

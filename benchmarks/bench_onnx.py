@@ -55,7 +55,8 @@ def make_inputs(directory: str, n: int, size: int) -> None:
 
 
 def run_job(model: str, in_dir: str, out_dir: str, *, batch_size: int, cpus: float, num_gpus: Optional[float]) -> dict:
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     cfg = UpscaleJobConfig(input=in_dir, output=out_dir, checkpoint=model, scale=SCALE, tile=128, tile_overlap=16,
                            vae_tile=0, batch_size=batch_size, tile_batch=batch_size, cpus_per_actor=cpus,

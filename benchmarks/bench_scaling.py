@@ -128,8 +128,9 @@ def upscale_rates(work: Path, args) -> None:
 
     from benchmarks.bench_upscale import make_checkpoint, make_inputs
     from jobs.evaluate import evaluate
+    from jobs.upscale import upscale_corpus
     from pipeline.evaluation import EvalConfig
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     ckpt = make_checkpoint(str(work / "upscale-model"), sd21=False)
     make_inputs(str(work / "upscale-in"), args.upscale_images)

@@ -94,7 +94,8 @@ def plain_loop(weights: str, paths: list, out_dir: str, device: torch.device, dt
 
 
 def whole_job(weights: str, in_dir: str, out_dir: str, args) -> dict:
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     cfg = UpscaleJobConfig(input=in_dir, output=out_dir, checkpoint=weights, tile=0, batch_size=args.batch_size,
                            pool_size=args.pool_size, compile=args.compile, format="png")

@@ -90,7 +90,8 @@ def plain_loop(ckpt: str, paths: list, out_dir: str, device: torch.device, dtype
 
 
 def whole_job(ckpt: str, in_dir: str, out_dir: str, args) -> dict:
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     cfg = UpscaleJobConfig(input=in_dir, output=out_dir, checkpoint=ckpt, scale=SCALE, tile=512, vae_tile=512,
                            batch_size=args.batch_size, tile_batch=args.batch_size, pool_size=args.pool_size,

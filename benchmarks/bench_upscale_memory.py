@@ -1,7 +1,7 @@
 """Peak memory of the upscaler actor against the output size: is it bounded by tiles?
 
 Each output size runs in a fresh process that does what one upscaler actor of `jobs.upscale`
-does for one image: the actor class (`jobs.upscale._make_upscale_stage()`) is built on a model,
+does for one image: the actor class (`pipeline.upscale_stages.ArrowUpscaleStage`) is built on a model,
 then called on one decoded row (a pyarrow table, as Ray Data hands it over). The process's RSS is
 read before the call and its peak RSS after (the peak is reset before the call, through
 /proc/self/clear_refs, so that it is the call's, not that of imports and model loading). Two models, each loaded through the job's
@@ -35,11 +35,11 @@ SCALE = 4  # the models' native scale
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, pyarrow as pa
-from jobs.upscale import _make_upscale_stage
+from pipeline.upscale_stages import ArrowUpscaleStage
 
 model, side, tile, tile_batch, color_fix, scale = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], float(sys.argv[6])
-stage = _make_upscale_stage()(model, scale=scale, tile=tile, tile_overlap=tile // 8, vae_tile=tile,
-                              tile_batch=tile_batch, color_fix=color_fix, bucket=64)
+stage = ArrowUpscaleStage(model, scale=scale, tile=tile, tile_overlap=tile // 8, vae_tile=tile,
+                          tile_batch=tile_batch, color_fix=color_fix, bucket=64)
 y, x = np.mgrid[0:side, 0:side]
 lr = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
 row = {"input": ["x.png"], "output": ["x.png"], "in_height": [side], "in_width": [side], "out_height": [0],

@@ -498,7 +498,8 @@ def model_loop(cfg, paths: List[str], ctx: Context) -> float:
 
 
 def section_upscale_job(ctx: Context, rec: Record) -> None:
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     ckpt = os.path.join(sd_root(ctx), "ckpt")
     n, lr_size, batch = ctx.pick(512, 4), ctx.pick(128, 16), ctx.pick(16, 2)

@@ -59,7 +59,7 @@ FIGURES: Dict[str, Figure] = {
     "lr_png_bytes": Figure(28.3e3, "bytes", "measured",
                            "the same crops degraded by pipeline/degrade.py to 128^2, PNG level 1"),
     "out_png_bytes": Figure(410e3, "bytes", "measured",
-                            "the 512^2 crops at PNG level 3 (pipeline/upscale_io.py's output level)"),
+                            "the 512^2 crops at PNG level 3 (pipeline/image_codecs.py's output level)"),
     "row_overhead_bytes": Figure(2e3, "bytes/pair", "assumption",
                                  "degradation JSON, ids, captions and Parquet framing per pair row"),
     "caption_row_bytes": Figure(400, "bytes/pair", "assumption", "a caption-table row: sample_id + 2 captions"),

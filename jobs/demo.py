@@ -105,7 +105,8 @@ def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STA
     from jobs.evaluate import evaluate
     from jobs.prepare_data import SHARDS_DIR, PrepareConfig, prepare
     from jobs.train import train
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)

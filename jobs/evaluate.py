@@ -39,7 +39,7 @@ from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_ac
 from pipeline.eval_results import RESULTS_DIR, commit_results, drop_done, eval_record, summarize
 from pipeline.evaluation import EvalConfig, PairEvaluator
 from pipeline.done_index import EMPTY_INDEX, INDEX_DIR, build_done_index
-from pipeline.output import OutputError, list_parts, open_output, write_json_atomic
+from pipeline.output import list_parts, open_output, write_json_atomic
 from pipeline.report import table1_markdown
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

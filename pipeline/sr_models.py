@@ -5,7 +5,7 @@
 SwinIR, HAT, DAT, OmniSR, SPAN, ...; the core `spandrel` package only, not
 `spandrel-extra-arches`), or a FlowSR one-step export (`.onnx`, `flowsr export`), which runs in
 onnxruntime (backend `onnxruntime`; the other two run in torch). `load_upscaler` returns an
-object with the interface of `flowsr.sample.Upscaler` (`upscale_images`, `bucket_key`,
+object with the interface of `flowsr.upscaler.Upscaler` (`upscale_images`, `bucket_key`,
 `__call__`), so the job machinery (decode, actor pool, alpha, 16 bits, formats, manifest, resume)
 is the same for every kind.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -30,8 +29,10 @@ import torch
 
 from pipeline.storage import is_local, resolve_fs
 
+from pipeline.row_resize import RowResizer
+
 from flowsr.tiling import TileBlender, output_size, tile_shape, tile_starts
-from flowsr.upscaler import LUMA_WEIGHTS, Upscaler, default_device
+from flowsr.upscaler import LUMA_WEIGHTS, TileUpscaler, Upscaler, default_device
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
 ONNX_SUFFIX = ".onnx"
@@ -240,78 +241,14 @@ def _pad_index(n: int, pad: int) -> np.ndarray:
     return index
 
 
-# ---- resizing a stream of rows (Real-ESRGAN's --outscale) -------------------------------------------
-def resize_taps(in_size: int, out_size: int, device=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(indices, weights, last), indices and weights (out_size, K): the source pixels and weights of
-    each output pixel of `F.interpolate(mode="bicubic", antialias=True, align_corners=False)` from
-    `in_size` to `out_size` pixels (Keys' cubic with a = -0.5, as PIL; widened by the scale when
-    shrinking; taps outside the image dropped and the rest renormalised), and `last` (out_size,):
-    the last source pixel each output pixel reads."""
-    scale = in_size / out_size
-    support, stretch = (2.0 * scale, 1.0 / scale) if scale >= 1 else (2.0, 1.0)
-    center = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale
-    first = (center - support + 0.5).trunc().clamp(min=0).long()
-    last = (center + support + 0.5).trunc().clamp(max=in_size).long() - 1
-    index = first[:, None] + torch.arange(int((last - first).max()) + 1)[None]
-    inside = index <= last[:, None]
-    d = ((index - center[:, None] + 0.5) * stretch).abs()
-    a = -0.5
-    near = ((a + 2) * d - (a + 3)) * d * d + 1
-    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-    weights = torch.where(d < 1, near, torch.where(d < 2, far, torch.zeros_like(d))) * inside
-    weights = weights / weights.sum(1, keepdim=True)
-    index = torch.where(inside, index, first[:, None])
-    return index.to(device), weights.float().to(device), last.to(device)
-
-
-class RowResizer:
-    """Resizes an image of `size` = (h, w) that arrives as bands of rows, top to bottom, to `out_size`
-    (antialiased bicubic, `resize_taps`), clamped to [0, 1], and hands output rows to
-    `emit(top, rows)` as soon as the rows they read have arrived. Columns are resized as rows
-    arrive; only the rows that later output rows still read are held (about one band plus the
-    filter's reach): memory O(band x width). The bound: equal to the whole-image `F.interpolate`
-    of the float64 image within 1e-6 at any size (taps placed in float64; float32 `F.interpolate`
-    places them in float32 and is itself off by ~1e-5 at a few hundred pixels, ~5e-4 at 10^4)."""
-
-    def __init__(self, size: Tuple[int, int], out_size: Tuple[int, int], emit, device=None):
-        self.size, self.out_size, self.emit = tuple(size), tuple(out_size), emit
-        self.row_index, self.row_weight, _ = resize_taps(size[0], out_size[0], device)
-        self.col_index, self.col_weight, _ = resize_taps(size[1], out_size[1], device)
-        # host copies of the row bookkeeping: which rows are final never waits for the device
-        host_index, _, self.host_last = resize_taps(size[0], out_size[0])
-        self.host_first = host_index[:, 0]
-        self.held, self.held_top, self.received, self.done = None, 0, 0, 0
-
-    def add(self, top: int, rows: torch.Tensor) -> None:
-        """The next rows (C, n, w) of the source image, starting at row `top`."""
-        if top != self.received:
-            raise ValueError(f"rows must arrive in order: expected row {self.received}, got {top}")
-        cols = sum(rows[:, :, self.col_index[:, k]] * self.col_weight[:, k] for k in range(self.col_index.shape[1]))
-        self.held = cols if self.held is None else torch.cat([self.held, cols], 1)
-        self.received = top + rows.shape[1]
-        end = int(torch.searchsorted(self.host_last, self.received))  # output rows whose sources all arrived
-        if end <= self.done:
-            return
-        index = self.row_index[self.done:end] - self.held_top
-        weight = self.row_weight[self.done:end]
-        out = sum(self.held[:, index[:, k], :] * weight[:, k, None] for k in range(index.shape[1]))
-        self.emit(self.done, out.clamp(0, 1))
-        self.done = end
-        if end < self.out_size[0]:
-            keep = int(self.host_first[end:].min())
-            self.held, self.held_top = self.held[:, keep - self.held_top:].clone(), keep
-        else:
-            self.held = None
-
-
-class WeightsUpscaler:
-    """A spandrel model with the interface of `flowsr.sample.Upscaler`. Runs with or without Ray.
+class WeightsUpscaler(TileUpscaler):
+    """A spandrel model behind the `flowsr.upscaler.TileUpscaler` batch contract. Runs with or without Ray.
 
     `upscale_images` maps HxWxC uint8 / uint16 arrays (C = 1 or 3) to SR arrays of the same
     dtype and channel count at `output_size(h, w, scale)`. Images of equal size run as one
     batch; each is cut into `tile` x `tile` input-pixel tiles overlapping by `tile_overlap`,
-    `tile_batch` tiles per forward, and streamed as `flowsr.sample.Upscaler` streams: tile outputs
-    are blended with Gaussian weights (`flowsr.sample.TileBlender`) into a band of rows, and rows
+    `tile_batch` tiles per forward, and streamed as `flowsr.upscaler.Upscaler` streams: tile outputs
+    are blended with Gaussian weights (`flowsr.tiling.TileBlender`) into a band of rows, and rows
     go into the output array as soon as no later tile touches them (resized on the way for a
     scale other than the native one, `RowResizer`). Peak memory: O(tile^2 x tile_batch) for the
     network, O(tile x scale x output width) per image for the bands, plus the input and the one
@@ -406,51 +343,31 @@ class WeightsUpscaler:
         self.upscale_stream(crop, x.shape[0], (h, w), emit, out_size)
         return out
 
-    def _to_model_channels(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.model.input_channels
-        if x.shape[1] == c:
-            return x
-        if c == 3:
-            return x.expand(-1, 3, -1, -1)
-        return (x * torch.tensor(LUMA_WEIGHTS, device=x.device)[:, None, None]).sum(1, keepdim=True)
-
     def bucket_key(self, image: np.ndarray) -> Tuple[int, int]:
         """Images with equal keys share one batch: equal input sizes (no padding, so a batched image
         gets exactly what it would get alone)."""
         return int(image.shape[0]), int(image.shape[1])
 
-    @torch.no_grad()
     def upscale_images(self, images: Sequence[np.ndarray]) -> Tuple[List[np.ndarray], List[float]]:
-        """SR arrays (same dtype and channels as the inputs) and seconds per image."""
-        groups: Dict[Tuple[int, int], List[int]] = {}
-        for i, image in enumerate(images):
+        """SR arrays (same dtype and channels as the inputs) and seconds per image (`TileUpscaler`)."""
+        for image in images:
             if image.dtype not in (np.uint8, np.uint16) or image.ndim != 3 or image.shape[2] not in (1, 3):
                 raise ValueError(f"expected uint8/uint16 HxWx1 or HxWx3, got {image.dtype} {image.shape}")
-            groups.setdefault(self.bucket_key(image), []).append(i)
-        out, seconds = [None] * len(images), [0.0] * len(images)
-        for (h, w), index in groups.items():
-            start = time.perf_counter()
-            H, W = output_size(h, w, self.scale)
-            for i in index:
-                out[i] = np.empty((H, W, images[i].shape[2]), images[i].dtype)
+        return super().upscale_images(images)
 
-            def crop(k, rows, cols, index=index):
-                image = images[index[k]]
-                return self._to_model_channels(_to_unit(image[np.ix_(rows, cols)], self.device))[0]
+    def _upscale_group(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
+        """Images of one input size, streamed (`upscale_stream`) straight into their output arrays."""
+        h, w = images[0].shape[:2]
+        H, W = output_size(h, w, self.scale)
+        out = [np.empty((H, W, image.shape[2]), image.dtype) for image in images]
 
-            def emit(k, top, rows, index=index):
-                i = index[k]
-                out[i][top:top + rows.shape[1]] = _from_unit(rows, images[i].dtype, images[i].shape[2])
-            self.upscale_stream(crop, len(index), (h, w), emit)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            for i in index:
-                seconds[i] = (time.perf_counter() - start) / len(index)
-        return out, seconds
+        def crop(k, rows, cols):
+            return to_unit(images[k][np.ix_(rows, cols)], self.device, self.model.input_channels)
 
-    def __call__(self, batch: dict) -> dict:
-        images, seconds = self.upscale_images(list(batch["image"]))
-        return {**batch, "image": images, "upscale_seconds": np.asarray(seconds)}
+        def emit(k, top, rows):
+            out[k][top:top + rows.shape[1]] = from_unit(rows, images[k].dtype, images[k].shape[2])
+        self.upscale_stream(crop, len(images), (h, w), emit)
+        return out
 
 
 class _Crop:
@@ -463,21 +380,28 @@ class _Crop:
         self.emit(0, tile[:, :self.size[0], :self.size[1]])
 
 
-def _to_unit(image: np.ndarray, device) -> torch.Tensor:
-    """HxWxC uint8 / uint16 -> (1, C, H, W) float32 in [0, 1] (value / peak)."""
+# ---- pixels <-> the [0, 1] tensors a spandrel model takes ---------------------------------------------
+def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(C, H, W) -> (`channels`, H, W): gray repeated to RGB, RGB reduced to luma (ITU-R 601)."""
+    if x.shape[0] == channels:
+        return x
+    if channels == 3:
+        return x.expand(3, -1, -1)
+    return (x * torch.tensor(LUMA_WEIGHTS, device=x.device)[:, None, None]).sum(0, keepdim=True)
+
+
+def to_unit(image: np.ndarray, device, channels: int) -> torch.Tensor:
+    """HxWxC uint8 / uint16 -> (`channels`, H, W) float32 in [0, 1] (value / peak) on `device`."""
     peak = np.iinfo(image.dtype).max
     array = np.ascontiguousarray(image)
     array = array if array.flags.writeable else array.copy()
-    return torch.from_numpy(array).to(device).permute(2, 0, 1)[None].float() / peak
+    return _match_channels(torch.from_numpy(array).to(device).permute(2, 0, 1).float() / peak, channels)
 
 
-def _from_unit(y: torch.Tensor, dtype, channels: int) -> np.ndarray:
-    """(C, H, W) in [0, 1] -> HxW x `channels` `dtype` (3 -> 1: luma; 1 -> 3: repeated), rounded."""
-    if channels == 1 and y.shape[0] == 3:
-        y = (y * torch.tensor(LUMA_WEIGHTS, device=y.device)[:, None, None]).sum(0, keepdim=True)
-    elif channels == 3 and y.shape[0] == 1:
-        y = y.expand(3, -1, -1)
+def from_unit(y: torch.Tensor, dtype, channels: int) -> np.ndarray:
+    """(C, H, W) in [0, 1] -> HxW x `channels` `dtype`, rounded (`to_unit`'s inverse)."""
     peak = np.iinfo(dtype).max
+    y = _match_channels(y, channels)
     return (y.float() * peak).round().clamp(0, peak).permute(1, 2, 0).cpu().numpy().astype(dtype)
 
 

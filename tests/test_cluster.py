@@ -130,12 +130,14 @@ class _Captured(Exception):
 
 
 def job_parser(module_name: str) -> Optional[argparse.ArgumentParser]:
-    """The job's own argparse parser: `build_parser()` when the module exposes one, else the
-    parser its `main(argv)` builds (captured when it parses). None when neither
-    works; the caller then falls back to `--help`."""
+    """The job's own argparse parser: `jobs.common.job_parser` when the module has the jobs'
+    command-line shape (`add_options`), else the parser its `main(argv)` builds (captured when it
+    parses). None when neither works; the caller then falls back to `--help`."""
+    from jobs.common import job_parser as parser_of
+
     module = importlib.import_module(module_name)
-    if hasattr(module, "build_parser"):
-        return module.build_parser()
+    if hasattr(module, "add_options"):
+        return parser_of(module_name.rsplit(".", 1)[-1].replace("_", "-"), module)
 
     def capture(self, *args, **kwargs):
         raise _Captured(self)

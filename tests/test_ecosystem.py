@@ -279,7 +279,7 @@ def test_cached_copy_downloads_once_and_keeps_local_paths(tmp_path, monkeypatch)
 def test_upscale_actor_takes_a_checkpoint_uri(trained, tmp_path, monkeypatch):
     import numpy as np
 
-    from pipeline.upscale_io import UpscaleStage
+    from pipeline.upscale_stages import UpscaleStage
 
     monkeypatch.setenv("FLOWSR_CACHE", str(tmp_path / "cache"))
     _mock_upload(trained["ckpt"], "mock://bucket/remote/ckpt")
@@ -357,38 +357,42 @@ def _icc_profile() -> bytes:
 
 @pytest.mark.parametrize("kind, fmt", [("png8", "same"), ("png16", "same"), ("jpeg", "same"), ("png8", "webp"),
                                        ("jpeg", "png")])
-def test_icc_profile_is_carried_through_the_upscale_io(kind, fmt, tmp_path):
+def test_icc_profile_is_carried_through_the_upscale_stages(kind, fmt, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pipeline import upscale_io as io
+    from pipeline import image_codecs, naming
+    from pipeline import inputs as pipeline_inputs
+    from pipeline import upscale_stages as stages
 
     icc = _icc_profile()
     rng = np.random.default_rng(0)
     src = tmp_path / "in" / ("a.jpg" if kind == "jpeg" else "a.png")
     src.parent.mkdir()
     if kind == "png16":
-        src.write_bytes(io._with_iccp(io._png16(rng.integers(0, 65536, (6, 5, 3), dtype=np.uint16)), icc))
+        png16 = image_codecs._png16(rng.integers(0, 65536, (6, 5, 3), dtype=np.uint16))
+        src.write_bytes(image_codecs._with_iccp(png16, icc))
     else:
         Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(src, icc_profile=icc)
     assert Image.open(src).info["icc_profile"] == icc
-    rows = io.plan_outputs([(str(src), src.name)], str(tmp_path / "out"), fmt)
-    rows = io.probe_batch({k: [r[k] for r in rows] for k in rows[0]}, scale=2)
-    batch = io.decode_batch(rows)
+    rows = naming.plan_outputs([(str(src), src.name)], str(tmp_path / "out"), fmt)
+    rows = stages.probe_batch({k: [r[k] for r in rows] for k in rows[0]}, scale=2)
+    batch = stages.decode_batch(rows)
     assert batch["icc"] == [icc]
     h, w, c = batch["height"][0], batch["width"][0], batch["channels"][0]
-    pixels = io.unpack(batch["pixels"][0], batch["dtype"][0], (h, w, c)).repeat(2, 0).repeat(2, 1)  # "SR"
+    pixels = image_codecs.unpack(batch["pixels"][0], batch["dtype"][0], (h, w, c)).repeat(2, 0).repeat(2, 1)  # "SR"
     batch = {**batch, "pixels": [pixels.tobytes()], "height": [2 * h], "width": [2 * w]}
-    written = io.write_batch(batch, output_root=str(tmp_path / "out"))
-    assert written["status"] == [io.OK] and "icc" not in written
+    written = stages.write_batch(batch, output_root=str(tmp_path / "out"))
+    assert written["status"] == [pipeline_inputs.OK] and "icc" not in written
     with Image.open(written["output"][0]) as out:
         assert out.size == (10, 12) and out.info.get("icc_profile") == icc
     if kind == "png16":  # still 16 bits per sample
         import cv2
 
         assert cv2.imread(written["output"][0], cv2.IMREAD_UNCHANGED).dtype == np.uint16
-    assert io.encode_image(pixels, None, ".png")[:8] == b"\x89PNG\r\n\x1a\n"  # without a profile: none embedded
-    assert "icc_profile" not in Image.open(__import__("io").BytesIO(io.encode_image(pixels, None, ".png"))).info
+    plain = image_codecs.encode_image(pixels, None, ".png")
+    assert plain[:8] == b"\x89PNG\r\n\x1a\n"  # without a profile: none embedded
+    assert "icc_profile" not in Image.open(__import__("io").BytesIO(plain)).info
 
 
 # ---- dependencies declared exactly as imported ---------------------------------------------------

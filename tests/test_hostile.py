@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import upscale_io as uio
+from pipeline import naming, upscale_manifest
+from pipeline import inputs as pipeline_inputs
 
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -62,7 +63,7 @@ def _tree(root):
 
 
 def _outputs(out):
-    return [p for p in _tree(out) if p.endswith(b".png") and not p.startswith(os.fsencode(uio.TMP_DIR))]
+    return [p for p in _tree(out) if p.endswith(b".png") and not p.startswith(os.fsencode(naming.TMP_DIR))]
 
 
 def _manifest(path):
@@ -95,8 +96,9 @@ def test_upscale_and_prepare_data_carry_names_that_are_not_utf8(ray_local, pixel
     percent-encoded file:// URI, a rerun recognises the outputs, and an output on an object
     store (UTF-8 keys only) gets an error row naming the escaped name."""
     from jobs.prepare_data import PrepareConfig, prepare
+    from jobs.upscale import upscale_corpus
     from pipeline.pairs_dataset import read_errors
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     src = os.fsencode(tmp_path / "in")
     odd = [b"caf\xe9.png", b"d\xff/x.png", b"50%.png"]
@@ -135,8 +137,9 @@ def test_upscale_and_prepare_data_carry_names_that_are_not_utf8(ray_local, pixel
     errors = read_errors(str(data)).to_pylist()
     assert [os.fsencode(names.from_text(e["source_uri"])) for e in errors] == [src + b"/bad\xe9.png"]
 
-    listing = uio.Listing(iter([[uio.Input(os.fsdecode(src + b"/caf\xe9.png"), os.fsdecode(b"caf\xe9.png"))]]), True)
-    chunks, _, _ = uio.write_listing(listing, str(tmp_path / "listing"), "s3://bucket/out", "same")
+    one = pipeline_inputs.Input(os.fsdecode(src + b"/caf\xe9.png"), os.fsdecode(b"caf\xe9.png"))
+    listing = pipeline_inputs.Listing(iter([[one]]), True)
+    chunks, _, _ = naming.write_listing(listing, str(tmp_path / "listing"), "s3://bucket/out", "same")
     row = pq.read_table(chunks[0]).to_pylist()[0]
     assert row["status"] == "error" and "caf\\xe9.png" in row["error"] and "s3://" in row["error"]
 
@@ -182,7 +185,8 @@ def test_a_full_disk_mid_run_is_one_line_and_the_rerun_completes(ray_local, pixe
     first = _outputs(out)
     assert len(first) < n
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     summary = upscale_corpus(UpscaleJobConfig(input=str(tmp_path / "in"), output=str(out), checkpoint=pixel_ckpt,
                                               scale=4, tile=0, batch_size=1, color_fix="none"))
@@ -279,8 +283,8 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_completes_each_input_once
     assert code == 130, err[-3000:]
     assert "Traceback" not in err and seconds < 20, (seconds, err[-3000:])
     assert err.strip().splitlines()[-1].startswith("flowsr upscale: stopped by SIGINT"), err[-3000:]
-    assert not (out / uio.MANIFEST_NAME).exists()
-    parts = uio.read_manifest_parts(str(out / uio.PARTS_DIR)).to_pylist()
+    assert not (out / naming.MANIFEST_NAME).exists()
+    parts = upscale_manifest.read_manifest_parts(str(out / naming.PARTS_DIR)).to_pylist()
     written = _outputs(out)
     ok = {r["output"] for r in parts if r["status"] == "ok"}
     assert written and {os.fsencode(str(out)) + b"/" + p for p in written} <= {os.fsencode(o) for o in ok}
@@ -290,11 +294,12 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_completes_each_input_once
     assert code == 143, err[-3000:]
     assert "Traceback" not in err and seconds < 30, (seconds, err[-3000:])
     assert err.strip().splitlines()[-1].startswith("flowsr upscale: stopped by SIGTERM"), err[-3000:]
-    assert not (out / uio.MANIFEST_NAME).exists()
+    assert not (out / naming.MANIFEST_NAME).exists()
     before = len(_outputs(out))
     assert len(written) < before < n
 
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     summary = upscale_corpus(UpscaleJobConfig(input=str(tmp_path / "in"), output=str(out), checkpoint=pixel_ckpt,
                                               scale=4, tile=0, batch_size=1, color_fix="none"))
@@ -337,7 +342,8 @@ def test_every_job_with_error_rows_follows_one_exit_status_rule(ray_local, pixel
 # ---- 6. no working folders after a finished run -----------------------------------------------------------
 def test_finished_runs_leave_no_working_folders(ray_local, pixel_ckpt, tmp_path):
     from jobs.prepare_data import PrepareConfig, prepare
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     _image(tmp_path / "in" / "a.png", 40, 48)
     upscale_corpus(UpscaleJobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "up"), checkpoint=pixel_ckpt,

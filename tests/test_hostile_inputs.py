@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from jobs import prepare_data as P
-from pipeline import pairs
-from pipeline import upscale_io as io
+from pipeline import image_codecs, naming, pairs
+from pipeline import inputs as pipeline_inputs
+from pipeline import upscale_stages as stages
 from pipeline.images import ImageTooLarge, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +50,9 @@ def test_limit_rows_quote_max_pixels_not_pillows_bomb_limit(tmp_path, width, hei
     assert str(PILLOW_BOMB_LIMIT) not in error["error"] and "decompression" not in error["error"].lower()
 
     (tmp_path / "big.png").write_bytes(data)
-    probed = io.probe_batch({"input": [str(tmp_path / "big.png")], "output": [str(tmp_path / "o" / "big.png")]},
+    probed = stages.probe_batch({"input": [str(tmp_path / "big.png")], "output": [str(tmp_path / "o" / "big.png")]},
                             scale=4.0, max_pixels=50_000_000)
-    assert probed["status"] == [io.ERROR]
+    assert probed["status"] == [pipeline_inputs.ERROR]
     assert "--max-pixels" in probed["error"][0] and str(PILLOW_BOMB_LIMIT) not in probed["error"][0]
 
 
@@ -129,15 +130,16 @@ def _smooth(h, w, shift=0):
 def test_outputs_record_the_digest_of_their_input(tmp_path, ext, dtype):
     colour = _smooth(6, 5).astype(dtype) * (257 if dtype == np.uint16 else 1)
     digest = hashlib.sha256(b"the input's bytes").hexdigest()
-    (tmp_path / f"o{ext}").write_bytes(io.encode_image(colour, None, ext, None, digest))
-    assert io.output_source(str(tmp_path / f"o{ext}"), (6, 5)) == digest
-    assert io.output_source(str(tmp_path / f"o{ext}"), (5, 6)) is None  # not the expected size
-    (tmp_path / f"p{ext}").write_bytes(io.encode_image(colour, None, ext))
-    assert io.output_source(str(tmp_path / f"p{ext}"), (6, 5)) == ""  # valid, made from an unknown input
+    (tmp_path / f"o{ext}").write_bytes(image_codecs.encode_image(colour, None, ext, None, digest))
+    assert image_codecs.output_source(str(tmp_path / f"o{ext}"), (6, 5)) == digest
+    assert image_codecs.output_source(str(tmp_path / f"o{ext}"), (5, 6)) is None  # not the expected size
+    (tmp_path / f"p{ext}").write_bytes(image_codecs.encode_image(colour, None, ext))
+    assert image_codecs.output_source(str(tmp_path / f"p{ext}"), (6, 5)) == ""  # valid, made from an unknown input
 
 
 def test_rerun_redoes_inputs_whose_content_changed(ray_local, pixel_ckpt, tmp_path):
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     (tmp_path / "in").mkdir()
     for name, shift in (("a.png", 0), ("b.png", 40), ("c.jpg", 80)):
@@ -146,7 +148,7 @@ def test_rerun_redoes_inputs_whose_content_changed(ray_local, pixel_ckpt, tmp_pa
                            scale=2, tile=0, batch_size=2)
 
     def manifest():
-        rows = pq.read_table(tmp_path / "out" / io.MANIFEST_NAME).to_pylist()
+        rows = pq.read_table(tmp_path / "out" / naming.MANIFEST_NAME).to_pylist()
         return {os.path.basename(r["input"]): r for r in rows}
 
     def sha(name):

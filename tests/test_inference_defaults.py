@@ -25,10 +25,9 @@ def test_gpu_pool_size_one_actor_per_gpu(cluster, num_gpus, pool_size, expected)
 
 
 def test_upscale_and_caption_clis_size_the_pool_by_the_cluster_unless_told():
-    import argparse
+    from jobs.common import job_parser
 
-    p = argparse.ArgumentParser()
-    upscale_job.add_upscale_options(p)
+    p = job_parser("upscale", upscale_job)
     args = p.parse_args(["-i", "in", "-o", "out", "-m", "ckpt", "--num-gpus", "1"])
     cfg = upscale_job.config_from_args(args)
     assert cfg.pool_size is None and gpu_pool_size(cfg.pool_size, cfg.num_gpus, {"GPU": 8.0}) == 8
@@ -37,7 +36,7 @@ def test_upscale_and_caption_clis_size_the_pool_by_the_cluster_unless_told():
     with pytest.raises(ValueError, match="pool_size"):
         upscale_job.config_from_args(p.parse_args(["-i", "in", "-o", "out", "-m", "ckpt", "--pool-size", "0"]))
 
-    cap = caption_job.config_from_args(caption_job.parse_args(
+    cap = caption_job.config_from_args(job_parser("caption", caption_job).parse_args(
         ["--shards", "s", "--output", "o", "--backend", "qwen2vl", "--num-gpus", "1"])).caption
     assert cap.pool_size is None and gpu_pool_size(cap.pool_size, cap.num_gpus, {"GPU": 4.0}) == 4
     with pytest.raises(ValueError, match="pool_size"):

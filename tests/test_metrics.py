@@ -320,7 +320,10 @@ def test_evaluate_rerun_evaluates_only_missing_pairs_and_gives_the_one_shot_tabl
         (out / name).unlink()
     committed = []
     monkeypatch.setattr(R, "DRIVER_SORT_ROWS", 0)  # the tables through Ray Data's sort (the large-output path)
-    cfg = E.config_from_args(E.build_parser().parse_args(_eval_args(one_shot / "shards", tiny_checkpoint, out)))
+    from jobs.common import job_parser
+
+    args = job_parser("evaluate", E).parse_args(_eval_args(one_shot / "shards", tiny_checkpoint, out))
+    cfg = E.config_from_args(args)
     summary = E.evaluate(cfg, on_part=committed.append)
     assert summary["evaluated"] == 2 and summary["resumed"] and summary["n_images"] == 4
     assert _ids([out / "results" / row["part"] for row in committed]) == gone  # only the missing pairs

@@ -535,9 +535,10 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     each input once. A second run while one holds
     the output, and a rerun with another colour fix, are refused in one line."""
     from jobs import upscale as U
+    from pipeline import image_codecs, naming, upscale_manifest
     from pipeline.lease import Lease
-    from pipeline import upscale_io as uio
     from pipeline.storage import resolve_fs
+    from pipeline.upscale_config import UpscaleJobConfig
 
     n = 12
     source = f"s3://{BUCKET}/photos-lr"
@@ -553,8 +554,8 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     first = [k for k in keys(s3, output) if k.startswith("img")]
     assert 1 <= len(first) < n, f"{len(first)} of {n} outputs before the kill"
-    assert all(uio.is_valid_output(f"{output}/{name}", (48, 64)) for name in first)  # whole, never partial
-    parts = uio.read_manifest_parts(f"{output}/{uio.PARTS_DIR}").to_pylist()
+    assert all(image_codecs.is_valid_output(f"{output}/{name}", (48, 64)) for name in first)  # whole, never partial
+    parts = upscale_manifest.read_manifest_parts(f"{output}/{naming.PARTS_DIR}").to_pylist()
     recorded = {r["output"]: r["status"] for r in parts}
     assert all(recorded[f"{output}/{name}"] == "ok" for name in first)  # each has its row
     etags = {name: s3.head_object(Bucket=BUCKET, Key=f"photos-lr/x2/{name}")["ETag"] for name in first}
@@ -563,8 +564,8 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     remote_ckpt = f"s3://{BUCKET}/checkpoints/pixel"
     pafs.copy_files(pixel_ckpt, remote_ckpt.split("://", 1)[1], source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=resolve_fs(remote_ckpt)[0])
-    cfg = U.UpscaleJobConfig(input=source, output=output, checkpoint=remote_ckpt, scale=2, batch_size=1, tile=0,
-                             num_gpus=0, address=address)
+    cfg = UpscaleJobConfig(input=source, output=output, checkpoint=remote_ckpt, scale=2, batch_size=1, tile=0,
+                           num_gpus=0, address=address)
     summary = U.upscale_corpus(cfg)
     assert os.listdir(os.environ["FLOWSR_CACHE"])  # the upscaler actor copied the checkpoint from the store
     assert summary["skipped"] == len(first) and summary["ok"] == n - len(first) and summary["error"] == 0
@@ -573,8 +574,8 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     with resolve_fs(summary["manifest"])[0].open_input_file(resolve_fs(summary["manifest"])[1]) as f:
         inputs = pq.read_table(f).column("input").to_pylist()
     assert sorted(inputs) == [f"{source}/{name}" for name in names]  # each input exactly once
-    assert all(uio.is_valid_output(f"{output}/{name}", (48, 64)) for name in names)
-    assert not [k for k in keys(s3, output) if k.startswith((uio.TMP_DIR, uio.PARTS_DIR, "_lease"))]
+    assert all(image_codecs.is_valid_output(f"{output}/{name}", (48, 64)) for name in names)
+    assert not [k for k in keys(s3, output) if k.startswith((naming.TMP_DIR, naming.PARTS_DIR, "_lease"))]
 
     before = keys(s3, output)
     fs, root = resolve_fs(output)

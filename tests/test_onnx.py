@@ -246,12 +246,12 @@ def test_export_refuses_models_it_cannot_export(pixel_ckpt, tmp_path):
 
 # ---- the upscale job --------------------------------------------------------------------------------
 def test_backend_must_fit_the_model(pixel_ckpt, pixel_onnx, tmp_path, capsys):
-    from jobs import upscale as job
     from jobs.cli import main
     from pipeline import sr_models as M
+    from pipeline import upscale_config
 
     path = pixel_onnx[0]
-    assert job.BACKENDS == M.BACKENDS
+    assert upscale_config.BACKENDS == M.BACKENDS
     assert M.backend_for(path) == "onnxruntime" and M.backend_for(pixel_ckpt) == "torch"
     with pytest.raises(M.ModelError, match="export it with `flowsr export"):
         M.backend_for(pixel_ckpt, "onnxruntime")
@@ -262,10 +262,9 @@ def test_backend_must_fit_the_model(pixel_ckpt, pixel_onnx, tmp_path, capsys):
     for argv, message in ((["-m", pixel_ckpt, "--backend", "onnxruntime"], "flowsr export"),
                           (["-m", path, "--steps", "2"], "runs one step"),
                           (["-m", path, "--dtype", "bf16"], "dtype it was exported in")):
-        with pytest.raises(SystemExit) as exit_:
-            main(["upscale", str(tmp_path / "in"), str(tmp_path / "out"), *argv])
+        code = main(["upscale", str(tmp_path / "in"), str(tmp_path / "out"), *argv])
         err = capsys.readouterr().err.strip().splitlines()
-        assert exit_.value.code == 2 and message in err[-1] and err[-1].startswith("upscale: error:")
+        assert code == 2 and message in err[-1] and err[-1].startswith("flowsr upscale: error:")
     assert not (tmp_path / "out").exists()
 
 

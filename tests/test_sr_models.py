@@ -19,7 +19,7 @@ from flowsr import tiling as T
 
 from flowsr import upscaler as U
 from pipeline import sr_models as M
-from pipeline import upscale_io as uio
+from pipeline import image_codecs, naming, row_resize
 
 
 # ---- weights files with the upstream key names, random init ---------------------------------------
@@ -263,7 +263,7 @@ def test_row_resizer_is_the_whole_image_resize_at_any_width():
     x = torch.rand(1, 2, 23, 6000, generator=torch.Generator().manual_seed(0))
     for size in ((31, 8000), (17, 4500)):
         bands = []
-        resizer = M.RowResizer((23, 6000), size, lambda top, rows: bands.append((top, rows)))
+        resizer = row_resize.RowResizer((23, 6000), size, lambda top, rows: bands.append((top, rows)))
         for top in range(0, 23, 5):
             resizer.add(top, x[0, :, top:top + 5])
         assert [top for top, _ in bands] == list(np.cumsum([0] + [r.shape[1] for _, r in bands])[:-1])
@@ -271,7 +271,7 @@ def test_row_resizer_is_the_whole_image_resize_at_any_width():
         whole = F.interpolate(x.double(), size=size, mode="bicubic", antialias=True).clamp(0, 1)[0]
         assert out.shape == whole.shape and (out - whole).abs().max() < 1e-6
     with pytest.raises(ValueError, match="in order"):
-        M.RowResizer((23, 60), (30, 80), print).add(5, x[0, :, 5:10, :60])
+        row_resize.RowResizer((23, 60), (30, 80), print).add(5, x[0, :, 5:10, :60])
 
 
 @pytest.mark.parametrize("size, tile, pre_pad, scale", [((37, 45), 0, 0, 3), ((37, 45), 64, 0, None),
@@ -366,9 +366,8 @@ def test_cli_unsupported_model_exits_2_with_one_line(tmp_path, capsys):
 
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "unknown.pth")
     (tmp_path / "in").mkdir()
-    with pytest.raises(SystemExit) as exit_:
-        main(["upscale", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "unknown.pth")])
-    assert exit_.value.code == 2
+    assert main(["upscale", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                 "-m", str(tmp_path / "unknown.pth")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown.pth" in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "out").exists()
@@ -389,7 +388,8 @@ def test_realesrgan_spellings_mean_what_they_mean_there(tmp_path):
     assert (cfg.input, cfg.output, cfg.checkpoint, cfg.scale) == ("in", "out", "m.pth", 3.5)
     assert (cfg.tile, cfg.tile_overlap, cfg.pre_pad, cfg.format, cfg.dtype) == (200, 10, 4, "same", "fp32")
     assert cfg.name_suffix == "_out"
-    rows = uio.plan_outputs([("in/img.png", "img.png"), ("in/a/b.jpg", "a/b.jpg")], "out", cfg.format, cfg.name_suffix)
+    rows = naming.plan_outputs([("in/img.png", "img.png"), ("in/a/b.jpg", "a/b.jpg")], "out", cfg.format,
+                               cfg.name_suffix)
     assert [r["output"] for r in rows] == [os.path.join("out", "img_out.png"), os.path.join("out", "a/b_out.jpg")]
     opts = cfg.upscaler_options()
     assert (opts["tile"], opts["tile_overlap"], opts["pre_pad"]) == (200, 10, 4)  # input pixels, to the seam
@@ -438,7 +438,7 @@ def test_upscale_job_runs_a_realesrgan_file(ray_local, esrgan, tmp_path):
                 "d.png": ("d_out.png", (40, 56))}
     for name, (out_name, size) in expected.items():
         assert rows[name]["status"] == "ok" and rows[name]["output"] == str(tmp_path / "out" / out_name)
-        assert uio.is_valid_output(rows[name]["output"], size)
+        assert image_codecs.is_valid_output(rows[name]["output"], size)
     direct = spandrel.ModelLoader().load_from_file(path)(_unit(images["a.png"]))
     written = np.asarray(Image.open(tmp_path / "out" / "a_out.png")).astype(float)
     expected_a = (direct[0].permute(1, 2, 0).numpy() * 255).round()

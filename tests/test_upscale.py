@@ -19,7 +19,9 @@ from flowsr import sample as S
 from flowsr import tiling as T
 from flowsr.backbones import PixelBackbone, build_backbone
 from flowsr.config import apply_overrides, preset
-from pipeline import upscale_io as uio
+from pipeline import image_codecs, naming, upscale_manifest
+from pipeline import inputs as pipeline_inputs
+from pipeline import upscale_stages as stages
 
 EXIF_ORIENTATION = 0x0112
 
@@ -47,7 +49,7 @@ def pixel_ckpt(tmp_path_factory, pixel_cfg):
 @pytest.fixture(scope="module")
 def stage(pixel_ckpt):
     """The upscaling stage, without Ray, at a non-integer scale."""
-    return uio.UpscaleStage(pixel_ckpt, scale=1.5, tile=None, vae_tile=None, color_fix="wavelet")
+    return stages.UpscaleStage(pixel_ckpt, scale=1.5, tile=None, vae_tile=None, color_fix="wavelet")
 
 
 def _rgb(h, w, seed=0):
@@ -168,20 +170,20 @@ def test_listing_and_output_names(tmp_path):
     (root / "sub").mkdir(parents=True)
     for name in ("a.png", "a.jpg", "sub/b.webp", "c.tif", "notes.txt"):
         (root / name).write_bytes(b"x")
-    listed = uio.list_inputs(str(root))
+    listed = pipeline_inputs.list_inputs(str(root))
     assert [rel for _, rel in listed] == ["a.jpg", "a.png", "c.tif", "sub/b.webp"]
-    assert [rel for _, rel in uio.list_inputs(str(root / "**" / "*.webp"))] == ["sub/b.webp"]
-    assert [rel for _, rel in uio.list_inputs(str(root / "*.png"))] == ["a.png"]
-    assert uio.list_inputs(str(root / "a.png")) == [(str(root / "a.png"), "a.png")]
+    assert [rel for _, rel in pipeline_inputs.list_inputs(str(root / "**" / "*.webp"))] == ["sub/b.webp"]
+    assert [rel for _, rel in pipeline_inputs.list_inputs(str(root / "*.png"))] == ["a.png"]
+    assert pipeline_inputs.list_inputs(str(root / "a.png")) == [(str(root / "a.png"), "a.png")]
     table = pa.table({"path": [str(root / "sub/b.webp"), str(root / "a.png")]})
     pq.write_table(table, tmp_path / "list.parquet")
-    assert [rel for _, rel in uio.list_inputs(str(tmp_path / "list.parquet"))] == ["a.png", "sub/b.webp"]
-    rows = uio.plan_outputs(listed, "/out", "png")
+    assert [rel for _, rel in pipeline_inputs.list_inputs(str(tmp_path / "list.parquet"))] == ["a.png", "sub/b.webp"]
+    rows = naming.plan_outputs(listed, "/out", "png")
     assert [r["output"] for r in rows] == ["/out/a.jpg.png", "/out/a.png", "/out/c.png", "/out/sub/b.png"]
-    assert [r["output"] for r in uio.plan_outputs(listed, "/out", "same", "_x4")][2:] == ["/out/c_x4.png",
+    assert [r["output"] for r in naming.plan_outputs(listed, "/out", "same", "_x4")][2:] == ["/out/c_x4.png",
                                                                                         "/out/sub/b_x4.webp"]
     with pytest.raises(ValueError):
-        uio.output_name("a.png", "gif")
+        naming.output_name("a.png", "gif")
 
 
 # ---- formats: decode -> upscale -> write, without Ray ----------------------------------------------
@@ -211,9 +213,9 @@ def _read_back(path):
 
 
 def _process(stage, rows, output_root):
-    batch = uio.probe_batch({"input": [r["input"] for r in rows], "output": [r["output"] for r in rows]},
+    batch = stages.probe_batch({"input": [r["input"] for r in rows], "output": [r["output"] for r in rows]},
                             scale=stage.upscaler.options["scale"])
-    return uio.write_batch(stage(uio.decode_batch(batch)), output_root=output_root)
+    return stages.write_batch(stage(stages.decode_batch(batch)), output_root=output_root)
 
 
 ALPHA = np.repeat((np.arange(30) >= 15).astype(np.uint8)[None] * 255, 20, 0)  # left transparent, right opaque
@@ -247,7 +249,7 @@ def test_format_round_trip(case, stage, tmp_path):
         source(path)
     else:
         _save(path, source)
-    rows = uio.plan_outputs(uio.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), fmt)
+    rows = naming.plan_outputs(pipeline_inputs.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), fmt)
     out = _process(stage, rows, str(tmp_path / "out"))
     assert out["status"] == ["ok"], out["error"]
     assert out["output"] == [str(tmp_path / "out" / out_name)]
@@ -260,21 +262,21 @@ def test_format_round_trip(case, stage, tmp_path):
         small = cv2.resize(array, (20, 30), interpolation=cv2.INTER_AREA).astype(float)
         right, wrong = np.rot90(_rgb(20, 30), k=-1), np.rot90(_rgb(20, 30), k=1)
         assert np.abs(small - right).mean() < np.abs(small - wrong).mean() / 2
-    assert uio.is_valid_output(out["output"][0], shape[:2])
-    assert not os.listdir(tmp_path / "out" / uio.TMP_DIR)
+    assert image_codecs.is_valid_output(out["output"][0], shape[:2])
+    assert not os.listdir(tmp_path / "out" / naming.TMP_DIR)
 
 
 def test_bad_file_is_an_error_row_and_invalid_output_is_redone(stage, tmp_path):
     (tmp_path / "in").mkdir()
     _save(tmp_path / "in" / "good.png", _rgb(8, 8))
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    rows = uio.plan_outputs(uio.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), "same")
+    rows = naming.plan_outputs(pipeline_inputs.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), "same")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "good.png").write_bytes(b"\x89PNG truncated by someone else")
     out = _process(stage, rows, str(tmp_path / "out"))
     assert dict(zip(out["input"], out["status"])) == {rows[0]["input"]: "error", rows[1]["input"]: "ok"}
     assert out["error"][0].startswith("probe:") and out["error"][1] == ""
-    assert uio.is_valid_output(str(tmp_path / "out" / "good.png"), (12, 12))
+    assert image_codecs.is_valid_output(str(tmp_path / "out" / "good.png"), (12, 12))
 
 
 def test_a_write_batch_commits_its_manifest_part_before_its_images(stage, tmp_path, monkeypatch):
@@ -283,29 +285,29 @@ def test_a_write_batch_commits_its_manifest_part_before_its_images(stage, tmp_pa
     (tmp_path / "in").mkdir()
     for k in range(3):
         _save(tmp_path / "in" / f"{k}.png", _rgb(8, 8, k))
-    rows = uio.plan_outputs(uio.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), "same")
-    probed = uio.probe_batch({"input": [r["input"] for r in rows], "output": [r["output"] for r in rows]}, scale=1.5)
-    upscaled = stage(uio.decode_batch(probed))
-    parts = str(tmp_path / "out" / uio.PARTS_DIR)
-    moved, publish = [], uio._publish
+    rows = naming.plan_outputs(pipeline_inputs.list_inputs(str(tmp_path / "in")), str(tmp_path / "out"), "same")
+    probed = stages.probe_batch({"input": [r["input"] for r in rows], "output": [r["output"] for r in rows]}, scale=1.5)
+    upscaled = stage(stages.decode_batch(probed))
+    parts = str(tmp_path / "out" / naming.PARTS_DIR)
+    moved, publish = [], stages._publish
 
     def dying_publish(tmp, uri):
         if moved:
             raise KeyboardInterrupt  # the process dies after the first image was moved
         publish(tmp, uri)
         moved.append(uri)
-    monkeypatch.setattr(uio, "_publish", dying_publish)
+    monkeypatch.setattr(stages, "_publish", dying_publish)
     with pytest.raises(KeyboardInterrupt):
-        uio.write_batch(upscaled, output_root=str(tmp_path / "out"), parts_dir=parts)
-    recorded = uio.read_manifest_parts(parts).to_pylist()
+        stages.write_batch(upscaled, output_root=str(tmp_path / "out"), parts_dir=parts)
+    recorded = upscale_manifest.read_manifest_parts(parts).to_pylist()
     assert sorted(r["input"] for r in recorded) == sorted(r["input"] for r in rows)
     assert {r["status"] for r in recorded} == {"ok"} and {r["out_height"] for r in recorded} == {12}
     written = sorted(str(p) for p in (tmp_path / "out").glob("*.png"))
     assert written == moved and set(written) <= {r["output"] for r in recorded}
-    monkeypatch.setattr(uio, "_publish", publish)
-    again = uio.write_batch(upscaled, output_root=str(tmp_path / "out"), parts_dir=parts)
+    monkeypatch.setattr(stages, "_publish", publish)
+    again = stages.write_batch(upscaled, output_root=str(tmp_path / "out"), parts_dir=parts)
     assert again["status"] == ["ok"] * 3 and len(os.listdir(parts)) == 1
-    assert uio.read_manifest_parts(parts).num_rows == 3
+    assert upscale_manifest.read_manifest_parts(parts).num_rows == 3
 
 
 # ---- the Ray Data job ---------------------------------------------------------------------------
@@ -334,7 +336,8 @@ def _manifest(path):
 
 
 def test_job_bad_files_outputs_and_rerun(ray_local, pixel_ckpt, tmp_path):
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     good, bad = _corpus(tmp_path / "in")
     cfg = UpscaleJobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), checkpoint=pixel_ckpt,
@@ -350,7 +353,7 @@ def test_job_bad_files_outputs_and_rerun(ray_local, pixel_ckpt, tmp_path):
     for name, size in expected.items():
         row = rows[str(tmp_path / "in" / name)]
         assert row["status"] == "ok" and (row["out_height"], row["out_width"]) == size and row["seconds"] > 0
-        assert uio.is_valid_output(row["output"], size)
+        assert image_codecs.is_valid_output(row["output"], size)
     assert _files(tmp_path / "out") == sorted(["manifest.parquet", *expected])
     assert cv2.imread(str(tmp_path / "out" / "f.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
     with Image.open(tmp_path / "out" / "sub" / "d.png") as im:
@@ -388,7 +391,8 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     import sys
     from pathlib import Path
 
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     (tmp_path / "in").mkdir()
     n = 24
@@ -401,14 +405,14 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     argv = [sys.executable, "-c", KILL_AT_FIRST_OUTPUT, "--input", str(tmp_path / "in"), "--output", str(out),
             "--checkpoint", pixel_ckpt, "--scale", "4", "--batch-size", "1", "--tile", "0", "--num-gpus", "0",
             "--address", ray_local.get_runtime_context().gcs_address]
-    outputs = lambda: [m for m in _files(out) if m.endswith(".png") and not m.startswith(uio.TMP_DIR)]
+    outputs = lambda: [m for m in _files(out) if m.endswith(".png") and not m.startswith(naming.TMP_DIR)]
     proc = run_until_killed(argv, lambda: _files(out) if out.exists() else [], cwd=root, env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     first = outputs()
     assert 1 <= len(first) < n, f"{len(first)} of {n} outputs before the kill"
     for name in first:  # atomic writes: whatever exists is complete
-        assert uio.is_valid_output(str(out / name), (256, 192))
-    parts = uio.read_manifest_parts(str(out / uio.PARTS_DIR)).to_pylist()
+        assert image_codecs.is_valid_output(str(out / name), (256, 192))
+    parts = upscale_manifest.read_manifest_parts(str(out / naming.PARTS_DIR)).to_pylist()
     assert len({r["input"] for r in parts}) == len(parts)  # no input twice
     recorded = {r["output"]: r for r in parts}
     for name in first:  # each committed output has its row: a manifest part is committed before its images
@@ -425,7 +429,7 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     assert sorted(inputs) == sorted(str(tmp_path / "in" / name) for name in names)  # each input exactly once
     rows = _manifest(summary["manifest"])
     assert {r["status"] for r in rows.values()} <= {"ok", "skipped"}
-    assert all(uio.is_valid_output(str(out / name), (256, 192)) for name in names)
+    assert all(image_codecs.is_valid_output(str(out / name), (256, 192)) for name in names)
 
 
 def test_driver_holds_counters_not_rows_and_the_manifest_lists_each_input_once(ray_local, pixel_ckpt, tmp_path,
@@ -439,6 +443,8 @@ def test_driver_holds_counters_not_rows_and_the_manifest_lists_each_input_once(r
 
     from jobs import upscale as job
     from pipeline import output as layer
+    from pipeline import upscale_flow
+    from pipeline.upscale_config import UpscaleJobConfig
 
     root = tmp_path / "in"
     for k, name in enumerate(("a/x.png", "a/x.jpg", "b/y.png", "b/z.png", "c/w.png")):
@@ -453,7 +459,7 @@ def test_driver_holds_counters_not_rows_and_the_manifest_lists_each_input_once(r
     for name in ("take_all", "take", "take_batch", "to_pandas", "iter_rows", "to_arrow_refs"):
         monkeypatch.setattr(ray.data.Dataset, name, collect)
     monkeypatch.setattr(ray.data, "from_items", collect)
-    monkeypatch.setattr(uio, "scan_inputs", collect)  # the whole listing as a list
+    monkeypatch.setattr(pipeline_inputs, "scan_inputs", collect)  # the whole listing as a list
     received, chunk_rows = [], []
     iter_batches = ray.data.Dataset.iter_batches
 
@@ -469,14 +475,14 @@ def test_driver_holds_counters_not_rows_and_the_manifest_lists_each_input_once(r
         return write_parquet_atomic(fs, path, table, *args, **kwargs)
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy_iter_batches)
     monkeypatch.setattr(layer, "write_parquet_atomic", spy_write)
-    monkeypatch.setattr(job, "LISTING_CHUNK_ROWS", 2)
+    monkeypatch.setattr(upscale_flow, "LISTING_CHUNK_ROWS", 2)
 
     def run(source, out):
-        cfg = job.UpscaleJobConfig(input=str(source), output=str(out), checkpoint=pixel_ckpt, scale=2, tile=0,
-                                   batch_size=2, format="png")
+        cfg = UpscaleJobConfig(input=str(source), output=str(out), checkpoint=pixel_ckpt, scale=2, tile=0,
+                               batch_size=2, format="png")
         summary = job.upscale_corpus(cfg)
         table = pq.read_table(summary["manifest"])
-        assert not list((out / uio.PARTS_DIR).glob("*"))
+        assert not list((out / naming.PARTS_DIR).glob("*"))
         return summary, table.column("input").to_pylist(), dict(zip(table.column("input").to_pylist(),
                                                                      table.column("status").to_pylist()))
 
@@ -514,8 +520,8 @@ def test_cli_upscale_with_the_tiny_sd_backbone(ray_local, tmp_path):
                  "-t", "32", "--tile-overlap", "8", "--vae-tile", "32", "--format", "png"]) == 0
     rows = _manifest(tmp_path / "out" / "manifest.parquet")
     assert {r["status"] for r in rows.values()} == {"ok"}
-    assert uio.is_valid_output(str(tmp_path / "out" / "x.png"), (48, 40))
-    assert uio.is_valid_output(str(tmp_path / "out" / "y.png"), (26, 34))
+    assert image_codecs.is_valid_output(str(tmp_path / "out" / "x.png"), (48, 40))
+    assert image_codecs.is_valid_output(str(tmp_path / "out" / "y.png"), (26, 34))
 
 
 def test_rerun_with_other_settings_is_refused_overwrite_replaces(ray_local, pixel_ckpt, tmp_path):
@@ -524,7 +530,8 @@ def test_rerun_with_other_settings_is_refused_overwrite_replaces(ray_local, pixe
     import dataclasses
     import shutil
 
-    from jobs.upscale import UpscaleJobConfig, upscale_corpus
+    from jobs.upscale import upscale_corpus
+    from pipeline.upscale_config import UpscaleJobConfig
     from pipeline.output import OutputError
 
     (tmp_path / "in").mkdir()

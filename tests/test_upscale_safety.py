@@ -22,15 +22,16 @@ from flowsr import color
 from flowsr import sample as S
 
 from flowsr import tiling as T
-
 from flowsr import upscaler as U
-from pipeline import upscale_io as uio
+from pipeline import image_codecs, images, naming
+from pipeline import inputs as pipeline_inputs
+from pipeline import upscale_stages as stages
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stage(pixel_ckpt):
-    return uio.UpscaleStage(pixel_ckpt, scale=2, tile=None, vae_tile=None, color_fix="none")
+    return stages.UpscaleStage(pixel_ckpt, scale=2, tile=None, vae_tile=None, color_fix="none")
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,8 @@ def _within(seconds, fn):
 def _run(stage, rows, output_root, **probe):
     """plan rows -> probe -> decode -> upscale -> write, without Ray (the job's stages in order)."""
     batch = {k: [r[k] for r in rows] for k in rows[0]}
-    probed = uio.probe_batch(batch, scale=stage.upscaler.options["scale"], **probe)
-    return uio.write_batch(stage(uio.decode_batch(probed)), output_root=output_root)
+    probed = stages.probe_batch(batch, scale=stage.upscaler.options["scale"], **probe)
+    return stages.write_batch(stage(stages.decode_batch(probed)), output_root=output_root)
 
 
 def _files(root):
@@ -88,12 +89,14 @@ def test_pipes_and_devices_are_error_rows_and_never_hang(stage, tmp_path):
     _png(root / "good.png", _rgb(8, 8))
     os.mkfifo(root / "pipe.png")
     os.symlink("/dev/zero", root / "zero.png")
-    rows = _within(30, lambda: uio.plan_outputs(uio.scan_inputs(str(root)), str(tmp_path / "out"), "same"))
+    rows = _within(30, lambda: naming.plan_outputs(pipeline_inputs.scan_inputs(str(root)), str(tmp_path / "out"),
+                                                   "same"))
     out = _within(60, lambda: _run(stage, rows, str(tmp_path / "out")))
     # a Parquet list naming them explicitly is probed, and refused there
     pq.write_table(pa.table({"path": [str(root / "pipe.png"), str(root / "zero.png")]}), tmp_path / "l.parquet")
-    listed = uio.plan_outputs(uio.scan_inputs(str(tmp_path / "l.parquet")), str(tmp_path / "out2"), "same")
-    probed = _within(30, lambda: uio.probe_batch({k: [r[k] for r in listed] for k in listed[0]}, scale=2))
+    listed = naming.plan_outputs(pipeline_inputs.scan_inputs(str(tmp_path / "l.parquet")), str(tmp_path / "out2"),
+                                 "same")
+    probed = _within(30, lambda: stages.probe_batch({k: [r[k] for r in listed] for k in listed[0]}, scale=2))
     status = dict(zip(out["input"], zip(out["status"], out["error"])))
     assert status[str(root / "good.png")] == ("ok", "")
     for name, kind in (("pipe.png", "named pipe"), ("zero.png", "character device")):
@@ -112,7 +115,7 @@ def test_symlink_loops_end_and_each_real_folder_is_listed_once(tmp_path):
     os.symlink(".", root / "self")
     os.symlink(tmp_path / "elsewhere", root / "linked")
     os.symlink(tmp_path / "elsewhere", root / "sub" / "again")  # a second link to the same folder
-    listed = _within(30, lambda: uio.list_inputs(str(root)))
+    listed = _within(30, lambda: pipeline_inputs.list_inputs(str(root)))
     assert [rel for _, rel in listed] == ["a.png", "linked/c.png", "sub/b.png"]
 
 
@@ -120,15 +123,16 @@ def test_a_literal_path_that_exists_is_never_globbed(tmp_path):
     folder = tmp_path / "photos[2024]"
     _png(folder / "x.png", _rgb(4, 4))
     _png(tmp_path / "photos2" / "decoy.png", _rgb(4, 4))  # what the glob photos[2024] would match
-    assert [rel for _, rel in uio.list_inputs(str(folder))] == ["x.png"]
-    assert [rel for _, rel in uio.list_inputs(str(folder / "*.png"))] == ["x.png"]  # a glob under it
-    assert [rel for _, rel in uio.list_inputs(str(tmp_path / "photos[2024]" / "x.png"))] == ["x.png"]
+    assert [rel for _, rel in pipeline_inputs.list_inputs(str(folder))] == ["x.png"]
+    assert [rel for _, rel in pipeline_inputs.list_inputs(str(folder / "*.png"))] == ["x.png"]  # a glob under it
+    assert [rel for _, rel in pipeline_inputs.list_inputs(str(tmp_path / "photos[2024]" / "x.png"))] == ["x.png"]
     for name in ("q[12].png", "q1.png", "q2.png"):
         _png(tmp_path / "qs" / name, _rgb(4, 4))
-    assert [rel for _, rel in uio.list_inputs(str(tmp_path / "qs" / "q[12].png"))] == ["q[12].png"]
-    assert [rel for _, rel in uio.list_inputs(str(tmp_path / "qs" / "q[12].png"), glob=True)] == ["q1.png", "q2.png"]
+    assert [rel for _, rel in pipeline_inputs.list_inputs(str(tmp_path / "qs" / "q[12].png"))] == ["q[12].png"]
+    globbed = pipeline_inputs.list_inputs(str(tmp_path / "qs" / "q[12].png"), glob=True)
+    assert [rel for _, rel in globbed] == ["q1.png", "q2.png"]
     with pytest.raises(FileNotFoundError):
-        uio.list_inputs(str(tmp_path / "missing"))
+        pipeline_inputs.list_inputs(str(tmp_path / "missing"))
 
 
 def test_other_image_formats_are_read_and_other_files_are_listed_with_a_reason(stage, tmp_path):
@@ -140,12 +144,12 @@ def test_other_image_formats_are_read_and_other_files_are_listed_with_a_reason(s
     _png(root / "d.jfif", image, format="JPEG")
     (root / "notes.txt").write_text("hello")
     (root / "raw.cr2").write_bytes(b"II*\0")
-    scanned = uio.scan_inputs(str(root))
+    scanned = pipeline_inputs.scan_inputs(str(root))
     assert {i.relative: i.status for i in scanned} == {
         "a.gif": "pending", "b.ppm": "pending", "c.pgm": "pending", "d.jfif": "pending",
         "notes.txt": "unsupported", "raw.cr2": "unsupported"}
     assert all(".txt" in i.error or ".cr2" in i.error for i in scanned if i.status == "unsupported")
-    rows = uio.plan_outputs(scanned, str(tmp_path / "out"), "same")
+    rows = naming.plan_outputs(scanned, str(tmp_path / "out"), "same")
     out = _run(stage, rows, str(tmp_path / "out"))
     by_name = {os.path.basename(i): (s, o) for i, s, o in zip(out["input"], out["status"], out["output"])}
     assert by_name["notes.txt"] == ("unsupported", "") and by_name["raw.cr2"] == ("unsupported", "")
@@ -167,12 +171,12 @@ def test_pixel_and_size_caps_are_per_item_errors_before_decode(tmp_path):
     _png(tmp_path / "small.png", _rgb(100, 100))
     batch = {"input": [str(tmp_path / "bomb.png"), str(tmp_path / "small.png"), str(tmp_path / "small.png")],
              "output": [str(tmp_path / "o1.png"), str(tmp_path / "o2.png"), str(tmp_path / "o3.png")]}
-    out = uio.probe_batch(batch, scale=4)
+    out = stages.probe_batch(batch, scale=4)
     assert out["status"] == ["error", "pending", "pending"]
     assert "input pixel cap" in out["error"][0] and "--max-pixels" in out["error"][0]
-    out = uio.probe_batch(batch, scale=4, max_output_pixels=100_000, max_bytes=1 << 20)
+    out = stages.probe_batch(batch, scale=4, max_output_pixels=100_000, max_bytes=1 << 20)
     assert out["status"][1] == "error" and "output pixel cap" in out["error"][1]
-    out = uio.probe_batch(batch, scale=1, max_bytes=1000)
+    out = stages.probe_batch(batch, scale=1, max_bytes=1000)
     assert out["status"][1:] == ["error", "error"] and "file size cap" in out["error"][1]
 
 
@@ -185,15 +189,16 @@ def test_probe_unit_commits_one_pending_part_and_names_its_bucket(tmp_path):
 
     def probe(names, tag):
         batch = {"input": [str(tmp_path / n) for n in names], "output": [str(tmp_path / f"{tag}{n}") for n in names]}
-        return uio.probe_and_commit(batch, parts_dir=str(tmp_path / "parts"), pending_dir=str(tmp_path / "pending"),
+        return stages.probe_and_commit(batch, parts_dir=str(tmp_path / "parts"), pending_dir=str(tmp_path / "pending"),
                                     bucket=8, scale=2)
     same = probe(["a.png", "b.png"], "s")
     assert same["pending"] == same["pending_rows"] == [2] and same["pending_bucket"] == ["3x3"]  # 24x20 -> 3x3 of 8
     part = pq.read_table(same["pending_part"][0])
     assert sorted(part.column("input").to_pylist()) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert part.column("bucket_h").to_pylist() == [3, 3] and part.column("bucket_w").to_pylist() == [3, 3]
-    assert probe(["a.png", "c.png"], "m")["pending_bucket"] == [uio.MIXED_BUCKETS]  # 20 vs 60 rows
-    made_from_a = uio.encode_image(_rgb(20, 24), None, ".png", None, uio.file_digest(str(tmp_path / "a.png")))
+    assert probe(["a.png", "c.png"], "m")["pending_bucket"] == [stages.MIXED_BUCKETS]  # 20 vs 60 rows
+    made_from_a = image_codecs.encode_image(_rgb(20, 24), None, ".png", None,
+                                            image_codecs.file_digest(str(tmp_path / "a.png")))
     (tmp_path / "sa.png").write_bytes(made_from_a)  # a valid output of a.png already there: nothing pending
     done = probe(["a.png"], "s")
     assert (done["pending_part"], done["pending_rows"], done["pending_bucket"], done["skipped"]) == ([""], [0], [""], [1])
@@ -204,15 +209,15 @@ def test_png_with_exif_after_the_image_data_is_not_redone(stage, tmp_path):
     Image.fromarray(_rgb(10, 16)).save(buf, format="PNG")
     data = buf.getvalue()
     exif = Image.Exif()
-    exif[uio.EXIF_ORIENTATION] = 6  # rotate 90 degrees: displayed 10 wide, 16 high
+    exif[images.EXIF_ORIENTATION_TAG] = 6  # rotate 90 degrees: displayed 10 wide, 16 high
     data = data[:-12] + _png_chunk(b"eXIf", exif.tobytes()[6:]) + data[-12:]  # eXIf right before IEND
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "late.png").write_bytes(data)
     from pipeline.images import load_image
 
     assert load_image(data).pixels.shape[:2] == (16, 10)  # the decoder applies it
-    assert uio.header_size(uio._header(str(tmp_path / "in" / "late.png")))[:2] == (16, 10)
-    rows = uio.plan_outputs(uio.scan_inputs(str(tmp_path / "in")), str(tmp_path / "out"), "same")
+    assert image_codecs.header_size(image_codecs.read_header(str(tmp_path / "in" / "late.png")))[:2] == (16, 10)
+    rows = naming.plan_outputs(pipeline_inputs.scan_inputs(str(tmp_path / "in")), str(tmp_path / "out"), "same")
     assert _run(stage, rows, str(tmp_path / "out"))["status"] == ["ok"]
     assert _run(stage, rows, str(tmp_path / "out"))["status"] == ["skipped"]
 
@@ -225,7 +230,7 @@ def test_a_listed_path_that_climbs_out_never_writes_outside_out(stage, tmp_path)
     paths = [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs") + "/../src/x.png"]
     pq.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
     out_root = tmp_path / "out"
-    rows = uio.plan_outputs(uio.scan_inputs(str(tmp_path / "list.parquet")), str(out_root), "same")
+    rows = naming.plan_outputs(pipeline_inputs.scan_inputs(str(tmp_path / "list.parquet")), str(out_root), "same")
     result = _run(stage, rows, str(out_root))
     assert result["status"] == ["ok", "ok"]
     assert (tmp_path / "src" / "x.png").read_bytes() == original
@@ -234,7 +239,7 @@ def test_a_listed_path_that_climbs_out_never_writes_outside_out(stage, tmp_path)
     assert sorted(_files(out_root)) == ["imgs/a.png", "src/x.png"]
     # names that climb out, and a link inside OUT that points elsewhere, are error rows
     (out_root / "escape").symlink_to(tmp_path / "src")
-    bad = uio.plan_outputs([("u1", "../up.png"), ("u2", "/abs.png"), ("u3", "escape/x.png"), ("u4", "ok.png")],
+    bad = naming.plan_outputs([("u1", "../up.png"), ("u2", "/abs.png"), ("u3", "escape/x.png"), ("u4", "ok.png")],
                            str(out_root), "same")
     assert [r["status"] for r in bad] == ["error", "error", "error", "pending"]
     assert [r["output"] for r in bad] == ["", "", "", str(out_root / "ok.png")]
@@ -244,8 +249,8 @@ def test_colliding_names_get_distinct_outputs_by_a_fixed_rule(stage, tmp_path):
     root = tmp_path / "in"
     for k, name in enumerate(("a.png", "a.jpg", "a.png.png", "A.PNG")):
         _png(root / name, _rgb(8, 8, k), format="PNG" if "png" in name.lower() else "JPEG")
-    inputs = uio.scan_inputs(str(root))
-    rows = uio.plan_outputs(inputs, str(tmp_path / "out"), "png")
+    inputs = pipeline_inputs.scan_inputs(str(root))
+    rows = naming.plan_outputs(inputs, str(tmp_path / "out"), "png")
     names = {os.path.basename(r["input"]): os.path.basename(r["output"]) for r in rows}
     # own extension first (A.PNG, a.png, a.png.png, sorted), then the others; a name taken ignoring case
     # moves on to input name + extension
@@ -254,11 +259,11 @@ def test_colliding_names_get_distinct_outputs_by_a_fixed_rule(stage, tmp_path):
     assert result["status"] == ["ok"] * 4
     assert len(_files(tmp_path / "out")) == 4
     # a JPEG target reserves its PNG twin (the name it gets when the image has alpha)
-    jpg = uio.plan_outputs([("u1", "b.png"), ("u2", "b.webp")], "/o", "jpg")
+    jpg = naming.plan_outputs([("u1", "b.png"), ("u2", "b.webp")], "/o", "jpg")
     twins = {r["output"] for r in jpg} | {r["output"][:-4] + ".png" for r in jpg}
     assert len(twins) == 4
     # the same inputs in another order get the same names
-    assert uio.plan_outputs(list(reversed(inputs)), str(tmp_path / "out"), "png")[::-1] == rows
+    assert naming.plan_outputs(list(reversed(inputs)), str(tmp_path / "out"), "png")[::-1] == rows
 
 
 def test_evaluate_escapes_the_report_and_sanitises_file_names(tmp_path):
@@ -332,7 +337,7 @@ def test_many_tiles_equal_a_float64_blend_of_tile_forwards(backbone):
 
 
 def test_upscaling_streams_bands_of_rows_and_scale_is_checked(backbone):
-    from jobs.upscale import UpscaleJobConfig
+    from pipeline.upscale_config import UpscaleJobConfig
 
     lr = (np.random.default_rng(0).random((50, 20, 3)) * 255).astype(np.uint8)
     bands = []
@@ -358,8 +363,8 @@ def test_exit_codes_early_checks_and_summary(ray_local, pixel_ckpt, tmp_path, ca
     (root / "notes.txt").write_text("not an image")
     out = str(tmp_path / "out")
     listed = []
-    real_list = uio.list_input_groups
-    monkeypatch.setattr(uio, "list_input_groups", lambda *a, **k: listed.append(a) or real_list(*a, **k))
+    real_list = pipeline_inputs.list_input_groups
+    monkeypatch.setattr(pipeline_inputs, "list_input_groups", lambda *a, **k: listed.append(a) or real_list(*a, **k))
     def status(*argv):
         try:
             return main(["upscale", *argv])
@@ -369,7 +374,7 @@ def test_exit_codes_early_checks_and_summary(ray_local, pixel_ckpt, tmp_path, ca
                  ["--checkpoint", pixel_ckpt, "--scale", "1e6"], ["--checkpoint", pixel_ckpt, "--weights", "target"]):
         assert status(str(root), out, *args) == 2
         err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("[upscale]")]
-        assert len(err) == 1 and err[0].startswith("upscale: error:") and "Traceback" not in err[0]
+        assert len(err) == 1 and err[0].startswith("flowsr upscale: error:") and "Traceback" not in err[0]
     assert listed == [] and not os.path.exists(out)  # refused before the corpus was touched
     assert status(str(tmp_path / "missing"), out, "--checkpoint", pixel_ckpt) == 2
     capsys.readouterr()
@@ -384,7 +389,8 @@ def test_exit_codes_early_checks_and_summary(ray_local, pixel_ckpt, tmp_path, ca
 
 def test_upscaler_actors_leave_a_cpu_for_decoding_and_writing():
     """A 1-CPU local Ray hung: the actor held the CPU and no decode task could ever start."""
-    from jobs.upscale import UpscaleJobConfig, actor_cpus
+    from jobs.upscale import actor_cpus
+    from pipeline.upscale_config import UpscaleJobConfig
 
     cfg = lambda **kw: UpscaleJobConfig(input="in", output="out", checkpoint="ckpt", **kw)
     assert actor_cpus(cfg(), 1) == 0.0

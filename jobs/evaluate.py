@@ -39,10 +39,10 @@ from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_ac
 from pipeline.eval_results import RESULTS_DIR, commit_results, drop_done, eval_record, summarize
 from pipeline.evaluation import EvalConfig, PairEvaluator
 from pipeline.done_index import EMPTY_INDEX, INDEX_DIR, build_done_index
+from pipeline.inputs import is_image
 from pipeline.output import list_parts, open_output, write_json_atomic
 from pipeline.report import table1_markdown
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 PAIR_COLUMNS = ["sample_id", "hr", "lr"]
 OVERWRITE_ADVICE = "rerun with --overwrite to replace them, or evaluate into a new --out"
 
@@ -59,7 +59,7 @@ def _list_images(uri: str) -> Dict[str, str]:
     for info in infos:
         name = os.path.basename(info.path)
         stem, ext = os.path.splitext(name)
-        if info.type == pafs.FileType.File and ext.lower() in IMAGE_SUFFIXES:
+        if info.type == pafs.FileType.File and is_image(name):
             out[stem] = f"{prefix}/{name}" if prefix else info.path
     return out
 

@@ -41,7 +41,8 @@ from pipeline.listing import ListingUnits
 from pipeline import pairs_dataset as dataset
 from pipeline.degrade import DEGRADATION_KINDS
 from pipeline.images import ALPHA_MODES
-from pipeline.pairs import CAPTIONERS, CROP_MODES, IMAGE_EXTENSIONS, PrepareConfig, SourceReader
+from pipeline.inputs import IMAGE_EXTENSIONS
+from pipeline.pairs import CAPTIONERS, CROP_MODES, PrepareConfig, SourceReader
 from pipeline.pairs_dataset import ERRORS_DIR, MANIFEST_FILE, SHARDS_DIR, WORK_DIR
 
 GLOB_CHARS = "*?["

@@ -27,11 +27,10 @@ from pipeline.caption import BACKENDS
 from pipeline.degrade import DEGRADATION_KINDS, PARAMS_VERSION, degrade
 from pipeline.images import ALPHA_MODES, ImageDecodeError, ImageTooLarge, load_image, to_rgb8
 from pipeline.schema import CAPTION_COLUMNS, IMAGE_COLUMNS, PAIR_SCHEMA, content_sample_id, encode_png
+from pipeline.inputs import IMAGE_EXTENSIONS
 
 CROP_MODES = ("random", "grid")
 CAPTIONERS = BACKENDS  # --captioner: pipeline.caption's backends
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
-                    ".pgm", ".jfif")
 CROP_STREAM = 1  # keeps the crop generator's seed apart from the degradation's
 DEFAULT_MAX_PIXELS = 40_000_000  # ~1.6 GB peak per task at the decode + composite
 DEFAULT_MAX_BYTES = 256 << 20

@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 from jobs.common import (EXIT_OK, EXIT_USAGE, add_allow_errors_arg, add_ray_args, connect_first, exit_status,
                          fit_actor_cpus, gpu_pool_size, init_ray, is_local, run_job)
 from pipeline import inputs
+from pipeline import output as out
 from pipeline.storage import resolve_fs
 from pipeline.upscale_config import BACKENDS, MAX_SCALE, UpscaleJobConfig
 
@@ -73,7 +74,6 @@ def resolve_model(cfg: UpscaleJobConfig) -> UpscaleJobConfig:
     return dataclasses.replace(cfg, scale=scale, backend=backend)
 
 
-
 def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     """Upscale every input once; returns a summary (counts, seconds, images/s, manifest path).
 
@@ -81,8 +81,6 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     then holds OUT's lease and checks its run record (`pipeline.output`): a concurrent run or a
     rerun with another checkpoint / settings is refused with one line (OutputError)."""
     import ray
-
-    from pipeline import output as out
 
     if cfg.scale is None:
         cfg = resolve_model(cfg)
@@ -281,11 +279,9 @@ def run_from_args(args: argparse.Namespace):
     if args.dry_run:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return EXIT_OK
-    from pipeline.output import OutputError
-
     try:
         summary = upscale_corpus(cfg)
-    except (UsageError, OutputError) as err:  # OutputError: OUT is leased, or holds other settings' results
+    except (UsageError, out.OutputError) as err:  # OutputError: OUT is leased, or holds other settings' results
         _usage_error(err)
     return exit_status(summary["error"], cfg.allow_errors)
 

@@ -27,7 +27,7 @@ import os
 import stat
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow.fs as pafs
@@ -336,8 +336,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-    fields = {k: v for k, v in vars(args).items() if k not in ("dry_run", "allow_errors")}
-    return PrepareConfig(**fields)
+    names = {f.name for f in fields(PrepareConfig)}
+    return PrepareConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status,
                          fit_actor_cpus, gpu_pool_size, init_ray, is_local, job_main)
 from pipeline import inputs
+from pipeline import output as out
 from pipeline.storage import resolve_fs
 from pipeline.upscale_config import BACKENDS, MAX_SCALE, UpscaleJobConfig
 
@@ -81,8 +82,6 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     then holds OUT's lease and checks its run record (`pipeline.output`): a concurrent run or a
     rerun with another checkpoint / settings is refused with one line (OutputError)."""
     import ray
-
-    from pipeline import output as out
 
     if cfg.scale is None:
         cfg = resolve_model(cfg)

@@ -247,7 +247,8 @@ def test_rayjob_structure_and_entrypoint(job):
 
 
 # Entrypoints that run on a local Ray by design, with the reason.
-LOCAL_ONLY = {"demo": "issue 9: the embedded demo runs on a local Ray started in-process"}
+LOCAL_ONLY = {"demo": "issue 9: the embedded demo runs on a local Ray started in-process",
+              "export": "no Ray: it exports one checkpoint in the calling process"}
 
 
 def job_modules() -> List[str]:

@@ -25,8 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from flowsr.metrics_log import progress_text
-from jobs.common import add_ray_args, connect_first, init_ray, job_main
+from jobs.common import add_ray_args, job_main, using_ray
+from pipeline.logs import Progress
 from pipeline import output as out
 from pipeline.fingerprint import checkpoint_digest
 from pipeline.listing import task_count
@@ -40,7 +40,6 @@ RESULT_FIELDS = ("backend", "prompt_version", "max_new_tokens", "min_new_tokens"
 MAX_BLOCKS = 4096  # shards are streamed as (at most) this many blocks: progress every few shards
 
 logger = logging.getLogger("flowsr.caption")
-PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,8 +75,7 @@ def regenerate(cfg: RegenerateConfig, on_part: Optional[Callable[[int, Dict], No
     Raises OutputBusy / RunMismatch (one-line `pipeline.output.OutputError`s).
     """
     start = time.time()
-    connected = connect_first(cfg.address)  # a cluster that does not answer: one line, the output untouched
-    try:
+    with using_ray(cfg.address, only_a_cluster=True):  # a dead cluster: one line, the output untouched
         with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite) as output:
             plan = plan_parts(cfg.shards, output)
             shard_rows = dict(zip(plan["parts"], out.part_rows(plan["filesystem"], list(plan["parts"]))))
@@ -89,11 +87,6 @@ def regenerate(cfg: RegenerateConfig, on_part: Optional[Callable[[int, Dict], No
                        "caption_prompt_version": cfg.caption.prompt_version}
             if todo:
                 summary.update(_caption_missing(cfg, todo, on_part))
-    finally:
-        if connected:
-            import ray
-
-            ray.shutdown()
     summary["seconds"] = round(time.time() - start, 2)
     return summary
 
@@ -101,8 +94,7 @@ def regenerate(cfg: RegenerateConfig, on_part: Optional[Callable[[int, Dict], No
 def _caption_missing(cfg: RegenerateConfig, todo: List[Dict], on_part) -> Dict:
     import ray
 
-    started = init_ray(cfg.address)
-    try:
+    with using_ray(cfg.address):
         # template captions take ~0.1 s a shard, less than a task's start: a task works through a
         # run of shards (task_count); a VLM's actors take the shards one at a time
         blocks = (task_count(len(todo), ray.cluster_resources().get("CPU", 1), MAX_BLOCKS)
@@ -110,20 +102,13 @@ def _caption_missing(cfg: RegenerateConfig, todo: List[Dict], on_part) -> Dict:
         items = ray.data.from_items(todo, override_num_blocks=blocks)
         ds = caption_shards(items, cfg.caption, cfg.output, cfg.shards)
         captioned = parts = 0
-        begin = last = time.perf_counter()
-        for row in ds.iter_rows():  # one progress line every PROGRESS_EVERY_S beside Ray Data's own display
+        progress = Progress("caption parts", len(todo), "part")  # beside Ray Data's own display
+        for row in ds.iter_rows():
             if on_part is not None:
                 on_part(parts, row)
             captioned, parts = captioned + int(row["rows"]), parts + 1
-            now = time.perf_counter()
-            if now - last >= PROGRESS_EVERY_S or parts == len(todo):
-                last = now
-                logger.info("caption parts %s | %d captions", progress_text(parts, len(todo), now - begin, "part"),
-                            captioned)
+            progress.update(parts, f"{captioned} captions")
         return {"captioned": captioned, "parts": parts}
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def add_options(p: argparse.ArgumentParser) -> None:

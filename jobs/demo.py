@@ -84,19 +84,13 @@ HELDOUT_TILES = 64  # 128-px grid tiles per held-out image: all that fit (6 of c
 def demo(out: str, **options) -> Dict:
     """The embedded end-to-end run (see `_demo` for the options) on a local Ray, which it shuts
     down again when it started it."""
-    import ray
-
-    from jobs.common import init_ray
+    from jobs.common import using_ray
 
     cores = max(2, os.cpu_count() or 2)
     # the training workers take every core (torch threads = cpus_per_worker); one logical CPU
     # more lets Ray Data's short read tasks run beside them instead of waiting for a free CPU
-    started = init_ray(None, num_cpus=cores + 1, object_store_memory=1 << 30)
-    try:
+    with using_ray(None, num_cpus=cores + 1, object_store_memory=1 << 30):
         return _demo(out, **options)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _demo(out: str, *, stage1_steps: int = STAGE1_STEPS, stage2_steps: int = STAGE2_STEPS, patch_size: int = 64,

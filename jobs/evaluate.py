@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pyarrow.fs as pafs
 
 from flowsr.metrics import LEARNED_METRICS, SET_METRICS, MetricSuite
-from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, init_ray, is_local, job_main,
+from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, is_local, job_main, using_ray,
                          resolve_fs)
 from pipeline.eval_results import RESULTS_DIR, commit_results, drop_done, eval_record, summarize
 from pipeline.evaluation import EvalConfig, PairEvaluator
@@ -138,8 +138,7 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
     keys = [key for key, _, _ in methods]
     items, unmatched = pair_items(cfg)  # the inputs are checked before OUT is touched, OUT before Ray is started
     with open_output(cfg.out, record, overwrite=cfg.overwrite, advice=OVERWRITE_ADVICE) as output:
-        started = init_ray(cfg.address)
-        try:
+        with using_ray(cfg.address):
             pairs = build_dataset(cfg, items)
             write_json_atomic(output.fs, output.path("config.json"), dataclasses.asdict(cfg))
             results = output.path(RESULTS_DIR)
@@ -165,9 +164,6 @@ def evaluate(cfg: EvalConfig, on_part: Optional[Callable[[Dict], None]] = None) 
                                 unmatched)
             if output.fs.get_file_info(output.path(INDEX_DIR)).type == pafs.FileType.Directory:
                 output.fs.delete_dir(output.path(INDEX_DIR))  # this run's resume state
-        finally:
-            if started:
-                ray.shutdown()
     return summary
 
 

@@ -46,8 +46,8 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status,
-                         fit_actor_cpus, gpu_pool_size, init_ray, is_local, job_main)
+from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus,
+                         gpu_pool_size, is_local, job_main, using_ray)
 from pipeline import inputs
 from pipeline import output as out
 from pipeline.storage import resolve_fs
@@ -81,8 +81,6 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
     Connects to the cluster first (a dead `--address` fails in one line before OUT is touched),
     then holds OUT's lease and checks its run record (`pipeline.output`): a concurrent run or a
     rerun with another checkpoint / settings is refused with one line (OutputError)."""
-    import ray
-
     if cfg.scale is None:
         cfg = resolve_model(cfg)
     check_before_run(cfg)  # before OUT or the corpus is touched
@@ -91,15 +89,11 @@ def upscale_corpus(cfg: UpscaleJobConfig) -> dict:
         listing = inputs.list_input_groups(cfg.input, path_column=cfg.path_column, glob=cfg.glob, exclude=exclude)
     except (FileNotFoundError, NotADirectoryError, KeyError) as err:
         raise UsageError(f"input {cfg.input}: {err}") from err
-    connected = connect_first(cfg.address)  # a cluster that does not answer: one line, OUT untouched
-    try:
+    with using_ray(cfg.address, only_a_cluster=True):  # a dead cluster: one line, OUT untouched
         # clear_recursive=False: OUT holds an image per input; the job clears its own folders itself
         with out.open_output(cfg.output, cfg.record(), overwrite=cfg.overwrite, remove_results=False,
                              clear_recursive=False):
             return _upscale_corpus(cfg, listing)
-    finally:
-        if connected:
-            ray.shutdown()
 
 
 def _upscale_corpus(cfg: UpscaleJobConfig, listing: inputs.Listing) -> dict:
@@ -107,22 +101,16 @@ def _upscale_corpus(cfg: UpscaleJobConfig, listing: inputs.Listing) -> dict:
     the summary. The manifest is consolidated from its parts only when every input has its row:
     a run that stops early (a signal, a full disk) leaves its parts and no manifest, and the next
     run redoes the rest."""
-    import ray
-
     from pipeline import upscale_flow as flow
 
     start = time.perf_counter()
     listed = flow.start_run(cfg, listing)
-    started_ray = init_ray(cfg.address) if listed.paths else False
     steady = None
-    try:
-        if listed.paths:
+    if listed.paths:
+        with using_ray(cfg.address):
             pending, mixed = flow.probe_listing(cfg, listed)
             if pending:
                 steady = _upscale_pending(cfg, pending, sort=mixed)
-    finally:
-        if started_ray:
-            ray.shutdown()
     counts = flow.finish_run(cfg)
     seconds = time.perf_counter() - start
     summary = {"total": sum(counts.values()), **counts, "seconds": round(seconds, 3),

@@ -20,6 +20,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 from pipeline import output as out
 from pipeline.listing import ListingUnits
+from pipeline.logs import Progress
 from pipeline.inputs import ERROR, OK, PENDING, SKIPPED, UNSUPPORTED, Listing, split_uri
 from pipeline.naming import MANIFEST_NAME, PARTS_DIR, plan_batch, tmp_root, write_listing
 from pipeline.storage import join_uri
@@ -28,7 +29,6 @@ from pipeline.upscale_manifest import consolidate_manifest
 from pipeline.upscale_stages import (MIXED_BUCKETS, ArrowUpscaleStage, arrow, decode_batch, probe_and_commit,
                                      write_and_count)
 
-from flowsr.metrics_log import progress_text
 
 # rows per probe unit (and per pending part): the driver holds a path per pending part, so
 # 10^8 inputs are ~100k paths (~10 MB); a unit probes in ~0.15 s
@@ -36,7 +36,6 @@ PROBE_BLOCK = 1024
 SHUFFLE_PARTITION_ROWS, MAX_SHUFFLE_PARTITIONS = 20_000, 1000  # the sort by output size and the plan of a list
 LISTING_CHUNK_ROWS = 50_000  # listed inputs per listing chunk: the listing never sits whole in the driver
 IO_BATCH = 4  # rows per decode / write task call
-PROGRESS_EVERY_S = 10.0
 STEADY_MIN_FACTOR = 3  # report a steady rate only with this many times the first batch's rows
 
 log = logging.getLogger("flowsr")
@@ -151,17 +150,14 @@ def upscale_pending(cfg: UpscaleJobConfig, pending: List[Tuple[str, int]], *, so
                         compute=ray.data.ActorPoolStrategy(size=cfg.pool_size), num_gpus=num_gpus, num_cpus=num_cpus)
     ds = ds.map_batches(arrow(write_and_count, output_root=cfg.output, parts_dir=parts_dir(cfg)),
                         batch_format="pyarrow", batch_size=IO_BATCH)
-    start = last = time.perf_counter()
+    progress = Progress("upscale", todo, logger=log)
     first = None
     done = errors = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         ok, failed = sum(batch.column(OK).to_pylist()), sum(batch.column(ERROR).to_pylist())
         done, errors = done + ok + failed, errors + failed
-        now = time.perf_counter()
-        first = first or (now, done)
-        if now - last > PROGRESS_EVERY_S or done == todo:
-            log.info("upscale %s (%d errors)", progress_text(done, todo, now - start), errors)
-            last = now
+        first = first or (time.perf_counter(), done)
+        progress.update(done, f"{errors} errors")
     if first is None or done < STEADY_MIN_FACTOR * first[1]:
         return None  # too few batches after the first one to say
     return round((done - first[1]) / (time.perf_counter() - first[0]), 3)

@@ -551,6 +551,28 @@ def test_console_filter_drops_ray_noise_and_repeats_only():
     assert console.dropped == len(RAY_NOISE_LINES) + 1  # the noise and the repeated training line
 
 
+def test_progress_lines_are_throttled_and_the_last_one_always_comes():
+    """`pipeline.logs.Progress`, the jobs' one progress logger: at most one line per `every_s`,
+    and the line of the last item whatever the time."""
+    import logging
+
+    from pipeline.logs import Progress
+
+    lines = []
+    log = logging.getLogger("progress-test")
+    log.addHandler(type("Lines", (logging.Handler,), {"emit": lambda self, r: lines.append(r.getMessage())})())
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    slow = Progress("upscale", 10, every_s=3600, logger=log)
+    for done in range(1, 11):
+        slow.update(done, f"{done // 5} errors")
+    assert len(lines) == 1 and lines[0].startswith("upscale 10/10 (100%)") and lines[0].endswith(" | 2 errors")
+    every = Progress("caption parts", 4, "part", every_s=0, logger=log)
+    for done in range(1, 5):
+        every.update(done)
+    assert [line.split(",")[0] for line in lines[1:]] == [f"caption parts {k}/4 ({25 * k}%)" for k in range(1, 5)]
+
+
 def test_logging_has_timestamps_and_progress_has_rate_and_eta(capsys):
     import logging
 

@@ -1,4 +1,4 @@
-"""Glue shared by every job: connecting to Ray, resolving storage URIs, logging and a quiet console."""
+"""Glue shared by every job: the command-line shape and exit status, connecting to Ray, a quiet console."""
 from __future__ import annotations
 
 import argparse
@@ -16,9 +16,7 @@ import threading
 import time
 from typing import Callable, Optional, Sequence, Tuple, TypeVar
 
-from pipeline.actors import gpu_pool_size  # noqa: F401  (re-exported for the jobs)
 from pipeline.logs import setup_logging
-from pipeline.storage import is_local, resolve_fs  # noqa: F401  (re-exported for the jobs)
 
 log = logging.getLogger("flowsr")
 SUBMISSION_SCHEMES = ("http://", "https://")  # the dashboard / Jobs API, used by `ray job submit`

@@ -34,8 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import pyarrow.fs as pafs
 
 from flowsr.metrics import LEARNED_METRICS, SET_METRICS, MetricSuite
-from jobs.common import (add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, is_local, job_main, using_ray,
-                         resolve_fs)
+from jobs.common import add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, job_main, using_ray
+from pipeline.storage import is_local, resolve_fs
 from pipeline.eval_results import RESULTS_DIR, commit_results, drop_done, eval_record, summarize
 from pipeline.evaluation import EvalConfig, PairEvaluator
 from pipeline.done_index import EMPTY_INDEX, INDEX_DIR, build_done_index

@@ -32,8 +32,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import pyarrow.fs as pafs
 
-from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status, init_ray, is_local,
-                         resolve_fs, job_main)
+from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, connect_first, exit_status, init_ray,
+                         job_main)
+from pipeline.storage import is_local, resolve_fs
 from pipeline import names
 from pipeline import output as out
 from pipeline.done_index import INDEX_DIR, build_done_index

@@ -46,8 +46,9 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
-from jobs.common import (EXIT_OK, add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus,
-                         gpu_pool_size, is_local, job_main, using_ray)
+from jobs.common import EXIT_OK, add_allow_errors_arg, add_ray_args, exit_status, fit_actor_cpus, job_main, using_ray
+from pipeline.actors import gpu_pool_size
+from pipeline.storage import is_local
 from pipeline import inputs
 from pipeline import output as out
 from pipeline.storage import resolve_fs

@@ -43,7 +43,7 @@ class UpscaleJobConfig:
     batch_size: int = 8  # images per upscaler call
     tile_batch: int = 16  # tiles per network forward
     bucket: int = 64  # output sizes rounded up to this share a padded batch
-    pool_size: Optional[int] = None  # None: one actor per GPU of the cluster (jobs.common.gpu_pool_size)
+    pool_size: Optional[int] = None  # None: one actor per GPU of the cluster (pipeline.actors.gpu_pool_size)
     num_gpus: Optional[float] = None  # per actor; None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     dtype: Optional[str] = None  # bf16 | fp16 | fp32; None: bf16 on GPU, fp32 on CPU

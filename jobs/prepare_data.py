@@ -19,9 +19,6 @@ row. Hidden files are skipped.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fnmatch
-import glob as globlib
 import json
 import os
 import stat
@@ -42,142 +39,43 @@ from pipeline.listing import ListingUnits
 from pipeline import pairs_dataset as dataset
 from pipeline.degrade import DEGRADATION_KINDS
 from pipeline.images import ALPHA_MODES
-from pipeline.inputs import IMAGE_EXTENSIONS
+from pipeline import inputs
 from pipeline.pairs import CAPTIONERS, CROP_MODES, PrepareConfig, SourceReader
 from pipeline.pairs_dataset import ERRORS_DIR, MANIFEST_FILE, SHARDS_DIR, WORK_DIR
 
-GLOB_CHARS = "*?["
 
 
 # ---------------------------------------------------------------------------------------------
 # Listing inputs
 # ---------------------------------------------------------------------------------------------
 
-def _has_extension(path: str, extensions: Sequence[str]) -> bool:
-    return path.rsplit("/", 1)[-1].lower().endswith(tuple(extensions))
+def _hidden(uri: str) -> bool:
+    return uri.rsplit("/", 1)[-1].startswith(".")
 
 
-def _hidden(path: str) -> bool:
-    return path.rsplit("/", 1)[-1].startswith(".")
-
-
-def walk_files(root: str, exclude: Sequence[str] = ()) -> Iterator[str]:
-    """Files under a local directory, recursively, sorted per directory; directory symlinks are
-    followed, each real directory once (a link loop ends). Directories in `exclude` (e.g. the
-    job's own output) are not entered."""
-    seen = set()
-    for path in exclude:
-        with contextlib.suppress(OSError):
-            info = os.stat(path)
-            seen.add((info.st_dev, info.st_ino))
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            info = os.stat(directory)
-        except OSError:
-            continue
-        if (info.st_dev, info.st_ino) in seen:
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        try:
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError:
-            continue
-        subdirs = []
-        for entry in entries:
-            try:
-                is_dir = entry.is_dir(follow_symlinks=True)
-            except OSError:
-                is_dir = False
-            if is_dir:
-                subdirs.append(entry.path)
-            else:
-                yield entry.path
-        stack.extend(reversed(subdirs))
-
-
-def _list_local(pattern: str, as_glob: bool, exclude: Sequence[str] = ()) -> Iterator[str]:
-    path = os.path.abspath(os.path.expanduser(pattern))
-    if not as_glob and os.path.lexists(path):
-        if os.path.isdir(path):
-            yield from walk_files(path, exclude)
-        else:
-            yield path
-        return
-    if not as_glob and not any(c in pattern for c in GLOB_CHARS):
-        raise FileNotFoundError(f"input not found: {pattern!r}")
-    matches = sorted(globlib.iglob(path, recursive=True))
-    if not matches:
-        raise FileNotFoundError(f"input not found: no path matches the glob {pattern!r}")
-    for match in matches:  # a matching directory is walked
-        if os.path.isdir(match):
-            yield from walk_files(match, exclude)
-        else:
-            yield match
-
-
-def _list_remote(uri: str, as_glob: bool = True, exclude: Sequence[str] = ()) -> List[str]:
-    """The files under a URI (or matching a glob URI); those under the URIs in `exclude` (the
-    output, when it lies inside the input) are left out."""
-    scheme = uri.split("://", 1)[0]
-    skip = [resolve_fs(e)[1].rstrip("/") + "/" for e in exclude if "://" in e and not is_local(e)]
-    fs, root = resolve_fs(uri)
-    info = fs.get_file_info(root)
-    pattern_at = -1
-    if info.type == pafs.FileType.NotFound and (as_glob or any(c in uri for c in GLOB_CHARS)):
-        pattern_at = min((uri.find(c) for c in GLOB_CHARS if c in uri), default=-1)
-        if pattern_at >= 0:
-            fs, root = resolve_fs(uri[:pattern_at].rsplit("/", 1)[0])
-            info = fs.get_file_info(root)
-    if info.type == pafs.FileType.File:
-        paths = [root]
-    elif info.type == pafs.FileType.Directory:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                       and not any(i.path.startswith(prefix) for prefix in skip))
-    else:
-        raise FileNotFoundError(f"input not found: {uri!r}")
-    uris = [f"{scheme}://{p}" for p in paths]
-    return uris if pattern_at < 0 else [u for u in uris if fnmatch.fnmatchcase(u, uri)]
-
-
-def iter_listing(input_uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 as_glob: bool = False, exclude: Sequence[str] = ()
+def iter_listing(input_uri: str, as_glob: bool = False, exclude: Sequence[str] = ()
                  ) -> Iterator[Tuple[str, Optional[str]]]:
-    """(uri, reject reason or None) for every non-hidden file of the input, in a stable order.
-
-    A single file given literally is always a candidate; other files without an image extension
-    come with the reason "unsupported: ...".
-    """
-    local = is_local(input_uri)
-    pattern = input_uri[len("file://"):] if input_uri.startswith("file://") else input_uri
-    files = _list_local(pattern, as_glob, exclude) if local else iter(_list_remote(input_uri, as_glob, exclude))
-    first = next(files, None)
-    if first is None:
-        return
-    second = next(files, None)
-    if second is None and not as_glob and not any(c in input_uri for c in GLOB_CHARS):
-        yield first, None  # one file asked for by name
-        return
-    for path in ([first, second] if second is not None else [first]):
-        if not _hidden(path):
-            yield path, None if _has_extension(path, extensions) else (
-                f"unsupported: not an image file extension ({os.path.splitext(path)[1] or 'none'})")
-    for path in files:
-        if not _hidden(path):
-            yield path, None if _has_extension(path, extensions) else (
-                f"unsupported: not an image file extension ({os.path.splitext(path)[1] or 'none'})")
+    """(uri, reject reason or None) of every non-hidden file of the input, listed by the one
+    input layer (`pipeline.inputs.list_input_groups`: a folder, a glob, one file or a Parquet
+    list; loop-safe, a folder at a time). Files without an image extension come with the reason
+    they are not read; files that cannot be read (a FIFO, a device) are candidates whose read
+    fails with an error row. A glob that matches nothing is a FileNotFoundError."""
+    fs, path = inputs.split_uri(input_uri)
+    literal = not as_glob and fs.get_file_info(path).type != pafs.FileType.NotFound
+    listing = inputs.list_input_groups(input_uri, glob=True if as_glob else None, exclude=exclude)
+    matched = False
+    for group in listing.groups:
+        for item in group:
+            matched = True
+            if not _hidden(item.uri):
+                yield item.uri, (item.error if item.status == inputs.UNSUPPORTED else None)
+    if not matched and not literal:
+        raise FileNotFoundError(f"input not found: no path matches the glob {input_uri!r}")
 
 
-def list_sources(input_uri: str, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                 as_glob: bool = False) -> List[str]:
-    """Sorted image files of a local dir / file / glob, or of a pyarrow URI (s3://, gs://...).
-
-    Local files are returned as absolute paths, remote ones as URIs. Unsupported files are left
-    out here (the job records them as error rows).
-    """
-    return sorted(uri for uri, reject in iter_listing(input_uri, extensions, as_glob) if reject is None)
+def list_sources(input_uri: str, as_glob: bool = False) -> List[str]:
+    """Sorted image files of the input (`iter_listing` without the files it does not read)."""
+    return sorted(uri for uri, reject in iter_listing(input_uri, as_glob) if reject is None)
 
 
 class InputTooLarge(OSError):
@@ -232,7 +130,7 @@ READER = SourceReader(read_bytes, InputTooLarge)  # how the degrade tasks read a
 def write_work_listing(cfg: PrepareConfig, output: out.Output) -> ListingUnits:
     """The input's files, listed into the output's `_work/` units (`pipeline.pairs_dataset`)."""
     exclude = [output.root if is_local(cfg.output) else output.uri]  # when it lies inside the input
-    files = iter_listing(cfg.input, cfg.extensions, cfg.glob, exclude)
+    files = iter_listing(cfg.input, cfg.glob, exclude)
     return dataset.write_work_units(output, files, cfg.files_per_task)
 
 
@@ -346,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     that failed (`--allow-errors`: 0)."""
     cfg = config_from_args(args)
     if args.dry_run:
-        sources = list_sources(cfg.input, cfg.extensions, cfg.glob)
+        sources = list_sources(cfg.input, cfg.glob)
         print(json.dumps({**asdict(cfg), "sources": len(sources)}, indent=2))
         return EXIT_OK
     summary = prepare(cfg)

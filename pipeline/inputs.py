@@ -262,7 +262,7 @@ def _glob_groups(source: str, fs: pafs.FileSystem, path: str, exclude: Sequence[
     def groups():
         for group in _walk(fs, root or ".", exclude):
             matched = [_listed(_with_scheme(source, p), _relative(p, root), problem, by_extension=True)
-                       for p, problem in group if _glob_match(_relative(p, root), pattern)]
+                       for p, problem in group if _glob_match_path(_relative(p, root), pattern)]
             if matched:
                 yield matched
     return groups()
@@ -273,6 +273,13 @@ def list_inputs(source: str, *, path_column: str = "path", glob: Optional[bool] 
     (`scan_inputs` without the rows it marks unsupported or unreadable)."""
     return [(i.uri, i.relative) for i in scan_inputs(source, path_column=path_column, glob=glob)
             if i.status == PENDING]
+
+
+def _glob_match_path(relative: str, pattern: str) -> bool:
+    """Does the file `relative` match glob `pattern`, itself or through a folder it lies in (a
+    pattern that matches a folder takes everything under it, as a shell's expansion would)?"""
+    parts = relative.split("/")
+    return any(_glob_match("/".join(parts[:k]), pattern) for k in range(len(parts), 0, -1))
 
 
 def _glob_match(relative: str, pattern: str) -> bool:

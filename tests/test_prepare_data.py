@@ -242,11 +242,13 @@ def test_list_sources(tmp_path):
     assert P.list_sources("file://" + str(tmp_path / "in")) == paths
     with pytest.raises(FileNotFoundError):
         P.list_sources(str(tmp_path / "missing"))
-    # the URI path (s3://, gs://, ...) through pyarrow's filesystem, here with file://
+    # file:// names local files (pipeline.inputs, the listing every job shares); hidden files are
+    # skipped, other files come with the reason they are not read
     uris = ["file://" + p for p in paths]
-    assert sorted(P._list_remote("file://" + str(tmp_path / "in"))) == sorted(
-        uris + ["file://" + str(tmp_path / "in" / n) for n in ("README.txt", ".hidden.png")])
-    assert P._list_remote("file://" + str(tmp_path / "in" / "sub" / "*_00.png")) == uris[:1]
+    listed = dict(P.iter_listing("file://" + str(tmp_path / "in")))
+    assert sorted(listed) == sorted(paths + [str(tmp_path / "in" / "README.txt")])
+    assert listed[str(tmp_path / "in" / "README.txt")].startswith("unsupported file type (.txt)")
+    assert P.list_sources("file://" + str(tmp_path / "in" / "sub" / "*_00.png")) == paths[:1]
     assert P.read_bytes(uris[0]) == Path(paths[0]).read_bytes()
 
 
@@ -403,9 +405,11 @@ def test_listing_is_loop_safe_literal_and_reports_unsupported(tmp_path):
 
     listed = list(P.iter_listing(str(root)))  # a literal path that exists is never a glob
     expected = {**{p: None for p in good}, str(root / "fifo.png"): None, str(root / "zero.png"): None,
-                str(root / "notes.txt"): "unsupported: not an image file extension (.txt)"}
+                str(root / "notes.txt"): "unsupported file type (.txt)"}
     real = lambda p: p if p.endswith("zero.png") else os.path.realpath(p)  # noqa: E731
-    assert len(listed) == len(expected) and {real(p): r for p, r in listed} == {real(p): r for p, r in expected.items()}
+    reason = lambda r: r and r.split(";")[0]  # noqa: E731  (the reason, without the list of image types)
+    assert len(listed) == len(expected)
+    assert {real(p): reason(r) for p, r in listed} == {real(p): r for p, r in expected.items()}
     assert P.list_sources(str(root), as_glob=True) == decoy  # --glob reads it as a pattern
     with pytest.raises(FileNotFoundError, match="no path matches"):
         P.list_sources(str(tmp_path / "nothing-*"))

@@ -195,7 +195,8 @@ def prepare(cfg: PrepareConfig, *, on_shard: Optional[Callable[[Dict[str, Any]],
 
 def add_options(p: argparse.ArgumentParser) -> None:
     defaults = PrepareConfig(input="-", output="-")
-    p.add_argument("--input", required=True, help="local dir or file, or a pyarrow URI (s3://...)")
+    p.add_argument("--input", required=True,
+                   help="a folder, file, glob or Parquet list (a `path` column) of images; a local path or a URI")
     p.add_argument("--output", required=True, help="output dir or URI (s3://, gs://, ...)")
     p.add_argument("--glob", action="store_true",
                    help="read --input as a glob pattern (a path that exists is otherwise literal)")

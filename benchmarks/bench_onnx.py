@@ -23,6 +23,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from benchmarks.bench_upscale import make_inputs
+
 SCALE = 4
 
 
@@ -39,19 +41,6 @@ def make_checkpoint(root: str, backbone: str) -> str:
     cfg.save(os.path.join(ckpt, "config.json"))
     build_backbone(cfg.model).save_trainable(os.path.join(ckpt, "student"))
     return ckpt
-
-
-def make_inputs(directory: str, n: int, size: int) -> None:
-    """`n` LR PNGs, `size`^2 crops of skimage's natural images."""
-    from PIL import Image
-    from skimage import data
-
-    os.makedirs(directory, exist_ok=True)
-    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    for i in range(n):
-        src = sources[i % len(sources)]
-        y, x = (i * 37) % (src.shape[0] - size), (i * 53) % (src.shape[1] - size)
-        Image.fromarray(src[y:y + size, x:x + size]).save(os.path.join(directory, f"img{i:05d}.png"))
 
 
 def run_job(model: str, in_dir: str, out_dir: str, *, batch_size: int, cpus: float, num_gpus: Optional[float]) -> dict:

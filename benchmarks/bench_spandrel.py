@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.bench_upscale import images_per_second, make_inputs
+
 SCALE = 4
 
 
@@ -45,28 +47,6 @@ def make_weights(path: str, blocks: int) -> str:
     return path
 
 
-def make_inputs(directory: str, n: int, size: int) -> list:
-    """`n` LR PNGs (size^2 crops of skimage's natural images)."""
-    from PIL import Image
-    from skimage import data
-
-    os.makedirs(directory, exist_ok=True)
-    sources = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
-    paths = []
-    for i in range(n):
-        src = sources[i % len(sources)]
-        y, x = (i * 37) % (src.shape[0] - size), (i * 53) % (src.shape[1] - size)
-        path = os.path.join(directory, f"img{i:05d}.png")
-        Image.fromarray(src[y:y + size, x:x + size]).save(path)
-        paths.append(path)
-    return paths
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def plain_loop(weights: str, paths: list, out_dir: str, device: torch.device, dtype: torch.dtype) -> float:
     """images/s of the eager per-image spandrel loop (model load and one warm-up image excluded)."""
@@ -84,13 +64,7 @@ def plain_loop(weights: str, paths: list, out_dir: str, device: torch.device, dt
         out = (sr[0].float() * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         Image.fromarray(out).save(os.path.join(out_dir, os.path.basename(path)), compress_level=3)
 
-    one(paths[0])
-    _sync(device)
-    start = time.perf_counter()
-    for path in paths:
-        one(path)
-    _sync(device)
-    return len(paths) / (time.perf_counter() - start)
+    return images_per_second(one, paths, device)
 
 
 def whole_job(weights: str, in_dir: str, out_dir: str, args) -> dict:

@@ -41,8 +41,8 @@ def make_checkpoint(root: str, sd21: bool) -> str:
     return ckpt
 
 
-def make_inputs(directory: str, n: int) -> list:
-    """`n` LR PNGs (LR_SIZE^2 crops of skimage's natural images)."""
+def make_inputs(directory: str, n: int, size: int = LR_SIZE) -> list:
+    """`n` LR PNGs (`size`^2 crops of skimage's natural images); their paths."""
     from PIL import Image
     from skimage import data
 
@@ -51,9 +51,9 @@ def make_inputs(directory: str, n: int) -> list:
     paths = []
     for i in range(n):
         src = sources[i % len(sources)]
-        y, x = (i * 37) % (src.shape[0] - LR_SIZE), (i * 53) % (src.shape[1] - LR_SIZE)
+        y, x = (i * 37) % (src.shape[0] - size), (i * 53) % (src.shape[1] - size)
         path = os.path.join(directory, f"img{i:05d}.png")
-        Image.fromarray(src[y:y + LR_SIZE, x:x + LR_SIZE]).save(path)
+        Image.fromarray(src[y:y + size, x:x + size]).save(path)
         paths.append(path)
     return paths
 
@@ -61,6 +61,17 @@ def make_inputs(directory: str, n: int) -> list:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def images_per_second(one, paths: list, device: torch.device) -> float:
+    """images/s of `one(path)` over `paths`, after one warm-up image."""
+    one(paths[0])
+    _sync(device)
+    start = time.perf_counter()
+    for path in paths:
+        one(path)
+    _sync(device)
+    return len(paths) / (time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -80,13 +91,7 @@ def plain_loop(ckpt: str, paths: list, out_dir: str, device: torch.device, dtype
         sr = super_resolve(backbone, resize_to(lr, (LR_SIZE * SCALE, LR_SIZE * SCALE)))
         Image.fromarray(tensor_to_array(sr[0])).save(os.path.join(out_dir, os.path.basename(path)))
 
-    one(paths[0])
-    _sync(device)
-    start = time.perf_counter()
-    for path in paths:
-        one(path)
-    _sync(device)
-    return len(paths) / (time.perf_counter() - start)
+    return images_per_second(one, paths, device)
 
 
 def whole_job(ckpt: str, in_dir: str, out_dir: str, args) -> dict:

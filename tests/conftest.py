@@ -88,3 +88,24 @@ def pixel_ckpt(tmp_path_factory):
     cfg.save(str(directory / "config.json"))
     PixelBackbone.from_config(cfg.model).save_trainable(str(directory / "student"))
     return str(directory)
+
+
+@pytest.fixture
+def upscale_killed_at_first_output():
+    """A `python -c` script: the upscale job (its argv after the script) whose driver SIGKILLs
+    itself when the counts of its first written batch reach it."""
+    return """import os, signal, sys
+import ray.data
+from jobs import upscale
+
+iter_batches = ray.data.Dataset.iter_batches
+
+def dying_iter_batches(self, *args, **kwargs):
+    for batch in iter_batches(self, *args, **kwargs):
+        if "ok" in batch.column_names:  # the counts of the first written batch reached the driver
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+
+ray.data.Dataset.iter_batches = dying_iter_batches
+upscale.main(sys.argv[1:])
+"""

@@ -509,26 +509,8 @@ def test_caption_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     assert keys(s3, output) == before
 
 
-UPSCALE_KILL_SCRIPT = """
-import os, signal, sys
-import ray.data
-from jobs import upscale
-
-iter_batches = ray.data.Dataset.iter_batches
-
-def dying_iter_batches(self, *args, **kwargs):
-    for batch in iter_batches(self, *args, **kwargs):
-        if "ok" in batch.column_names:  # the counts of the first written batch reached the driver
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
-
-ray.data.Dataset.iter_batches = dying_iter_batches
-upscale.main(sys.argv[1:])
-"""
-
-
 def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settings(
-        s3, ray_s3, pixel_ckpt, run_until_killed_module, capsys):
+        s3, ray_s3, pixel_ckpt, run_until_killed_module, upscale_killed_at_first_output, capsys):
     """upscale from s3:// images to an s3:// output inside the input prefix: SIGKILLed when its first written batch
     reaches the driver; what exists then is complete and has its manifest row; the rerun (with
     the checkpoint read from s3:// this time) skips exactly those, writes the rest once and lists
@@ -549,7 +531,7 @@ def test_upscale_on_s3_resumes_after_sigkill_refuses_concurrent_and_other_settin
     address = ray_s3.get_runtime_context().gcs_address
     argv = ["--input", source, "--output", output, "--checkpoint", pixel_ckpt, "--scale", "2", "--batch-size", "1",
             "--tile", "0", "--num-gpus", "0", "--address", address]
-    proc = run_until_killed_module([sys.executable, "-c", UPSCALE_KILL_SCRIPT, *argv], lambda: _listing(output),
+    proc = run_until_killed_module([sys.executable, "-c", upscale_killed_at_first_output, *argv], lambda: _listing(output),
                                    cwd=REPO, env=_env(), timeout=400)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     first = [k for k in keys(s3, output) if k.startswith("img")]

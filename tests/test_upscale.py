@@ -364,25 +364,8 @@ def test_job_bad_files_outputs_and_rerun(ray_local, pixel_ckpt, tmp_path):
     assert mtimes == {n: os.stat(tmp_path / "out" / n).st_mtime_ns for n in expected}
 
 
-KILL_AT_FIRST_OUTPUT = """
-import os, signal, sys
-import ray.data
-from jobs import upscale
-
-iter_batches = ray.data.Dataset.iter_batches
-
-def dying_iter_batches(self, *args, **kwargs):
-    for batch in iter_batches(self, *args, **kwargs):
-        if "ok" in batch.column_names:  # the counts of the first written batch reached the driver
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
-
-ray.data.Dataset.iter_batches = dying_iter_batches
-upscale.main(sys.argv[1:])
-"""
-
-
-def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_path, run_until_killed):
+def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_path, run_until_killed,
+                                                     upscale_killed_at_first_output):
     """A real crash: the upscale job runs in a subprocess (on this module's Ray) whose driver
     SIGKILLs itself when the first committed batch reaches it. What exists is complete (atomic
     writes) and has its row in the killed run's manifest parts; the rerun skips exactly those,
@@ -402,7 +385,7 @@ def test_job_crash_and_rerun_writes_each_output_once(ray_local, pixel_ckpt, tmp_
     out = tmp_path / "out"
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-c", KILL_AT_FIRST_OUTPUT, "--input", str(tmp_path / "in"), "--output", str(out),
+    argv = [sys.executable, "-c", upscale_killed_at_first_output, "--input", str(tmp_path / "in"), "--output", str(out),
             "--checkpoint", pixel_ckpt, "--scale", "4", "--batch-size", "1", "--tile", "0", "--num-gpus", "0",
             "--address", ray_local.get_runtime_context().gcs_address]
     outputs = lambda: [m for m in _files(out) if m.endswith(".png") and not m.startswith(naming.TMP_DIR)]

@@ -192,8 +192,10 @@ class Qwen2VLBackend:
 
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        # loaded straight onto the device (no full copy in host memory first: ~15 GB per 7B actor)
-        kwargs = {"dtype": dtype, "device_map": device}
+        # loaded straight onto the device (no full copy in host memory first: ~15 GB per 7B actor);
+        # no Hugging Face Hub kernels (transformers >= 5.25 fetches them at load by default when
+        # the `kernels` package is installed): the captioner loads the same offline, and on meta
+        kwargs = {"dtype": dtype, "device_map": device, "use_kernels": False}
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
